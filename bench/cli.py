@@ -1,0 +1,136 @@
+"""Command line of bench/compare (see that script's docstring)."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import shlex
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import environment
+import report
+from scenarios import SCENARIOS, Context
+
+BENCH = Path(__file__).resolve().parent
+OUT_DIR = BENCH / "out"
+RESULTS_MD = BENCH / "RESULTS.md"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="bench/compare", description="corral vs nginx vs HAProxy")
+    ap.add_argument("--runs", type=int, default=3, help="repeats per figure (default 3)")
+    ap.add_argument("--quick", action="store_true", help="1 run, shorter durations")
+    ap.add_argument("--only", default="", help="comma-separated scenarios, e.g. T1,T4")
+    ap.add_argument("--corral-args", default="", help="extra args appended to `corral run`")
+    ap.add_argument("--no-install", action="store_true", help="never apt-get / pip install")
+    ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.runs = 1
+    args.only = [s.strip().upper() for s in args.only.split(",") if s.strip()] or list(SCENARIOS)
+    unknown = [s for s in args.only if s not in SCENARIOS]
+    if unknown:
+        ap.error(f"unknown scenario(s) {unknown}; choose from {list(SCENARIOS)}")
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
+    return args
+
+
+def _terminate(signum: int, _frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so every `finally` stops the processes it started.
+    raise SystemExit(128 + signum)
+
+
+def command_line(argv: list[str] | None) -> str:
+    args = argv if argv is not None else sys.argv[1:]
+    return " ".join(["bench/compare", *(shlex.quote(a) for a in args)])
+
+
+def build_meta(args: argparse.Namespace, argv: list[str] | None, started: dt.datetime) -> dict[str, Any]:
+    return {
+        "command": command_line(argv),
+        "date": started.strftime("%Y-%m-%d %H:%M %Z").strip(),
+        "runs": args.runs,
+        "quick": args.quick,
+        "scenarios": args.only,
+        "corral_args": args.corral_args,
+        "machine": environment.machine(),
+        "versions": environment.versions(),
+    }
+
+
+def run_scenarios(ctx: Context, names: list[str]) -> None:
+    for name in names:
+        log(f"=== {name} ===")
+        t0 = time.monotonic()
+        try:
+            SCENARIOS[name](ctx)
+        except Exception as exc:  # a broken scenario (e.g. workers failing) must not lose the others
+            log(f"{name} aborted: {exc}")
+            ctx.results.error(name, "scenario", str(exc))
+        log(f"=== {name} done in {time.monotonic() - t0:.0f}s ===")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    started = dt.datetime.now().astimezone()
+    corral_error = None
+    if not args.no_install:
+        environment.ensure_tools(log)
+        corral_error = environment.ensure_corral(log)
+    corral_cmd = environment.corral_command()
+    if corral_cmd is None:
+        corral_error = corral_error or "corral is not importable (run without --no-install to pip install it)"
+        log(f"corral unavailable, its columns will be n/a: {corral_error}")
+
+    results = report.Results()
+    tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
+    # nginx workers drop root privileges and still need to reach their temp dirs.
+    os.chmod(tmp, 0o755)
+    log(f"configs and logs in {tmp}")
+    ctx = Context(
+        runs=args.runs,
+        quick=args.quick,
+        tmp=tmp,
+        results=results,
+        log=log,
+        corral_cmd=corral_cmd,
+        corral_error=corral_error,
+        corral_args=shlex.split(args.corral_args),
+    )
+    try:
+        run_scenarios(ctx, args.only)
+    finally:
+        meta = build_meta(args, argv, started)
+        out = OUT_DIR / f"compare-{started.strftime('%Y%m%d-%H%M%S')}.json"
+        report.write_json(out, results, {**meta, "tmp": str(tmp)})
+        if not args.keep_tmp:
+            _remove_tree(tmp)
+    print(report.table(results))
+    errs = report.errors_text(results)
+    if errs:
+        print("\n" + errs)
+    if not args.no_write:
+        report.update_results_md(RESULTS_MD, report.markdown_block(results, meta))
+        log(f"table written to {RESULTS_MD}")
+    log(f"raw results in {out}")
+    return 0
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,191 @@
+"""The `corral` command. `run` options are generated from the configuration model (config.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from . import config as C
+from .config import AppConfig, Config, ConfigError, ServerConfig
+from .launch import LaunchError, worker_argv
+
+
+def _knob_options(cls: type) -> list[click.Option]:
+    opts = []
+    for f in C.fields_of(cls):
+        m = f.metadata
+        if not m["cli"]:
+            continue
+        decls = [C.option_name(f.name)]
+        if m["short"]:
+            decls.insert(0, m["short"])
+        unit = f" [{m['unit']}]" if m["unit"] else ""
+        if m["flag"]:
+            opts.append(
+                click.Option([f"{decls[-1]}/--no-{f.name.replace('_', '-')}"], default=None, help=m["help"])
+            )
+            continue
+        t = C.base_type(cls, f.name)
+        ctype: Any = click.Choice(m["choices"]) if m["choices"] else {int: int, float: float}.get(t, str)
+        opts.append(click.Option(decls, type=ctype, default=None, help=m["help"] + unit, metavar=""))
+    return opts
+
+
+def _with_knobs(fn: Any) -> Any:
+    for opt in reversed(_knob_options(ServerConfig) + _knob_options(AppConfig)):
+        fn.__click_params__ = [*getattr(fn, "__click_params__", []), opt]
+    return fn
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="corral")
+def cli() -> None:
+    """corral: run N copies of a single-threaded web API behind one port, with a central queue."""
+
+
+@cli.command(context_settings={"ignore_unknown_options": False})
+@click.argument("app_or_command", nargs=-1, type=click.UNPROCESSED)
+@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="corral.toml to load")
+@click.option(
+    "--upstream",
+    "upstreams",
+    multiple=True,
+    metavar="HOST:PORT[-PORT]",
+    help="balance workers corral does not start (repeatable)",
+)
+@click.option("--name", default=None, help="app name for logs and metrics (default: from APP)")
+@click.option("--supervise-only", is_flag=True, help="run and supervise the workers without the balancer")
+@_with_knobs
+def run(
+    app_or_command: tuple[str, ...],
+    config_path: str | None,
+    upstreams: tuple[str, ...],
+    name: str | None,
+    supervise_only: bool,
+    **knobs: Any,
+) -> None:
+    """Start workers and balance one port across them.
+
+    \b
+      corral run -w 4 app/plumber.R
+      corral run -w 4 -- python3 my_server.py {port}
+      corral run -c corral.toml
+    """
+    try:
+        cfg = build_config(app_or_command, config_path, upstreams, name, knobs)
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(f"corral: {p}", err=True)
+        sys.exit(2)
+    sys.exit(serve(cfg, balance=not supervise_only))
+
+
+def build_config(
+    args: tuple[str, ...],
+    config_path: str | None,
+    upstreams: tuple[str, ...],
+    name: str | None,
+    knobs: dict[str, Any],
+) -> Config:
+    cfg = C.load_toml(config_path) if config_path else Config()
+    given = {k: v for k, v in knobs.items() if v is not None}
+    server_keys = {f.name for f in C.fields_of(ServerConfig)}
+    for key, value in given.items():
+        if key in server_keys:
+            setattr(cfg.server, key, value)
+    if args or upstreams or not cfg.apps:
+        cfg.apps = [_app_from_args(args, upstreams, name)]
+    elif len(cfg.apps) > 1 and any(k not in server_keys for k in given):
+        raise ConfigError([f"{cfg.source}: per-app options on the command line need a single [[app]]"])
+    for app in cfg.apps[:1] if len(cfg.apps) == 1 else []:
+        for key, value in given.items():
+            if key not in server_keys:
+                setattr(app, key, value)
+    problems = C.validate(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _app_from_args(args: tuple[str, ...], upstreams: tuple[str, ...], name: str | None) -> AppConfig:
+    app = AppConfig()
+    if upstreams:
+        if args:
+            raise ConfigError(["command line: give either --upstream or an APP/command, not both"])
+        app.upstreams = list(upstreams)
+    elif len(args) == 1 and (args[0].lower().endswith(".r") or Path(args[0]).is_dir()):
+        app.plumber = args[0]
+    elif args:
+        app.command = list(args)
+    else:
+        raise ConfigError(
+            [
+                "command line: nothing to run: give APP (a plumber .R file), a command after --, "
+                "--upstream, or -c corral.toml"
+            ]
+        )
+    app.name = name or _default_name(app)
+    return app
+
+
+def _default_name(app: AppConfig) -> str:
+    if app.plumber:
+        p = Path(app.plumber)
+        return (p.parent.name if p.stem in ("plumber", "entrypoint") else p.stem) or "app"
+    if app.command:
+        return Path(app.command[0]).name
+    return "upstream"
+
+
+def serve(cfg: Config, balance: bool = True) -> int:
+    import uvloop
+
+    from .server import Corral, StartupError
+
+    for app in cfg.apps:
+        if app.plumber or app.command:
+            try:
+                worker_argv(app, 0, 0)
+            except LaunchError as exc:
+                click.echo(f"corral: app '{app.name}': {exc}", err=True)
+                return 2
+    corral = Corral(cfg, balance=balance)
+    try:
+        sock = corral.preflight()
+    except StartupError as exc:
+        click.echo(f"corral: {exc}", err=True)
+        return 2
+    return uvloop.run(corral.run(sock))
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def check(config_path: str) -> None:
+    """Validate a corral.toml: exit 0 with a summary, or 2 with every problem listed."""
+    try:
+        cfg = C.load_toml(config_path)
+        problems = C.validate(cfg)
+    except ConfigError as exc:
+        problems = exc.problems
+    if problems:
+        for p in problems:
+            click.echo(p, err=True)
+        sys.exit(2)
+    apps = ", ".join(
+        f"{a.name} ({a.route}, {(len(a.upstreams) and 'upstreams') or C.effective_workers(a)})"
+        for a in cfg.apps
+    )
+    click.echo(
+        f"{config_path}: ok: {len(cfg.apps)} app(s): {apps}; listening on {cfg.server.host}:{cfg.server.port}"
+    )
+
+
+def main() -> None:
+    cli()
+
+
+if __name__ == "__main__":
+    main()

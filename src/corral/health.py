@@ -1,0 +1,131 @@
+"""Health checks that do not lie about single-threaded workers.
+
+A busy worker cannot answer a probe, so it is never probed: it is judged by its process being alive
+(the supervisor) and its request deadline (the pool). Only idle workers are probed, and only those
+that have not proved themselves with a real request within the interval; a probe gives way the
+moment a real request needs the worker (pool._preempt_probe). External workers (`upstreams`) are
+found and dropped by the same probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import TYPE_CHECKING
+
+from .logs import event
+from .worker import State, Worker
+
+if TYPE_CHECKING:
+    from .config import AppConfig
+    from .pool import Pool
+
+
+async def probe(host: str, port: int, path: str | None, timeout: float) -> tuple[bool, str]:
+    """GET the health path (any HTTP answer on / when there is none). True when it passes."""
+    writer = None
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(host, port)
+            target = path or "/"
+            writer.write(
+                f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: corral-health\r\n"
+                "Connection: close\r\n\r\n".encode()
+            )
+            line = await reader.readline()
+    except TimeoutError:
+        return False, f"no answer within {timeout:g}s"
+    except OSError as exc:
+        return False, exc.strerror or str(exc)
+    finally:
+        if writer is not None:
+            writer.close()
+    parts = line.split()
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        return False, "not an HTTP answer"
+    status = int(parts[1])
+    if path is None or 200 <= status < 400:
+        return True, str(status)
+    return False, f"status {status}"
+
+
+class HealthChecker:
+    """Periodic probes of one pool's idle workers, and discovery of its external workers."""
+
+    def __init__(self, app: AppConfig, pool: Pool) -> None:
+        self.app = app
+        self.pool = pool
+        self.stopping = False
+
+    async def run(self) -> None:
+        while not self.stopping:
+            now = time.monotonic()
+            for worker in list(self.pool.workers):
+                if self._due(worker, now):
+                    worker.probing = True
+                    asyncio.get_running_loop().create_task(self._check(worker))
+            await asyncio.sleep(self._tick())
+
+    def _tick(self) -> float:
+        return max(0.05, min(self.app.health_interval / 4, 1.0))
+
+    def _due(self, worker: Worker, now: float) -> bool:
+        if worker.probing:
+            return False
+        since = now - worker.last_used
+        if worker.external and worker.state is not State.READY:
+            return since >= min(self.app.health_interval, 1.0)  # absent workers are looked for often
+        # A worker that answered a real request within the interval has proved itself already.
+        return worker.state is State.READY and worker.inflight == 0 and since >= self.app.health_interval
+
+    async def _check(self, worker: Worker) -> None:
+        try:
+            ok, detail = await probe(worker.host, worker.port, self.app.health_path, self.app.health_timeout)
+        finally:
+            preempted = not worker.probing
+            worker.probing = False
+        worker.last_used = time.monotonic()
+        if preempted and not ok:
+            return  # a real request took the worker mid-probe; that request is the better probe
+        self._verdict(worker, ok, detail)
+
+    def _verdict(self, worker: Worker, ok: bool, detail: str) -> None:
+        pool = self.pool
+        if ok:
+            worker.probe_fails = 0
+            if worker.state in (State.STARTING, State.UNHEALTHY, State.STOPPED) and worker.external:
+                worker.ready_at = time.monotonic()
+                pool.set_state(worker, State.READY)
+                event(worker, "ready", f"{worker.address} answered its probe ({detail})")
+            return
+        if worker.state is not State.READY:
+            if worker.state is State.STARTING and worker.external:
+                pool.set_state(worker, State.STOPPED)  # not there (yet): keep looking, quietly
+            return
+        worker.probe_fails += 1
+        if worker.probe_fails >= self.app.health_fails:
+            worker.stop_reason = f"{worker.probe_fails} failed probes while idle (last: {detail})"
+            pool.set_state(worker, State.UNHEALTHY)
+            event(worker, "unhealthy", worker.stop_reason)
+
+
+def external_workers(app: AppConfig) -> list[Worker]:
+    from .config import parse_upstream
+
+    out = []
+    index = 0
+    for spec in app.upstreams:
+        for host, port in parse_upstream(spec):
+            w = Worker(app.name, index, host, port, app.max_inflight, external=True)
+            w.last_used = -1e9  # probe at once
+            out.append(w)
+            index += 1
+    return out
+
+
+async def stop_task(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

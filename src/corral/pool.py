@@ -1,0 +1,280 @@
+"""One app's workers behind the scheduler, and the upstream half of the data path.
+
+Pool turns scheduler decisions into connections: it reuses a worker's idle upstream connection
+(never holding more connections to a worker than its max_inflight, since many single-threaded
+servers serve one connection at a time), opens one when there is none, and moves a request whose
+worker could not be reached back to the head of the queue. UpstreamConnection is the asyncio
+Protocol on the worker socket; it feeds the response parser, whose callbacks land on the Exchange.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from . import edge
+from .scheduler import DISPATCHED, QueueFull, Scheduler
+from .worker import State, Worker
+
+if TYPE_CHECKING:
+    from .config import AppConfig
+    from .proxy import Exchange
+
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+
+
+class Pool:
+    """Workers of one app, their central queue, and the connections to them."""
+
+    def __init__(self, app: AppConfig, loop: asyncio.AbstractEventLoop) -> None:
+        self.app = app
+        self.name = app.name
+        self.loop = loop
+        self.scheduler = Scheduler(app.max_queue, app.queue_timeout)
+        self.workers: list[Worker] = []  # every known worker, routable or not (status, admin)
+        self.inflight: set[Exchange] = set()
+        self.route = app.route
+        self.strip_prefix = app.strip_prefix
+        self.request_timeout = app.request_timeout
+        self.on_hung: Callable[[Worker, str], None] = lambda w, why: None  # set by the supervisor
+        self.on_observe: Callable[[Exchange], None] = lambda ex: None  # metrics / access log
+        self.on_unreachable: Callable[[Worker, str], None] = self._mark_unreachable
+        self.served = 0
+        self.failed = 0
+        self.retried = 0
+
+    # --- worker membership (supervisor, discovery and health call these) ---------------------
+    def add(self, worker: Worker) -> None:
+        if worker not in self.workers:
+            self.workers.append(worker)
+        self.scheduler.add_worker(worker)
+
+    def set_state(self, worker: Worker, state: State) -> None:
+        worker.state = state
+        if state is State.READY:
+            self.scheduler.add_worker(worker)
+            self.pump()
+        elif state is not State.DRAINING:
+            self.close_idle(worker)
+
+    def forget(self, worker: Worker) -> None:
+        self.scheduler.remove_worker(worker)
+        self.close_idle(worker)
+        if worker in self.workers:
+            self.workers.remove(worker)
+
+    def close_idle(self, worker: Worker) -> None:
+        while worker.idle:
+            worker.idle.pop().close()
+
+    def routable(self) -> list[Worker]:
+        return [w for w in self.workers if w.routable]
+
+    # --- requests -------------------------------------------------------------------------
+    def submit(self, ex: Exchange) -> None:
+        """Dispatch now, queue, or raise QueueFull (the caller answers 503)."""
+        worker = self.scheduler.submit(ex, time.monotonic())
+        if worker is not None:
+            self.connect(ex, worker)
+        elif self._preempt_probe():
+            self.pump()
+
+    def _preempt_probe(self) -> bool:
+        # A probe must never delay a real request: give up the probe, let the request be the probe.
+        for w in self.scheduler.workers:
+            if w.probing and w.state is State.READY and w.inflight < w.max_inflight:
+                w.probing = False
+                return True
+        return False
+
+    def pump(self) -> None:
+        for ex, worker in self.scheduler.pump(time.monotonic()):
+            self.connect(ex, worker)  # type: ignore[arg-type]
+
+    def cancel(self, ex: Exchange) -> None:
+        self.scheduler.cancel(ex)
+
+    def connect(self, ex: Exchange, worker: Worker) -> None:
+        ex.worker = worker
+        ex.dispatched_at = time.monotonic()
+        self.inflight.add(ex)
+        idle = worker.idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                conn.send(ex)
+                return
+        worker.conns += 1
+        self.loop.create_task(self._open(ex, worker))
+
+    async def _open(self, ex: Exchange, worker: Worker) -> None:
+        try:
+            _, conn = await self.loop.create_connection(
+                lambda: UpstreamConnection(self, worker), worker.host, worker.port
+            )
+        except OSError as exc:
+            worker.conns -= 1
+            self._unreached(ex, worker, f"connect failed: {exc.strerror or exc}")
+            return
+        if ex.sched_state != DISPATCHED or ex.worker is not worker:
+            self.release(ex, conn, reusable=True)  # the client left while we connected
+            return
+        conn.send(ex)
+
+    def _unreached(self, ex: Exchange, worker: Worker, why: str) -> None:
+        # Nothing reached the worker, so the request may go elsewhere: first in line, not last.
+        self.inflight.discard(ex)
+        self.scheduler.release(worker, time.monotonic())
+        ex.worker = None
+        self.on_unreachable(worker, why)
+        if ex.client_gone:
+            return
+        self.retried += 1
+        worker2 = self.scheduler.requeue_front(ex, time.monotonic())
+        if worker2 is not None:
+            self.connect(ex, worker2)
+
+    def _mark_unreachable(self, worker: Worker, why: str) -> None:
+        if worker.state is State.READY:
+            worker.stop_reason = why
+            self.set_state(worker, State.UNHEALTHY)
+
+    def release(self, ex: Exchange, conn: UpstreamConnection | None, reusable: bool) -> None:
+        """The worker is done with this exchange: pool the connection, free the slot, feed the queue."""
+        worker = ex.worker
+        if worker is None:
+            return
+        ex.worker = None
+        now = time.monotonic()
+        self.inflight.discard(ex)
+        service = now - ex.dispatched_at
+        self.scheduler.release(worker, now, service)
+        if conn is not None:
+            conn.exchange = None
+            if reusable and worker.state in (State.READY, State.DRAINING) and not conn.closed:
+                worker.idle.append(conn)
+            else:
+                conn.close()
+        self.pump()
+
+    def expire(self, now: float) -> None:
+        for ex in self.scheduler.expire(now):
+            ex.queue_timed_out(self.scheduler.retry_after())  # type: ignore[attr-defined]
+        if self.request_timeout is not None:
+            limit = now - self.request_timeout
+            for ex in [e for e in self.inflight if e.dispatched_at <= limit and e.worker is not None]:
+                worker = ex.worker
+                assert worker is not None
+                ex.request_timed_out()
+                self.on_hung(worker, f"request exceeded request_timeout ({self.request_timeout:g}s)")
+
+    def queue_full(self) -> QueueFull:
+        return QueueFull(self.scheduler.retry_after())
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One TCP connection to a worker. Carries one exchange at a time."""
+
+    __slots__ = ("closed", "exchange", "paused", "pool", "reader", "sock", "transport", "worker")
+
+    def __init__(self, pool: Pool, worker: Worker) -> None:
+        self.pool = pool
+        self.worker = worker
+        self.exchange: Exchange | None = None
+        self.transport: asyncio.Transport | None = None
+        self.reader = edge.ResponseReader(self)
+        self.closed = False
+        self.sock: socket.socket | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = sock
+        self._quickack()
+
+    def _quickack(self) -> None:
+        # httpuv writes head and body in two segments without TCP_NODELAY: on a reused connection
+        # the second waits for our delayed ACK (~40 ms). QUICKACK is not sticky, so re-arm it.
+        if _QUICKACK is not None and self.sock is not None:
+            try:
+                self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+            except OSError:
+                pass
+
+    def send(self, ex: Exchange) -> None:
+        self.exchange = ex
+        ex.upstream = self
+        self.reader.bodyless = ex.head.method == b"HEAD"
+        assert self.transport is not None
+        self.transport.write(ex.upstream_head())
+        ex.flush_body(self)
+        self._quickack()
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def data_received(self, data: bytes) -> None:
+        self._quickack()
+        ex = self.exchange
+        if ex is None:
+            self.close()  # a worker talking out of turn is not to be trusted with the next request
+            return
+        try:
+            self.reader.feed(data)
+        except edge.UpstreamError as exc:
+            ex.upstream_failed(f"malformed response: {exc}", reached=True)
+            self.close()
+
+    # Response parser callbacks, relayed to the exchange.
+    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
+        assert self.exchange is not None
+        self.exchange.on_response(status, headers, length)
+
+    def on_response_body(self, data: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.on_response_body(data)
+
+    def on_response_end(self, reusable: bool) -> None:
+        ex = self.exchange
+        assert ex is not None
+        if self.reader.bodyless:
+            reusable = False  # llhttp still expects a body after a HEAD answer: start afresh
+            self.reader = edge.ResponseReader(self)
+        ex.on_response_end(self, reusable)
+
+    def eof_received(self) -> bool:
+        ex = self.exchange
+        if ex is not None and ex.response_started and ex.response_length is None and self.reader.eof():
+            ex.on_response_end(self, False)  # a close-delimited body ends here
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.worker.conns -= 1
+        if self in self.worker.idle:
+            self.worker.idle.remove(self)
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.upstream_failed("worker closed the connection", reached=True)
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client.pause(2)
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client.resume(2)
+
+    def close(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.closed = True
+            self.transport.close()

@@ -1,0 +1,150 @@
+"""One running corral: builds pools, supervisors and health checkers from the config, runs them under
+the event loop, and turns signals into reload or a graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from typing import Any
+
+from . import health
+from .config import Config, worker_ports
+from .logs import AccessLog, say
+from .pool import Pool
+from .proxy import Proxy, make_listener
+from .supervisor import Supervisor, port_free
+
+
+class StartupError(Exception):
+    pass
+
+
+class Corral:
+    def __init__(self, cfg: Config, balance: bool = True) -> None:
+        self.cfg = cfg
+        self.balance = balance
+        self.pools: list[Pool] = []
+        self.supervisors: dict[str, Supervisor] = {}
+        self.checkers: list[health.HealthChecker] = []
+        self.proxy: Proxy | None = None
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.started = time.time()
+        self._stop = asyncio.Event()
+        self.exit_code = 0
+        self.admin: Any = None
+
+    # --- preflight: refuse busy ports before starting anything -----------------------------------
+    def preflight(self) -> Any:
+        server = self.cfg.server
+        sock = None
+        if self.balance:
+            try:
+                sock = make_listener(server.host, server.port)
+            except OSError as exc:
+                raise StartupError(
+                    f"public port {server.port} on {server.host} is not available ({exc.strerror}); "
+                    "choose another with --port"
+                ) from None
+        for app in self.cfg.apps:
+            if app.upstreams:
+                continue
+            for i, port in enumerate(worker_ports(self.cfg, app)):
+                if not port_free("127.0.0.1", port):
+                    if sock is not None:
+                        sock.close()
+                    raise StartupError(
+                        f"worker port {port} (app '{app.name}', worker {i}) is already in use; "
+                        "choose another range with --base-port"
+                    )
+        return sock
+
+    async def run(self, sock: Any) -> int:
+        loop = asyncio.get_running_loop()
+        for app in self.cfg.apps:
+            pool = Pool(app, loop)
+            self.pools.append(pool)
+            if self.cfg.server.access_log:
+                pool.on_observe = AccessLog(self.cfg.server.access_log, self.cfg.server.log_format)
+            if app.upstreams:
+                for w in health.external_workers(app):
+                    pool.workers.append(w)
+            else:
+                sup = Supervisor(app, self.cfg, pool, loop)
+                self.supervisors[app.name] = sup
+                self.tasks.append(loop.create_task(sup.run()))
+            checker = health.HealthChecker(app, pool)
+            self.checkers.append(checker)
+            self.tasks.append(loop.create_task(checker.run()))
+        if sock is not None:
+            self.proxy = Proxy(loop, self.cfg.server, self.pools)
+            await self.proxy.start(sock)
+            say(f"corral: listening on http://{self.cfg.server.host}:{self.cfg.server.port}")
+        if self.admin is not None:
+            await self.admin.start(self)
+        self._install_signals(loop)
+        self.tasks.append(loop.create_task(self._announce_ready()))
+        self.tasks.append(loop.create_task(self._watch_fatal()))
+        await self._stop.wait()
+        await self.shutdown()
+        return self.exit_code
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGTERM, self.stop)
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+
+    async def _announce_ready(self) -> None:
+        while not self._stop.is_set():
+            want = sum(s.desired for s in self.supervisors.values())
+            ready = sum(len(p.routable()) for p in self.pools if p.name in self.supervisors)
+            if ready >= want:
+                names = ", ".join(f"{p.name} x{len(p.routable())}" for p in self.pools)
+                say(
+                    f"corral: all workers ready ({names}); serving on http://{self.cfg.server.host}:"
+                    f"{self.cfg.server.port}"
+                )
+                return
+            await asyncio.sleep(0.05)
+
+    async def _watch_fatal(self) -> None:
+        while not self._stop.is_set():
+            for sup in self.supervisors.values():
+                if sup.fatal:
+                    print(f"corral: {sup.fatal}", file=sys.stderr, flush=True)
+                    self.exit_code = 3
+                    self.stop()
+                    return
+            await asyncio.sleep(0.1)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def reload(self) -> list[str]:
+        return [sup.reload() for sup in self.supervisors.values()]
+
+    def scale(self, n: int, app: str | None = None) -> list[str]:
+        return [s.scale(n) for name, s in self.supervisors.items() if app is None or name == app]
+
+    async def shutdown(self) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), stop workers, exit."""
+        say("corral: stopping: no new connections; finishing in-flight requests")
+        proxy = self.proxy
+        if proxy is not None:
+            proxy.stop_accepting()
+            grace = max((a.graceful_timeout for a in self.cfg.apps), default=0.0)
+            deadline = time.monotonic() + grace
+            while proxy.busy() and time.monotonic() < deadline and self.exit_code == 0:
+                await asyncio.sleep(0.05)
+            proxy.close_idle_connections()
+        for checker in self.checkers:
+            checker.stopping = True
+        await asyncio.gather(*(s.shutdown() for s in self.supervisors.values()))
+        if self.admin is not None:
+            with contextlib.suppress(Exception):
+                await self.admin.stop()
+        for task in self.tasks:
+            task.cancel()
+        say("corral: stopped")

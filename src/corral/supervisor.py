@@ -1,0 +1,409 @@
+"""Worker processes of one app: a reconcile loop in the manner of gunicorn's arbiter.
+
+`reconcile()` is the one place that decides: it compares the desired fleet (count, generation,
+recycle marks) with the actual workers and starts, swaps, drains or stops processes to close the
+gap. Everything else (exits, readiness, health verdicts, reload and scale requests) only records
+facts and wakes the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import psutil
+
+from . import health, launch
+from .config import AppConfig, Config, effective_workers, worker_ports
+from .logs import WorkerOutput, event
+from .worker import State, Worker
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
+TICK = 0.1
+MEMORY_EVERY = 2.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent: int) -> None:
+    """Runs in the child between fork and exec: no worker may outlive corral, even a SIGKILLed one."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except OSError:
+        pass
+    if os.getppid() != parent:  # corral died before prctl took effect
+        os._exit(1)
+
+
+class Supervisor:
+    def __init__(self, app: AppConfig, cfg: Config, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+        self.app = app
+        self.cfg = cfg
+        self.pool = pool
+        self.loop = loop
+        self.desired = effective_workers(app)
+        self.base_ports = worker_ports(cfg, app)
+        self.generation = 0
+        self.slots: dict[int, Worker] = {}  # the worker in service (or starting) for each index
+        self.successors: dict[int, Worker] = {}  # a replacement starting for an index
+        self.retiring: list[Worker] = []  # drained, stopping
+        self.failures: dict[int, int] = {}  # consecutive failed starts per index (backoff)
+        self._backoff_until: dict[int, float] = {}
+        self.last_tail: list[str] = []
+        self.restarts: dict[str, int] = {}  # reason -> count, for metrics
+        self.surge = 1
+        self.ever_ready = False
+        self.fatal: str | None = None
+        self.reload_note: str | None = None
+        self.stopping = False
+        self._wake = asyncio.Event()
+        self._last_memory = 0.0
+        self.log_dir = cfg.server.log_dir
+        pool.on_hung = self.kill_hung
+        self.on_change: list = []  # callbacks (worker, state, reason) for metrics and admin
+
+    # --- public requests: record the wish, let reconcile act ------------------------------------
+    def reload(self) -> str:
+        self.generation += 1
+        self.reload_note = None
+        self.wake()
+        return f"reloading {self.app.name}: replacing {len(self.slots)} workers, {self.surge} at a time"
+
+    def scale(self, n: int) -> str:
+        self.desired = max(1, n)
+        self.wake()
+        return f"scaling {self.app.name} to {self.desired} workers"
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def all_workers(self) -> list[Worker]:
+        return [*self.slots.values(), *self.successors.values(), *self.retiring]
+
+    # --- the loop ------------------------------------------------------------------------------
+    async def run(self) -> None:
+        while not self.stopping:
+            self.reconcile(time.monotonic())
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)
+
+    def reconcile(self, now: float) -> None:
+        if self.stopping or self.fatal:
+            return
+        for index in range(self.desired):
+            self._reconcile_index(index, now)
+        for index in [i for i in self.slots if i >= self.desired]:
+            worker = self.slots.pop(index)
+            self._retire(worker, f"scaled down to {self.desired}")
+            succ = self.successors.pop(index, None)
+            if succ is not None:
+                self._stop(succ, "scaled down before it was ready")
+        for worker in list(self.retiring):
+            self._reconcile_retiring(worker, now)
+        if now - self._last_memory >= MEMORY_EVERY and self.app.max_memory:
+            self._last_memory = now
+            self._check_memory()
+        self._check_fatal()
+
+    def _reconcile_index(self, index: int, now: float) -> None:
+        worker = self.slots.get(index)
+        if worker is None or worker.state is State.STOPPED:
+            if worker is not None:
+                del self.slots[index]
+            succ = self.successors.pop(index, None)
+            if succ is not None:  # its predecessor died: the replacement simply takes the slot
+                self.slots[index] = succ
+            elif now >= self._next_start(index):
+                self.slots[index] = self._spawn(index, self.base_ports_for(index))
+            return
+        if worker.state is State.STARTING and now - worker.born > self.app.startup_timeout:
+            self._fail_start(worker, f"not ready after startup_timeout ({self.app.startup_timeout:g}s)")
+            return
+        if worker.state is State.UNHEALTHY and not worker.external:
+            self._stop(worker, worker.stop_reason or "unhealthy", kill=True)
+            return
+        if worker.state is State.READY and worker.max_requests and worker.served >= worker.max_requests:
+            worker.retire_reason = worker.retire_reason or f"served max_requests ({worker.max_requests})"
+        self._reconcile_successor(index, worker, now)
+
+    def _reconcile_successor(self, index: int, worker: Worker, now: float) -> None:
+        wants = worker.generation < self.generation or worker.retire_reason is not None
+        succ = self.successors.get(index)
+        if succ is None:
+            if wants and worker.state is State.READY and len(self.successors) < self.surge:
+                if now >= self._next_start(index):
+                    port = self._fresh_port()
+                    self.successors[index] = self._spawn(index, port)
+            return
+        if succ.state is State.STOPPED:
+            del self.successors[index]
+            if succ.generation > worker.generation and worker.retire_reason is None:
+                self._abort_reload(succ)
+            return
+        if succ.state is State.STARTING and now - succ.born > self.app.startup_timeout:
+            self._fail_start(succ, f"not ready after startup_timeout ({self.app.startup_timeout:g}s)")
+            return
+        if succ.state is State.READY:
+            del self.successors[index]
+            self.slots[index] = succ
+            why = worker.retire_reason or f"replaced by pid {succ.pid} (reload)"
+            self._retire(worker, why)
+
+    def _reconcile_retiring(self, worker: Worker, now: float) -> None:
+        if worker.state is State.STOPPED:
+            self.retiring.remove(worker)
+            self.pool.forget(worker)
+            return
+        if worker.state is State.DRAINING:
+            assert worker.draining_since is not None
+            late = now - worker.draining_since > self.app.graceful_timeout
+            if worker.inflight == 0 or late:
+                self._stop(worker, "drained" if not late else "graceful_timeout passed while draining")
+
+    def _abort_reload(self, failed: Worker) -> None:
+        self.generation = failed.generation - 1
+        tail = "; ".join(failed.tail[-3:])
+        self.reload_note = (
+            f"reload aborted: replacement {failed.name} failed to start ({tail}); old workers kept"
+        )
+        print(f"corral: {self.reload_note}", file=sys.stderr, flush=True)
+
+    def _next_start(self, index: int) -> float:
+        return self._backoff_until.get(index, 0.0)
+
+    def base_ports_for(self, index: int) -> int:
+        preferred = self.base_ports[0] + index
+        used = {w.port for w in self.all_workers() if w.state is not State.STOPPED}
+        return preferred if preferred not in used else self._fresh_port()
+
+    def _fresh_port(self) -> int:
+        """A port for a replacement: outside every live worker's, and free right now."""
+        used = {w.port for w in self.all_workers() if w.state is not State.STOPPED}
+        port = self.base_ports[0] + self.desired
+        while port in used or not port_free(self._bind_host(), port):
+            port += 1
+        return port
+
+    def _bind_host(self) -> str:
+        return os.environ.get("CORRAL_WORKER_HOST", "127.0.0.1")
+
+    # --- process life --------------------------------------------------------------------------
+    def _spawn(self, index: int, port: int) -> Worker:
+        app = self.app
+        worker = Worker(app.name, index, "127.0.0.1", port, app.max_inflight, self.generation)
+        if app.max_requests:
+            worker.max_requests = app.max_requests + random.randint(0, app.max_requests_jitter)
+        argv, cwd = launch.worker_argv(app, port, index)
+        env = launch.worker_env(app, port, index)
+        parent = os.getpid()
+        try:
+            worker.proc = subprocess.Popen(
+                argv,
+                cwd=cwd,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,  # its own process group: stop and kill reach the whole tree
+                preexec_fn=lambda: _die_with_parent(parent),
+            )
+        except OSError as exc:
+            worker.tail.append(f"cannot start {argv[0]}: {exc.strerror or exc}")
+            worker.state = State.STOPPED
+            self._after_exit(worker, f"spawn failed: {exc.strerror or exc}")
+            return worker
+        worker.born = time.monotonic()
+        self.pool.workers.append(worker)
+        WorkerOutput.attach(self.loop, worker, self.log_dir)
+        self._watch_exit(worker)
+        self._emit(worker, State.STARTING, f"pid {worker.pid} port {port} gen {worker.generation}")
+        self.loop.create_task(self._await_ready(worker))
+        return worker
+
+    async def _await_ready(self, worker: Worker) -> None:
+        path = self.app.health_path
+        delay = 0.05
+        while worker.state is State.STARTING:
+            ok, _ = await health.probe(worker.host, worker.port, path, timeout=max(1.0, delay * 4))
+            if worker.state is not State.STARTING:
+                return
+            if ok:
+                took = time.monotonic() - worker.born
+                worker.ready_at = time.monotonic()
+                self.ever_ready = True
+                self.pool.set_state(worker, State.READY)
+                self._emit(worker, State.READY, f"pid {worker.pid} port {worker.port} ready in {took:.2f}s")
+                self.wake()
+                return
+            await asyncio.sleep(delay)
+            delay = min(delay * 1.5, 0.5)
+
+    def _watch_exit(self, worker: Worker) -> None:
+        assert worker.proc is not None
+        fd = os.pidfd_open(worker.proc.pid)
+
+        def exited() -> None:
+            self.loop.remove_reader(fd)
+            os.close(fd)
+            assert worker.proc is not None
+            code = worker.proc.wait()
+            self._after_exit(worker, _describe_exit(code))
+
+        self.loop.add_reader(fd, exited)
+
+    def _after_exit(self, worker: Worker, how: str) -> None:
+        was = worker.state
+        never_ready = worker.ready_at is None
+        worker.state = State.STOPPED
+        self.pool.set_state(worker, State.STOPPED)
+        self.pool.forget(worker)
+        if was is State.STOPPING or self.stopping:
+            self._emit(worker, State.STOPPED, f"{how} ({worker.stop_reason or 'stopped'})")
+        else:
+            self._schedule_restart(worker, how, never_ready)
+        self.wake()
+
+    def _schedule_restart(self, worker: Worker, how: str, never_ready: bool) -> None:
+        index = worker.index
+        healthy_for = time.monotonic() - worker.ready_at if worker.ready_at else 0.0
+        if healthy_for >= BACKOFF_RESET:
+            self.failures[index] = 0
+        n = self.failures.get(index, 0) + 1
+        self.failures[index] = n
+        delay = min(BACKOFF_START * 2 ** (n - 1), BACKOFF_MAX)
+        self._backoff_until[index] = time.monotonic() + delay
+        reason = worker.stop_reason or ("exited before ready" if never_ready else "exited")
+        self.restarts[reason.split(" (")[0]] = self.restarts.get(reason.split(" (")[0], 0) + 1
+        worker.failed += worker.inflight
+        self._emit(worker, State.STOPPED, f"{how}; {reason}; restarting in {delay:.1f}s")
+        if never_ready and worker.tail and not self.ever_ready:
+            self.last_tail = list(worker.tail)
+
+    def _check_fatal(self) -> None:
+        # An app that cannot start at all (syntax error, missing package) must not loop silently.
+        if self.ever_ready or self.fatal:
+            return
+        if len(self.failures) >= self.desired and all(
+            self.failures.get(i, 0) >= 1 for i in range(self.desired)
+        ):
+            tail = self.last_tail or ["(the worker printed nothing)"]
+            self.fatal = (
+                f"app '{self.app.name}' cannot start: every worker exited before it was ready.\n"
+                "Last lines the worker printed:\n" + "\n".join(f"    {line}" for line in tail[-15:])
+            )
+
+    def _fail_start(self, worker: Worker, why: str) -> None:
+        self._stop(worker, why, kill=True)
+
+    def kill_hung(self, worker: Worker, why: str) -> None:
+        """A worker past its request deadline: R handlers cannot be cancelled, so the process goes."""
+        self._stop(worker, why, kill=True)
+        self.wake()
+
+    def _retire(self, worker: Worker, why: str) -> None:
+        worker.stop_reason = why
+        worker.draining_since = time.monotonic()
+        self.pool.set_state(worker, State.DRAINING)
+        self.pool.scheduler.remove_worker(worker)
+        self._emit(worker, State.DRAINING, why)
+        self.retiring.append(worker)
+
+    def _stop(self, worker: Worker, why: str, kill: bool = False) -> None:
+        if worker.state in (State.STOPPING, State.STOPPED):
+            return
+        worker.stop_reason = why
+        self.pool.set_state(worker, State.STOPPING)
+        self.pool.scheduler.remove_worker(worker)
+        self._emit(worker, State.STOPPING, why)
+        sig = signal.SIGKILL if kill else signal.SIGTERM
+        self._signal(worker, sig)
+        if not kill:
+            self.loop.call_later(self.app.kill_timeout, self._signal, worker, signal.SIGKILL)
+
+    def _signal(self, worker: Worker, sig: int) -> None:
+        if worker.proc is None or worker.proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(worker.proc.pid, sig)
+
+    def _check_memory(self) -> None:
+        limit = (self.app.max_memory or 0) * 1024 * 1024
+        for worker in list(self.slots.values()):
+            if worker.state is State.READY and worker.retire_reason is None:
+                rss = tree_rss(worker.pid)
+                if rss > limit:
+                    mb = rss / 1048576
+                    worker.retire_reason = f"memory {mb:.0f}MB over max_memory ({self.app.max_memory:g}MB)"
+
+    def _emit(self, worker: Worker, state: State, reason: str) -> None:
+        event(worker, state.value, reason)
+        for cb in self.on_change:
+            cb(worker, state, reason)
+
+    # --- shutdown ------------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Drain everything (bounded by graceful_timeout), SIGTERM, then SIGKILL after kill_timeout."""
+        self.stopping = True
+        workers = [w for w in self.all_workers() if w.state is not State.STOPPED]
+        for w in workers:
+            if w.state is State.READY:
+                w.draining_since = time.monotonic()
+                self.pool.set_state(w, State.DRAINING)
+                self.pool.scheduler.remove_worker(w)
+        deadline = time.monotonic() + self.app.graceful_timeout
+        while any(w.inflight for w in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for w in workers:
+            if w.state is not State.STOPPED:
+                self._stop(w, "corral is stopping")
+        deadline = time.monotonic() + self.app.kill_timeout + 1.0
+        while any(w.state is not State.STOPPED for w in workers) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def tree_rss(pid: int | None) -> int:
+    """Resident memory of a process and all its descendants (R may fork helpers)."""
+    if pid is None:
+        return 0
+    try:
+        proc = psutil.Process(pid)
+        procs = [proc, *proc.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total

@@ -1,0 +1,119 @@
+"""One worker: where it listens, what state it is in, what it is carrying.
+
+The scheduler reads `routable`/`inflight`, the proxy keeps its idle upstream connections here, the
+supervisor owns `proc`, health owns the probe counters, admin reads it all. Nothing here does I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import subprocess
+
+
+class State(StrEnum):
+    STARTING = "starting"  # spawned, not yet answering its readiness probe
+    READY = "ready"  # in rotation (shown as "busy" while it holds a request)
+    DRAINING = "draining"  # out of rotation, finishing what it holds, then stopped
+    UNHEALTHY = "unhealthy"  # out of rotation: failed probes or refused connections
+    STOPPING = "stopping"  # SIGTERM sent
+    STOPPED = "stopped"  # process gone (or external worker unreachable)
+
+
+class Worker:
+    __slots__ = (
+        "app",
+        "backoff_until",
+        "born",
+        "conns",
+        "draining_since",
+        "external",
+        "failed",
+        "generation",
+        "host",
+        "idle",
+        "index",
+        "inflight",
+        "last_used",
+        "logs",
+        "max_inflight",
+        "max_requests",
+        "port",
+        "probe_fails",
+        "probing",
+        "proc",
+        "ready_at",
+        "retire_reason",
+        "served",
+        "state",
+        "stop_reason",
+        "tail",
+    )
+
+    def __init__(
+        self,
+        app: str,
+        index: int,
+        host: str,
+        port: int,
+        max_inflight: int,
+        generation: int = 0,
+        external: bool = False,
+    ) -> None:
+        self.app = app
+        self.index = index
+        self.host = host
+        self.port = port
+        self.max_inflight = max_inflight
+        self.generation = generation
+        self.external = external
+        self.state = State.STARTING
+        self.inflight = 0
+        self.served = 0
+        self.failed = 0
+        self.max_requests: int | None = None
+        self.last_used = 0.0
+        self.born = time.monotonic()
+        self.ready_at: float | None = None
+        self.draining_since: float | None = None
+        self.backoff_until = 0.0
+        self.probe_fails = 0
+        self.probing = False
+        self.retire_reason: str | None = None  # set when the supervisor wants it replaced
+        self.stop_reason: str | None = None
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.idle: list[Any] = []  # pooled upstream connections with no request on them
+        self.conns = 0  # open upstream connections, idle or busy (never above max_inflight)
+        self.tail: list[str] = []  # last output lines, shown when the app cannot start
+        self.logs: Any = None  # per-worker log file (--log-dir)
+
+    @property
+    def routable(self) -> bool:
+        return self.state is State.READY
+
+    @property
+    def has_room(self) -> bool:
+        return self.state is State.READY and self.inflight < self.max_inflight
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    @property
+    def name(self) -> str:
+        return f"{self.app}:{self.index}"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def display_state(self) -> str:
+        if self.state is State.READY and self.inflight:
+            return "busy"
+        return self.state.value
+
+    def __repr__(self) -> str:
+        return f"<Worker {self.name} {self.address} {self.display_state()} inflight={self.inflight}>"
