@@ -15,9 +15,7 @@ from loadgen import Arrival
 from stats import percentile
 
 
-def simulate(
-    arrivals: Sequence[Arrival], service_s: Mapping[str, float], servers: int
-) -> list[tuple[str, float]]:
+def simulate(arrivals: Sequence[Arrival], service_s: Mapping[str, float], servers: int) -> list[tuple[str, float]]:
     """(class, response time in seconds) per arrival, in arrival order."""
     free_at = [0.0] * servers
     heapq.heapify(free_at)

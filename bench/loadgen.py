@@ -114,9 +114,7 @@ async def run_schedule(
     return list(await asyncio.gather(*tasks))
 
 
-def run(
-    host: str, port: int, schedule: Sequence[Arrival], timeout: float = REQUEST_TIMEOUT_S
-) -> list[Outcome]:
+def run(host: str, port: int, schedule: Sequence[Arrival], timeout: float = REQUEST_TIMEOUT_S) -> list[Outcome]:
     """Blocking wrapper; total time is bounded by the schedule length plus `timeout`."""
     try:
         import uvloop

@@ -130,8 +130,7 @@ def wait_http(child: Child | None, port: int, path: str, timeout: float) -> None
     while time.monotonic() < deadline:
         if child is not None and not child.alive():
             raise ChildError(
-                f"{child.name} exited with {child.proc.returncode} before answering on :{port}\n"
-                f"{child.log_tail()}"
+                f"{child.name} exited with {child.proc.returncode} before answering on :{port}\n{child.log_tail()}"
             )
         try:
             status = http_get(port, path, timeout=1.0)

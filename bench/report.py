@@ -71,16 +71,19 @@ class Metric:
             return None
         return mine / other
 
+    def goal_value(self, g: Goal) -> float | None:
+        """The number `g` bounds: corral's median, or its ratio to the reference."""
+        if g.ref == "abs":
+            return self.med(CORRAL)
+        return self.ratio_to(self.best_peer() if g.ref == "best" else g.ref)
+
     def verdict(self) -> bool | None:
         """True/False when every goal can be judged, None when data is missing."""
         if not self.goals:
             return None
         oks: list[bool] = []
         for g in self.goals:
-            if g.ref == "abs":
-                lhs = self.med(CORRAL)
-            else:
-                lhs = self.ratio_to(self.best_peer() if g.ref == "best" else g.ref)
+            lhs = self.goal_value(g)
             if lhs is None:
                 return None
             oks.append(lhs >= g.value if g.op == ">=" else lhs <= g.value)
@@ -112,8 +115,7 @@ class Results:
         return {
             "meta": meta,
             "metrics": [
-                {**asdict(m), "goals": [g.text() for g in m.goals], "ok": m.verdict()}
-                for m in self.metrics.values()
+                {**asdict(m), "goals": [g.text() for g in m.goals], "ok": m.verdict()} for m in self.metrics.values()
             ],
             "errors": self.errors,
             "raw": self.raw,
@@ -186,8 +188,7 @@ def errors_text(results: Results) -> str:
 def markdown_block(results: Results, meta: dict[str, Any]) -> str:
     m, v = meta["machine"], meta["versions"]
     parts = [
-        f"Run `{meta['command']}` on {meta['date']} ({meta['runs']} run(s) per figure; "
-        "cells are median (min..max)).",
+        f"Run `{meta['command']}` on {meta['date']} ({meta['runs']} run(s) per figure; cells are median (min..max)).",
         "",
         f"Machine: {m['nproc']} CPUs, {m['cpu']}, Linux {m['kernel']}.",
         "",

@@ -94,9 +94,7 @@ def each_proxy(
             ctx.log(f"{scenario} run {run + 1}/{ctx.runs}: {spec.name}")
             workdir = ctx.tmp / scenario / f"{spec.name}-run{run}"
             try:
-                with running_proxy(
-                    spec, upstream_ports, workdir, ready_path, ctx.corral_cmd, ctx.corral_args
-                ) as proxy:
+                with running_proxy(spec, upstream_ports, workdir, ready_path, ctx.corral_cmd, ctx.corral_args) as proxy:
                     measure(proxy, run)
             except Exception as exc:  # one proxy failing must not sink the whole comparison
                 ctx.log(f"{scenario} {spec.name} FAILED: {exc}")
@@ -295,18 +293,42 @@ def t4(ctx: Context) -> None:
 # --- T5: scaling with the number of workers -----------------------------------------------------
 
 
+def _t5_path() -> str:
+    return f"/sleep?ms={T5_SLEEP_S * 1000:.0f}"
+
+
 def _t5_measure(ctx: Context, n: int, rps: Metric, eff: Metric) -> Callable[[RunningProxy, int], None]:
-    path = f"/sleep?ms={T5_SLEEP_S * 1000:.0f}"
     duration = ctx.dur(10, 4)
 
     def measure(proxy: RunningProxy, run: int) -> None:
-        warm(ctx, proxy.port, path, 2 * n)
-        r = run_wrk(url(proxy.port, path), 2 * n, duration)
+        warm(ctx, proxy.port, _t5_path(), 2 * n)
+        r = run_wrk(url(proxy.port, _t5_path()), 2 * n, duration)
         rps.add(proxy.spec.name, r.rps)
         eff.add(proxy.spec.name, r.rps / (n / T5_SLEEP_S))
         record_wrk(ctx, "T5", proxy.spec.name, run, r, workers=n)
 
     return measure
+
+
+def _t5_direct(ctx: Context, n: int, rps: Metric, eff: Metric) -> Callable[[int], None]:
+    """What the workers can do without any proxy: N x one worker loaded alone at c=2.
+
+    The ideal N/0.05 ignores plumber's own per-request cost; this shows how much
+    of the gap to the ideal is the app rather than the proxy.
+    """
+    duration = ctx.dur(10, 4)
+
+    def direct(run: int) -> None:
+        ctx.log(f"T5 N={n} run {run + 1}/{ctx.runs}: direct")
+        headers = ["Connection: close"]  # keep-alive to httpuv stalls ~40 ms (delayed ACK)
+        run_wrk(url(WORKER_PORT_BASE, _t5_path()), 2, ctx.warm_s, headers=headers)
+        r = run_wrk(url(WORKER_PORT_BASE, _t5_path()), 2, duration, headers=headers)
+        rps.add("direct", n * r.rps)
+        eff.add("direct", r.rps * T5_SLEEP_S)
+        rps.add("ideal", n / T5_SLEEP_S)
+        record_wrk(ctx, "T5", "direct", run, r, workers=n)
+
+    return direct
 
 
 def t5(ctx: Context) -> None:
@@ -315,11 +337,11 @@ def t5(ctx: Context) -> None:
         ideal = n / T5_SLEEP_S
         rps = res.metric("T5", f"N={n} req/s (/sleep 50ms, c={2 * n})", "higher")
         eff = res.metric("T5", f"N={n} req/s / ideal {ideal:.0f}", "higher", [Goal("abs", ">=", 0.95)])
-        for _ in range(ctx.runs):
-            rps.add("ideal", ideal)
         with WorkerPool(worker_ports(n), ctx.tmp / "T5" / f"n{n}") as pool:
-            measure = _t5_measure(ctx, n, rps, eff)
-            each_proxy(ctx, "T5", [CORRAL, NGINX, HAPROXY], pool.ports, "/fast", measure)
+            each_proxy(
+                ctx, "T5", [CORRAL, NGINX, HAPROXY], pool.ports, "/fast",
+                _t5_measure(ctx, n, rps, eff), per_run=_t5_direct(ctx, n, rps, eff),
+            )  # fmt: skip
 
 
 # --- T6: workers crashing under load ------------------------------------------------------------

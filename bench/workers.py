@@ -22,10 +22,7 @@ APP = Path(__file__).resolve().parent / "app" / "plumber.R"
 READY_PATH = "/fast"
 START_TIMEOUT_S = 120.0
 
-R_RUN = (
-    'library(plumber); pr <- plumb("{app}"); '
-    'pr$run(host="{host}", port=as.integer(Sys.getenv("PORT")), docs=FALSE)'
-)
+R_RUN = 'library(plumber); pr <- plumb("{app}"); pr$run(host="{host}", port=as.integer(Sys.getenv("PORT")), docs=FALSE)'
 
 
 def upstream_spec(ports: Sequence[int]) -> str:

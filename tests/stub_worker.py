@@ -48,9 +48,7 @@ class Handler(BaseHTTPRequestHandler):
         n = int(self.headers.get("Content-Length") or 0)
         return self.rfile.read(n) if n else b""
 
-    def _send(
-        self, status: int, body: bytes, ctype: str = "application/json", extra: dict | None = None
-    ) -> None:
+    def _send(self, status: int, body: bytes, ctype: str = "application/json", extra: dict | None = None) -> None:
         self.send_response(status)
         self.send_header("Content-Type", ctype)
         self.send_header("Content-Length", str(len(body)))
@@ -72,9 +70,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/crash":
             os._exit(3)
-        self._json(
-            {"len": len(body), "sha256": hashlib.sha256(body).hexdigest(), "index": INDEX, "pid": os.getpid()}
-        )
+        self._json({"len": len(body), "sha256": hashlib.sha256(body).hexdigest(), "index": INDEX, "pid": os.getpid()})
 
     do_PUT = do_POST
 
@@ -118,9 +114,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         if path == "/hop":
-            self._send(
-                200, b"{}", extra={"Connection": "X-Secret", "X-Secret": "1", "Keep-Alive": "timeout=5"}
-            )
+            self._send(200, b"{}", extra={"Connection": "X-Secret", "X-Secret": "1", "Keep-Alive": "timeout=5"})
             return
         if path == "/garbage":
             self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")

@@ -24,9 +24,7 @@ def _knob_options(cls: type) -> list[click.Option]:
             decls.insert(0, m["short"])
         unit = f" [{m['unit']}]" if m["unit"] else ""
         if m["flag"]:
-            opts.append(
-                click.Option([f"{decls[-1]}/--no-{f.name.replace('_', '-')}"], default=None, help=m["help"])
-            )
+            opts.append(click.Option([f"{decls[-1]}/--no-{f.name.replace('_', '-')}"], default=None, help=m["help"]))
             continue
         t = C.base_type(cls, f.name)
         ctype: Any = click.Choice(m["choices"]) if m["choices"] else {int: int, float: float}.get(t, str)
@@ -175,12 +173,9 @@ def check(config_path: str) -> None:
             click.echo(p, err=True)
         sys.exit(2)
     apps = ", ".join(
-        f"{a.name} ({a.route}, {(len(a.upstreams) and 'upstreams') or C.effective_workers(a)})"
-        for a in cfg.apps
+        f"{a.name} ({a.route}, {(len(a.upstreams) and 'upstreams') or C.effective_workers(a)})" for a in cfg.apps
     )
-    click.echo(
-        f"{config_path}: ok: {len(cfg.apps)} app(s): {apps}; listening on {cfg.server.host}:{cfg.server.port}"
-    )
+    click.echo(f"{config_path}: ok: {len(cfg.apps)} app(s): {apps}; listening on {cfg.server.host}:{cfg.server.port}")
 
 
 def main() -> None:

@@ -50,9 +50,7 @@ class AppConfig:
     """Per-app settings: one [[app]] table, or the single app of `corral run`."""
 
     name: str = knob("app", "name used in logs, metrics and status", cli=False)
-    route: str = knob(
-        "/", "path prefix this app serves; longest prefix wins, on segment boundaries", cli=False
-    )
+    route: str = knob("/", "path prefix this app serves; longest prefix wins, on segment boundaries", cli=False)
     strip_prefix: bool = knob(
         False, "remove the route prefix before forwarding (X-Forwarded-Prefix tells the worker)", cli=False
     )
@@ -74,9 +72,7 @@ class AppConfig:
     max_queue: int = knob(
         1000, "requests allowed to wait at the proxy", minimum=0, breach="503 with Retry-After, at once"
     )
-    queue_timeout: float = knob(
-        30.0, "longest wait in the queue", unit="s", minimum=0, breach="503 with Retry-After"
-    )
+    queue_timeout: float = knob(30.0, "longest wait in the queue", unit="s", minimum=0, breach="503 with Retry-After")
     health_path: str | None = knob(
         None,
         "readiness and health probe path; without it any HTTP answer on / counts",
@@ -96,9 +92,7 @@ class AppConfig:
         minimum=0.01,
         breach="client gets 504; the worker is killed and replaced",
     )
-    health_interval: float = knob(
-        5.0, "seconds between probes of an idle worker", unit="s", minimum=0.05, breach="n/a"
-    )
+    health_interval: float = knob(5.0, "seconds between probes of an idle worker", unit="s", minimum=0.05, breach="n/a")
     health_timeout: float = knob(
         2.0, "probe answer deadline", unit="s", minimum=0.01, breach="counts as one failed probe"
     )
@@ -135,9 +129,7 @@ class ServerConfig:
 
     host: str = knob("127.0.0.1", "public listen address")
     port: int = knob(8000, "public listen port", short="-p", minimum=1)
-    admin: str | None = knob(
-        None, "admin channel: HOST:PORT or unix:/path (default: a unix socket per public port)"
-    )
+    admin: str | None = knob(None, "admin channel: HOST:PORT or unix:/path (default: a unix socket per public port)")
     admin_token: str | None = knob(None, "bearer token every admin call must carry")
     max_header_bytes: int = knob(
         16384, "request line + headers", unit="bytes", minimum=256, breach="431 (request line alone: 414)"
@@ -156,12 +148,8 @@ class ServerConfig:
         minimum=0.1,
         breach="408, close; the worker's request is aborted",
     )
-    keepalive_timeout: float = knob(
-        5.0, "idle client connection lifetime", unit="s", minimum=0.1, breach="close"
-    )
-    max_connections: int = knob(
-        10000, "open client connections", minimum=1, breach="new connections get 503 and close"
-    )
+    keepalive_timeout: float = knob(5.0, "idle client connection lifetime", unit="s", minimum=0.1, breach="close")
+    max_connections: int = knob(10000, "open client connections", minimum=1, breach="new connections get 503 and close")
     trusted_proxies: str = knob(
         "", "CIDR,... whose X-Forwarded-*/Forwarded are kept and appended to", breach="headers replaced"
     )
@@ -349,9 +337,7 @@ def _check_ports(cfg: Config, problems: list[str]) -> None:
                 problems.append(f"{cfg.source}: app '{app.name}': base_port: port {port} is above 65535")
                 break
             if port in owner:
-                problems.append(
-                    f"{cfg.source}: app '{app.name}': base_port: port {port} is also used by {owner[port]}"
-                )
+                problems.append(f"{cfg.source}: app '{app.name}': base_port: port {port} is also used by {owner[port]}")
                 break
             owner[port] = f"app '{app.name}'"
 
@@ -425,9 +411,7 @@ def reference_markdown() -> str:
                 cli = f"{m['short']}, {cli}"
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             choices = f" ({' / '.join(m['choices'])})" if m["choices"] else ""
-            out.append(
-                f"| `{f.name}` | `{cli}` | `{default!r}` | {m['unit']} | {m['help']}{choices} | {m['breach']} |"
-            )
+            out.append(f"| `{f.name}` | `{cli}` | `{default!r}` | {m['unit']} | {m['help']}{choices} | {m['breach']} |")
         out.append("")
     return "\n".join(out)
 

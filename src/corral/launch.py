@@ -21,9 +21,7 @@ def plumber_argv(app: AppConfig) -> tuple[list[str], str]:
     """The plumber guides' runner, `plumb(APP)$run(port=...)`, with plumber attached and docs off."""
     target = resolve_plumber(app.plumber or "")
     if target is None:
-        raise LaunchError(
-            f"plumber: {app.plumber!r} is not a .R file or a directory with plumber.R/entrypoint.R"
-        )
+        raise LaunchError(f"plumber: {app.plumber!r} is not a .R file or a directory with plumber.R/entrypoint.R")
     rscript = shutil.which("Rscript")
     if rscript is None:
         raise LaunchError("Rscript not found: install R (Debian: apt-get install r-base-core r-cran-plumber)")

@@ -10,6 +10,7 @@ Protocol on the worker socket; it feeds the response parser, whose callbacks lan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -201,10 +202,8 @@ class UpstreamConnection(asyncio.Protocol):
         # httpuv writes head and body in two segments without TCP_NODELAY: on a reused connection
         # the second waits for our delayed ACK (~40 ms). QUICKACK is not sticky, so re-arm it.
         if _QUICKACK is not None and self.sock is not None:
-            try:
+            with contextlib.suppress(OSError):
                 self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
-            except OSError:
-                pass
 
     def send(self, ex: Exchange) -> None:
         self.exchange = ex

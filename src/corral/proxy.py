@@ -67,9 +67,7 @@ class Edge:
         self.keepalive_timeout = server.keepalive_timeout
         self.max_connections = server.max_connections
         self.trusted = [
-            ipaddress.ip_network(c.strip(), strict=False)
-            for c in server.trusted_proxies.split(",")
-            if c.strip()
+            ipaddress.ip_network(c.strip(), strict=False) for c in server.trusted_proxies.split(",") if c.strip()
         ]
 
     def is_trusted(self, ip: str) -> bool:
@@ -410,9 +408,7 @@ class Exchange:
             close = True  # HTTP/1.0 client: the body ends when we close
             client.closing = True
         if not self.client_gone:
-            client.write_raw(
-                edge.response_head(status, headers, length, self.request_id, self.chunked_out, close)
-            )
+            client.write_raw(edge.response_head(status, headers, length, self.request_id, self.chunked_out, close))
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
@@ -460,9 +456,7 @@ class Exchange:
         self.respond_error(502, "the worker failed while handling this request")
 
     # --- corral's own answers -------------------------------------------------------------
-    def respond_error(
-        self, status: int, message: str, retry_after: int | None = None, json: bool = False
-    ) -> None:
+    def respond_error(self, status: int, message: str, retry_after: int | None = None, json: bool = False) -> None:
         self.status = status
         self.closed = True
         close = not self.request_done or not self.head.keep_alive
@@ -470,9 +464,7 @@ class Exchange:
             self.client.closing = True
         if not self.client_gone:
             self.client.write_raw(
-                edge.error_response(
-                    status, message, self.request_id, close=close, retry_after=retry_after, json=json
-                )
+                edge.error_response(status, message, self.request_id, close=close, retry_after=retry_after, json=json)
             )
         if self.pool is not None:
             self.pool.on_observe(self)

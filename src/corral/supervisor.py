@@ -176,9 +176,7 @@ class Supervisor:
     def _abort_reload(self, failed: Worker) -> None:
         self.generation = failed.generation - 1
         tail = "; ".join(failed.tail[-3:])
-        self.reload_note = (
-            f"reload aborted: replacement {failed.name} failed to start ({tail}); old workers kept"
-        )
+        self.reload_note = f"reload aborted: replacement {failed.name} failed to start ({tail}); old workers kept"
         print(f"corral: {self.reload_note}", file=sys.stderr, flush=True)
 
     def _next_start(self, index: int) -> float:
@@ -296,9 +294,7 @@ class Supervisor:
         # An app that cannot start at all (syntax error, missing package) must not loop silently.
         if self.ever_ready or self.fatal:
             return
-        if len(self.failures) >= self.desired and all(
-            self.failures.get(i, 0) >= 1 for i in range(self.desired)
-        ):
+        if len(self.failures) >= self.desired and all(self.failures.get(i, 0) >= 1 for i in range(self.desired)):
             tail = self.last_tail or ["(the worker printed nothing)"]
             self.fatal = (
                 f"app '{self.app.name}' cannot start: every worker exited before it was ready.\n"

@@ -1,0 +1,229 @@
+"""Shared fixtures: a real corral process in front of real worker processes, and raw HTTP helpers."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent
+STUB = str(HERE / "stub_worker.py")
+EXAMPLE_R = str(ROOT / "examples" / "plumber" / "plumber.R")
+HAVE_R = shutil.which("Rscript") is not None
+
+
+def free_ports(n: int, start: int = 20000) -> int:
+    """The first port of n consecutive free ports (randomised start so parallel runs rarely collide)."""
+    base = start + (os.getpid() * 37) % 20000
+    while True:
+        if all(_free(base + i) for i in range(n)):
+            return base
+        base += n + 1
+        if base > 60000:
+            base = start
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+class CorralProc:
+    """`corral run ...` as a child process with its output captured to a file."""
+
+    def __init__(self, tmp: Path, args: list[str], workers: int | None, ready: bool = True,
+                 env: dict[str, str] | None = None, port_block: int = 40) -> None:
+        self.port = free_ports(port_block)
+        self.base_port = self.port + 1
+        self.out_path = tmp / f"corral-{self.port}.log"
+        self.out = open(self.out_path, "wb")  # noqa: SIM115
+        argv = [sys.executable, "-m", "corral", "run", "-p", str(self.port)]
+        if workers is not None:
+            argv += ["-w", str(workers)]
+        self.argv = argv + args
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT, env=full_env,
+                                     cwd=str(tmp))
+        if ready:
+            self.wait_for("all workers ready", timeout=90)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.out_path.read_text(errors="replace")
+
+    def wait_for(self, pattern: str, timeout: float = 30, count: int = 1) -> re.Match[str]:
+        """Wait until `pattern` (a regex) has appeared `count` times in the output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = list(re.finditer(pattern, self.log()))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if self.proc.poll() is not None and not matches:
+                raise AssertionError(f"corral exited ({self.proc.returncode}) before {pattern!r}:\n{self.log()}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {pattern!r} x{count}:\n{self.log()[-4000:]}")
+            time.sleep(0.05)
+
+    def worker_pids(self) -> dict[int, int]:
+        """index -> pid of the workers currently believed alive, read from the state-change log."""
+        pids: dict[int, int] = {}
+        for m in re.finditer(r"worker \S+:(\d+) (ready|stopped): (?:pid (\d+))?", self.log()):
+            idx = int(m.group(1))
+            if m.group(2) == "ready":
+                pids[idx] = int(m.group(3))
+        return pids
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.out.close()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def corral(tmp_path: Path) -> Iterator:
+    """Factory: corral(args, workers=2) starts one; all are stopped at teardown."""
+    started: list[CorralProc] = []
+
+    def start(args: list[str], workers: int | None = 2, **kw) -> CorralProc:
+        c = CorralProc(tmp_path, args, workers, **kw)
+        started.append(c)
+        return c
+
+    yield start
+    for c in started:
+        c.stop()
+
+
+def stub_args(*extra: str) -> list[str]:
+    return [*extra, "--", sys.executable, STUB, "{port}"]
+
+
+# --- raw HTTP ------------------------------------------------------------------------------------
+class Response:
+    def __init__(self, status: int, headers: list[tuple[str, str]], body: bytes, raw_head: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+        self.raw_head = raw_head
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def json(self):
+        import json
+
+        return json.loads(self.body)
+
+
+def read_response(sock: socket.socket, buf: bytearray | None = None, head_only: bool = False) -> Response:
+    """Read one HTTP/1.1 response (Content-Length, chunked, or until close) from a socket."""
+    buf = buf if buf is not None else bytearray()
+    while b"\r\n\r\n" not in buf:
+        data = sock.recv(65536)
+        if not data:
+            raise ConnectionError(f"closed before a full head: {bytes(buf)!r}")
+        buf += data
+    end = buf.index(b"\r\n\r\n")
+    raw_head = bytes(buf[:end])
+    del buf[: end + 4]
+    lines = raw_head.split(b"\r\n")
+    status = int(lines[0].split()[1])
+    headers = []
+    for line in lines[1:]:
+        k, _, v = line.decode("latin-1").partition(":")
+        headers.append((k.strip(), v.strip()))
+    resp = Response(status, headers, b"", raw_head)
+    if status < 200 and status != 101:
+        return read_response(sock, buf, head_only)
+    if head_only or status in (204, 304):
+        return resp
+    te = (resp.header("transfer-encoding") or "").lower()
+    cl = resp.header("content-length")
+    if te == "chunked":
+        body = bytearray()
+        while True:
+            while b"\r\n" not in buf:
+                buf += _recv(sock)
+            line, _, rest = bytes(buf).partition(b"\r\n")
+            size = int(line.split(b";")[0], 16)
+            buf[:] = rest
+            while len(buf) < size + 2:
+                buf += _recv(sock)
+            body += buf[:size]
+            del buf[: size + 2]
+            if size == 0:
+                break
+        resp.body = bytes(body)
+    elif cl is not None:
+        n = int(cl)
+        while len(buf) < n:
+            buf += _recv(sock)
+        resp.body = bytes(buf[:n])
+        del buf[:n]
+    else:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            buf += data
+        resp.body = bytes(buf)
+        buf.clear()
+    return resp
+
+
+def _recv(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("closed mid-body")
+    return data
+
+
+def request(port: int, raw: bytes, timeout: float = 30) -> Response:
+    """Send raw bytes on a fresh connection and read one response."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(raw)
+        return read_response(s)
+
+
+def get(port: int, path: str, timeout: float = 30, headers: str = "") -> Response:
+    return request(port, f"GET {path} HTTP/1.1\r\nHost: t\r\n{headers}Connection: close\r\n\r\n".encode(), timeout)
+
+
+def closed_by_peer(sock: socket.socket, timeout: float = 10) -> bool:
+    """True when the peer closes the connection (EOF or reset) within timeout."""
+    sock.settimeout(timeout)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    return True
