@@ -46,8 +46,15 @@ def _free(port: int) -> bool:
 class CorralProc:
     """`corral run ...` as a child process with its output captured to a file."""
 
-    def __init__(self, tmp: Path, args: list[str], workers: int | None, ready: bool = True,
-                 env: dict[str, str] | None = None, port_block: int = 40) -> None:
+    def __init__(
+        self,
+        tmp: Path,
+        args: list[str],
+        workers: int | None,
+        ready: bool = True,
+        env: dict[str, str] | None = None,
+        port_block: int = 40,
+    ) -> None:
         self.port = free_ports(port_block)
         self.base_port = self.port + 1
         self.out_path = tmp / f"corral-{self.port}.log"
@@ -57,8 +64,7 @@ class CorralProc:
             argv += ["-w", str(workers)]
         self.argv = argv + args
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT, env=full_env,
-                                     cwd=str(tmp))
+        self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT, env=full_env, cwd=str(tmp))
         if ready:
             self.wait_for("all workers ready", timeout=90)
 

@@ -29,7 +29,7 @@ def test_workers_get_port_index_and_pm2_env(corral):
         assert env["PORT"] == str(c.base_port + int(idx))
         assert env.get("HOME") == os.environ.get("HOME")  # parent's environment is passed on
     for i in range(3):
-        assert f"worker stub_worker.py:{i} ready" in c.log() or f"worker python" in c.log() or "ready in" in c.log()
+        assert f"worker stub_worker.py:{i} ready" in c.log() or "worker python" in c.log() or "ready in" in c.log()
 
 
 def test_ready_lines_and_public_url(corral):
@@ -79,8 +79,7 @@ def test_busy_worker_port_is_refused_naming_the_port(tmp_path):
 def _run_fail(args):
     import subprocess
 
-    return subprocess.run([sys.executable, "-m", "corral", "run", *args], capture_output=True, text=True,
-                          timeout=30)
+    return subprocess.run([sys.executable, "-m", "corral", "run", *args], capture_output=True, text=True, timeout=30)
 
 
 def test_one_request_per_worker_rest_wait_in_central_queue(corral):
@@ -178,8 +177,12 @@ def test_content_length_body_streams_both_ways(corral):
         s.sendall(body)
         r = read_response(s)
     assert r.status == 200
-    assert r.json() == {"len": len(body), "sha256": hashlib.sha256(body).hexdigest(), "index": "0",
-                        "pid": r.json()["pid"]}
+    assert r.json() == {
+        "len": len(body),
+        "sha256": hashlib.sha256(body).hexdigest(),
+        "index": "0",
+        "pid": r.json()["pid"],
+    }
     big = get(c.port, "/big?n=20000000", timeout=60)
     assert len(big.body) == 20_000_000
 

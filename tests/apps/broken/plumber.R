@@ -1,0 +1,4 @@
+#* @get /x
+function() {
+  list(ok = TRUE
+}

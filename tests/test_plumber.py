@@ -1,0 +1,105 @@
+"""The R path: real plumber workers under corral."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import pytest
+from conftest import EXAMPLE_R, HAVE_R, HERE, free_ports, get, read_response
+
+pytestmark = [pytest.mark.r, pytest.mark.skipif(not HAVE_R, reason="R is not installed (scripts/setup installs it)")]
+
+
+@pytest.fixture
+def plumber(corral):
+    return corral([EXAMPLE_R], workers=2)
+
+
+def test_plumber_workers_answer_with_their_index_and_port(plumber):
+    seen = {}
+    for _ in range(8):
+        r = get(plumber.port, "/whoami")
+        assert r.status == 200
+        body = r.json()
+        seen[body["index"][0]] = body["port"][0]
+    assert seen == {"0": str(plumber.base_port), "1": str(plumber.base_port + 1)}
+
+
+def test_plumber_docs_are_off_by_default(plumber):
+    assert get(plumber.port, "/__docs__/").status == 404
+
+
+def test_slow_request_does_not_block_a_fast_one(plumber):
+    with cf.ThreadPoolExecutor(2) as pool:
+        slow = pool.submit(get, plumber.port, "/slow?s=3")
+        plumber.wait_for  # noqa: B018 - keep the fixture alive in this scope
+        fast = get(plumber.port, "/echo?msg=hi")
+        assert fast.status == 200 and fast.json()["msg"] == ["The message is: 'hi'"]
+        assert not slow.done()  # the fast answer came while the slow one still ran elsewhere
+        assert slow.result().status == 200
+
+
+def test_post_bodies_reach_r(plumber):
+    r = get(plumber.port, "/echo?msg=x")
+    assert r.status == 200
+    with socket.create_connection(("127.0.0.1", plumber.port), timeout=30) as s:
+        form = b"a=2&b=40"
+        s.sendall(
+            b"POST /sum HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(form), form)
+        )
+        assert read_response(s).json() == {"sum": [42]}
+        body = os.urandom(3 * 1024 * 1024)
+        s.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert read_response(s).json() == {"bytes": [len(body)]}
+
+
+def test_plumber_worker_killed_mid_request_is_restarted(plumber):
+    with cf.ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(get, plumber.port, "/slow?s=5")
+        pid = None
+        while pid is None:  # the worker not holding the slow request answers whoami
+            other = int(get(plumber.port, "/whoami").json()["pid"][0])
+            pids = set(plumber.worker_pids().values())
+            pid = next(iter(pids - {other}), None)
+        os.kill(pid, signal.SIGKILL)
+        assert slow.result().status == 502
+    plumber.wait_for(r"ready: pid \d+", count=3, timeout=60)
+    assert {get(plumber.port, "/whoami").status for _ in range(6)} == {200}
+
+
+def test_directory_app_with_entrypoint_runs_in_its_own_directory(corral):
+    c = corral([str(HERE / "apps" / "entry")], workers=1)
+    assert get(c.port, "/ping").json() == ["pong"]
+    assert get(c.port, "/cwd").json() == {"cwd": ["entry"]}
+
+
+def test_app_that_cannot_start_exits_nonzero_showing_the_r_error():
+    port = free_ports(4)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "corral",
+            "run",
+            "-p",
+            str(port),
+            "-w",
+            "2",
+            str(HERE / "apps" / "broken" / "plumber.R"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0
+    assert "cannot start" in r.stderr
+    assert "unexpected" in r.stderr.lower() or "error" in r.stderr.lower()
