@@ -86,8 +86,11 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/sleep":
             time.sleep(float(q.get("s", "1")))
         if path == "/health":
-            if os.path.exists(os.environ.get("STUB_SICK", "/nonexistent")):
-                time.sleep(float(os.environ.get("STUB_SICK_DELAY", "0")))
+            # $STUB_SICK_DIR/<pid> makes this one worker sick; its content is a delay in seconds
+            sick = os.path.join(os.environ.get("STUB_SICK_DIR", "/nonexistent"), str(os.getpid()))
+            if os.path.exists(sick):
+                with open(sick) as f:
+                    time.sleep(float(f.read().strip() or 0))
                 self._json({"ok": False}, 500)
                 return
             self._json({"ok": True})
@@ -132,6 +135,10 @@ class Handler(BaseHTTPRequestHandler):
 
 
 def main() -> None:
+    fail = os.environ.get("STUB_FAIL_START")
+    if fail and os.path.exists(fail):
+        print("stub worker: cannot start: missing package 'imaginary'", flush=True)
+        sys.exit(1)
     port = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ["PORT"])
     HTTPServer.allow_reuse_address = True
     srv = HTTPServer(("127.0.0.1", port), Handler)

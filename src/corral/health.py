@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from .pool import Pool
 
 
+REFUSED = "connection refused"  # nothing listens there: certain, unlike a timeout
+
+
 async def probe(host: str, port: int, path: str | None, timeout: float) -> tuple[bool, str]:
     """GET the health path (any HTTP answer on / when there is none). True when it passes."""
     writer = None
@@ -36,6 +39,8 @@ async def probe(host: str, port: int, path: str | None, timeout: float) -> tuple
             line = await reader.readline()
     except TimeoutError:
         return False, f"no answer within {timeout:g}s"
+    except ConnectionRefusedError:
+        return False, REFUSED
     except OSError as exc:
         return False, exc.strerror or str(exc)
     finally:
@@ -57,6 +62,15 @@ class HealthChecker:
         self.app = app
         self.pool = pool
         self.stopping = False
+        mark = pool.on_unreachable
+
+        def unreachable(worker: Worker, why: str) -> None:
+            was = worker.state
+            mark(worker, why)
+            if worker.external and was is State.READY and worker.state is not State.READY:
+                event(worker, worker.state.value, f"{worker.address} {why}; out of rotation until a probe answers")
+
+        pool.on_unreachable = unreachable
 
     async def run(self) -> None:
         while not self.stopping:
@@ -64,6 +78,7 @@ class HealthChecker:
             for worker in list(self.pool.workers):
                 if self._due(worker, now):
                     worker.probing = True
+                    worker.probe_started = now
                     asyncio.get_running_loop().create_task(self._check(worker))
             await asyncio.sleep(self._tick())
 
@@ -80,11 +95,15 @@ class HealthChecker:
         return worker.state is State.READY and worker.inflight == 0 and since >= self.app.health_interval
 
     async def _check(self, worker: Worker) -> None:
+        # A server that serves one connection at a time would never see a probe behind our idle
+        # keep-alive connection: hand that connection back first.
+        self.pool.close_idle(worker)
         try:
             ok, detail = await probe(worker.host, worker.port, self.app.health_path, self.app.health_timeout)
         finally:
             preempted = not worker.probing
             worker.probing = False
+            self.pool.pump()  # a request may have queued rather than wait on this worker
         worker.last_used = time.monotonic()
         if preempted and not ok:
             return  # a real request took the worker mid-probe; that request is the better probe
@@ -104,6 +123,12 @@ class HealthChecker:
                 pool.set_state(worker, State.STOPPED)  # not there (yet): keep looking, quietly
             return
         worker.probe_fails += 1
+        if worker.external and detail == REFUSED:
+            # An upstream whose port refuses has gone away: out at once, probes bring it back.
+            worker.stop_reason = f"{worker.address} {detail}"
+            pool.set_state(worker, State.UNHEALTHY)
+            event(worker, "unhealthy", f"{worker.stop_reason}; out of rotation until a probe answers")
+            return
         if worker.probe_fails >= self.app.health_fails:
             worker.stop_reason = f"{worker.probe_fails} failed probes while idle (last: {detail})"
             pool.set_state(worker, State.UNHEALTHY)

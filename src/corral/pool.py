@@ -84,12 +84,15 @@ class Pool:
             self.pump()
 
     def _preempt_probe(self) -> bool:
-        # A probe must never delay a real request: give up the probe, let the request be the probe.
-        for w in self.scheduler.workers:
-            if w.probing and w.state is State.READY and w.inflight < w.max_inflight:
-                w.probing = False
-                return True
-        return False
+        # A probe must never delay a real request: give up a probe and let the request be the probe.
+        # The most recent probe is the likeliest to be quick; an old one may be stuck on a sick worker.
+        probing = [
+            w for w in self.scheduler.workers if w.probing and w.state is State.READY and w.inflight < w.max_inflight
+        ]
+        if not probing:
+            return False
+        max(probing, key=lambda w: w.probe_started).probing = False
+        return True
 
     def pump(self) -> None:
         for ex, worker in self.scheduler.pump(time.monotonic()):
@@ -169,8 +172,9 @@ class Pool:
             for ex in [e for e in self.inflight if e.dispatched_at <= limit and e.worker is not None]:
                 worker = ex.worker
                 assert worker is not None
-                ex.request_timed_out()
+                # Out of rotation first, so the freed slot is not handed straight back to it.
                 self.on_hung(worker, f"request exceeded request_timeout ({self.request_timeout:g}s)")
+                ex.request_timed_out()
 
     def queue_full(self) -> QueueFull:
         return QueueFull(self.scheduler.retry_after())

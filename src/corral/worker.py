@@ -43,6 +43,7 @@ class Worker:
         "max_requests",
         "port",
         "probe_fails",
+        "probe_started",
         "probing",
         "proc",
         "ready_at",
@@ -82,6 +83,7 @@ class Worker:
         self.backoff_until = 0.0
         self.probe_fails = 0
         self.probing = False
+        self.probe_started = 0.0
         self.retire_reason: str | None = None  # set when the supervisor wants it replaced
         self.stop_reason: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
@@ -96,7 +98,8 @@ class Worker:
 
     @property
     def has_room(self) -> bool:
-        return self.state is State.READY and self.inflight < self.max_inflight
+        # A worker under probe is passed over while another has room (pool._preempt_probe otherwise).
+        return self.state is State.READY and self.inflight < self.max_inflight and not self.probing
 
     @property
     def pid(self) -> int | None:
