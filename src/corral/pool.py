@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from .proxy import Exchange
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before taking its worker
 
 
 class Pool:
@@ -46,6 +47,7 @@ class Pool:
         self.served = 0
         self.failed = 0
         self.retried = 0
+        self._preempt_timer: asyncio.TimerHandle | None = None
 
     # --- worker membership (supervisor, discovery and health call these) ---------------------
     def add(self, worker: Worker) -> None:
@@ -80,19 +82,18 @@ class Pool:
         worker = self.scheduler.submit(ex, time.monotonic())
         if worker is not None:
             self.connect(ex, worker)
-        elif self._preempt_probe():
-            self.pump()
+        elif self._preempt_timer is None and any(w.probing for w in self.scheduler.workers):
+            self._preempt_timer = self.loop.call_later(PROBE_GRACE, self._preempt_probe)
 
-    def _preempt_probe(self) -> bool:
-        # A probe must never delay a real request: give up a probe and let the request be the probe.
-        # The most recent probe is the likeliest to be quick; an old one may be stuck on a sick worker.
-        probing = [
-            w for w in self.scheduler.workers if w.probing and w.state is State.READY and w.inflight < w.max_inflight
-        ]
-        if not probing:
-            return False
-        max(probing, key=lambda w: w.probe_started).probing = False
-        return True
+    def _preempt_probe(self) -> None:
+        # A probe must never delay a real request for long: a healthy worker answers one in about a
+        # millisecond (the queue is pumped when it does); past the grace, the request takes the worker
+        # and is the probe. The most recent probe is the likeliest to be quick.
+        self._preempt_timer = None
+        probing = [w for w in self.scheduler.workers if w.probing and w.routable and w.inflight < w.max_inflight]
+        if probing and self.scheduler.depth:
+            max(probing, key=lambda w: w.probe_started).probing = False
+            self.pump()
 
     def pump(self) -> None:
         for ex, worker in self.scheduler.pump(time.monotonic()):

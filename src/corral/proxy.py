@@ -333,6 +333,7 @@ class Exchange:
         "created",
         "dispatched_at",
         "head",
+        "out_head",
         "pool",
         "prefix",
         "queued_at",
@@ -366,6 +367,7 @@ class Exchange:
         self.body_buffered = 0
         self.request_done = False
         self.response_started = False
+        self.out_head = b""
         self.response_length: int | None = None
         self.chunked_out = False
         self.client_gone = False
@@ -407,17 +409,27 @@ class Exchange:
         if length is None and not self.chunked_out:
             close = True  # HTTP/1.0 client: the body ends when we close
             client.closing = True
-        if not self.client_gone:
-            client.write_raw(edge.response_head(status, headers, length, self.request_id, self.chunked_out, close))
+        # Held until the first body bytes: one write (one syscall) instead of two for small responses,
+        # and a worker that dies before its body can still be answered with a clean 502.
+        self.out_head = edge.response_head(status, headers, length, self.request_id, self.chunked_out, close)
 
     def on_response_body(self, data: bytes) -> None:
         self.bytes_out += len(data)
+        if self.chunked_out:
+            data = edge.chunk(data)
+        if self.out_head:
+            data = self.out_head + data
+            self.out_head = b""
         if not self.client_gone:
-            self.client.write_raw(edge.chunk(data) if self.chunked_out else data)
+            self.client.write_raw(data)
 
     def on_response_end(self, conn: UpstreamConnection, reusable: bool) -> None:
-        if self.chunked_out and not self.client_gone:
-            self.client.write_raw(edge.LAST_CHUNK)
+        tail = edge.LAST_CHUNK if self.chunked_out else b""
+        if self.out_head:
+            tail = self.out_head + tail
+            self.out_head = b""
+        if tail and not self.client_gone:
+            self.client.write_raw(tail)
         self._finish(conn, reusable and self.request_done)
 
     def _finish(self, conn: UpstreamConnection | None, reusable: bool) -> None:
@@ -443,7 +455,11 @@ class Exchange:
             worker.failed += 1
         if self.pool is not None:
             self.pool.failed += 1
-        if self.response_started:
+            if worker is not None and worker.external:
+                # An upstream that drops a request may be dying, its kernel still accepting for a
+                # moment: out of rotation until a probe answers, so the queue does not follow it.
+                self.pool.on_unreachable(worker, why)
+        if self.response_started and not self.out_head:
             self.status = self.status or 502
             if self.pool is not None:
                 self.pool.release(self, conn, False)
@@ -459,6 +475,7 @@ class Exchange:
     def respond_error(self, status: int, message: str, retry_after: int | None = None, json: bool = False) -> None:
         self.status = status
         self.closed = True
+        self.out_head = b""
         close = not self.request_done or not self.head.keep_alive
         if close:
             self.client.closing = True
@@ -482,7 +499,7 @@ class Exchange:
             if self.worker is not None:
                 self.worker.failed += 1
             self.pool.release(self, conn, False)
-        if self.response_started:
+        if self.response_started and not self.out_head:
             self.status = 504
             self.client.close()
             self.closed = True
