@@ -83,7 +83,7 @@ class Handler(BaseHTTPRequestHandler):
             os._exit(3)
         if path == "/hang":
             time.sleep(3600)
-        if path == "/sleep":
+        if path.startswith("/sleep"):  # /sleep, /sleep-long, ...: distinct routes, same behaviour
             time.sleep(float(q.get("s", "1")))
         if path == "/health":
             # $STUB_SICK_DIR/<pid> makes this one worker sick; its content is a delay in seconds
@@ -141,7 +141,7 @@ def main() -> None:
         sys.exit(1)
     port = int(sys.argv[1]) if len(sys.argv) > 1 else int(os.environ["PORT"])
     HTTPServer.allow_reuse_address = True
-    srv = HTTPServer(("127.0.0.1", port), Handler)
+    srv = HTTPServer((os.environ.get("CORRAL_WORKER_HOST", "127.0.0.1"), port), Handler)  # corral's worker_host
     print(f"stub worker {INDEX} listening on {port}", flush=True)
     srv.serve_forever()
 

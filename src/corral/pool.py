@@ -17,6 +17,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import edge
+from .config import effective_workers
+from .costs import RouteCosts, route_key
 from .scheduler import DISPATCHED, QueueFull, Scheduler
 from .worker import State, Worker
 
@@ -35,7 +37,13 @@ class Pool:
         self.app = app
         self.name = app.name
         self.loop = loop
-        self.scheduler = Scheduler(app.max_queue, app.queue_timeout)
+        self.cost_aware = app.dispatch == "cost"
+        reserve = app.reserve if app.reserve is not None else (1 if effective_workers(app) >= 2 else 0)
+        self.scheduler = Scheduler(
+            app.max_queue, app.queue_timeout, reserve=reserve, long_bias=app.long_bias, cost_aware=self.cost_aware
+        )
+        self.costs = RouteCosts(app.long_threshold, app.long_routes, app.short_routes)
+        self._route_keys: dict[tuple[bytes, bytes], str] = {}
         self.workers: list[Worker] = []  # every known worker, routable or not (status, admin)
         self.inflight: set[Exchange] = set()
         self.route = app.route
@@ -79,6 +87,9 @@ class Pool:
     # --- requests -------------------------------------------------------------------------
     def submit(self, ex: Exchange) -> None:
         """Dispatch now, queue, or raise QueueFull (the caller answers 503)."""
+        ex.route = self.route_of(ex.head.method, ex.head.target)
+        if self.cost_aware:
+            ex.cls, ex.cost = self.costs.classify(ex.route)
         worker = self.scheduler.submit(ex, time.monotonic())
         if worker is not None:
             self.connect(ex, worker)
@@ -94,6 +105,15 @@ class Pool:
         if probing and self.scheduler.depth:
             max(probing, key=lambda w: w.probe_started).probing = False
             self.pump()
+
+    def route_of(self, method: bytes, target: bytes) -> str:
+        cache = self._route_keys
+        key = cache.get((method, target))
+        if key is None:
+            if len(cache) > 4096:
+                cache.clear()
+            key = cache[(method, target)] = route_key(method, target)
+        return key
 
     def pump(self) -> None:
         for ex, worker in self.scheduler.pump(time.monotonic()):
@@ -132,7 +152,7 @@ class Pool:
     def _unreached(self, ex: Exchange, worker: Worker, why: str) -> None:
         # Nothing reached the worker, so the request may go elsewhere: first in line, not last.
         self.inflight.discard(ex)
-        self.scheduler.release(worker, time.monotonic())
+        self.scheduler.release(worker, time.monotonic(), cls=ex.cls)
         ex.worker = None
         self.on_unreachable(worker, why)
         if ex.client_gone:
@@ -156,7 +176,9 @@ class Pool:
         now = time.monotonic()
         self.inflight.discard(ex)
         service = now - ex.dispatched_at
-        self.scheduler.release(worker, now, service)
+        self.scheduler.release(worker, now, service, ex.cls)
+        if ex.status:
+            self.costs.observe(ex.route, service)
         if conn is not None:
             conn.exchange = None
             if reusable and worker.state in (State.READY, State.DRAINING) and not conn.closed:

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import edge
+from .costs import SHORT
 from .scheduler import QUEUED, QueueFull
 
 if TYPE_CHECKING:
@@ -243,7 +244,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             pool.submit(ex)
         except QueueFull as full:
-            ex.respond_error(503, "all workers busy and the queue is full", retry_after=full.retry_after)
+            ex.respond_error(503, full.reason, retry_after=full.retry_after)
 
     def exchange_done(self, ex: Exchange) -> None:
         """The response is fully written; move on to the next pipelined request, if any."""
@@ -272,8 +273,10 @@ class ClientConnection(asyncio.Protocol):
             if self.current is not None and self.current.response_started:
                 self.close()
                 return
-            self.current = None
+            cur, self.current = self.current, None
             self.write_raw(edge.error_response(status, reason, close=True))
+            if cur is not None:
+                cur.client_left()  # a worker holding half of this request must not wait for the rest
             self._abandon()
             self.close()
         # else: the response owed to earlier requests goes out first; close follows exchange_done
@@ -330,6 +333,8 @@ class Exchange:
         "client",
         "client_gone",
         "closed",
+        "cls",
+        "cost",
         "created",
         "dispatched_at",
         "head",
@@ -341,6 +346,7 @@ class Exchange:
         "request_id",
         "response_length",
         "response_started",
+        "route",
         "sched_state",
         "served_by",
         "status",
@@ -363,6 +369,9 @@ class Exchange:
         self.dispatched_at = 0.0
         self.body_last = now
         self.sched_state = 0
+        self.cls = SHORT
+        self.cost = 0.0
+        self.route = ""
         self.body_buf: list[bytes] = []
         self.body_buffered = 0
         self.request_done = False

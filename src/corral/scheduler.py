@@ -1,8 +1,18 @@
 """The central queue: which request goes to which worker, and when. Pure logic, no sockets, no clock.
 
 One scheduler per app. A worker never holds more than its `max_inflight`; everything beyond waits
-in ONE FIFO queue and goes to the first worker that frees up (HAProxy's `maxconn` + queue model,
-not nginx's per-worker backlog). Callers pass `now`, so every decision is reproducible in tests.
+at the proxy and goes to the first worker that frees up (HAProxy's `maxconn` + queue model, not
+nginx's per-worker backlog). Callers pass `now`, so every decision is reproducible in tests.
+
+Cost-aware dispatch (the default; `dispatch = "fifo"` turns it off) adds three rules, using each
+request's class and predicted cost from costs.py:
+  * long requests may hold at most `capacity - reserve` slots, so `reserve` workers stay free for
+    short ones; the reserve is soft: it is released when no short request was seen for RESERVE_IDLE
+    seconds, so a long-only load loses no capacity;
+  * in the queue, short requests go ahead of long ones, but a long request's place is its arrival
+    time plus `long_bias` seconds (ageing), so no long request starves;
+  * a request whose predicted wait already exceeds the queue timeout is refused at once (admission
+    control) with a Retry-After computed from the prediction.
 """
 
 from __future__ import annotations
@@ -11,9 +21,11 @@ import math
 from collections import deque
 from typing import Protocol
 
+from .costs import LONG, SHORT
 from .worker import Worker
 
 QUEUED, DISPATCHED, CANCELLED, EXPIRED = 1, 2, 3, 4
+RESERVE_IDLE = 5.0  # seconds without a short request after which the reserve is lent to long ones
 
 
 class Job(Protocol):
@@ -21,37 +33,42 @@ class Job(Protocol):
 
     queued_at: float
     sched_state: int
+    cls: int  # costs.SHORT or costs.LONG
+    cost: float  # predicted service seconds (0 when unknown)
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int) -> None:
-        super().__init__("queue full")
+    def __init__(self, retry_after: int, reason: str = "queue full") -> None:
+        super().__init__(reason)
         self.retry_after = retry_after
+        self.reason = reason
 
 
 class Scheduler:
-    __slots__ = (
-        "depth",
-        "dispatched",
-        "max_queue",
-        "queue",
-        "queue_timeout",
-        "rejected",
-        "service_ewma",
-        "timed_out",
-        "workers",
-    )
-
-    def __init__(self, max_queue: int, queue_timeout: float) -> None:
+    def __init__(
+        self,
+        max_queue: int,
+        queue_timeout: float,
+        reserve: int = 0,
+        long_bias: float = 5.0,
+        cost_aware: bool = False,
+    ) -> None:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
+        self.reserve = reserve
+        self.long_bias = long_bias
+        self.cost_aware = cost_aware
         self.workers: list[Worker] = []
-        self.queue: deque[Job] = deque()  # may hold cancelled jobs; `depth` counts the live ones
+        # Per class FIFO; may hold cancelled jobs (dropped lazily). `depth` counts the live ones.
+        self.queues: tuple[deque[Job], deque[Job]] = (deque(), deque())
         self.depth = 0
+        self.long_inflight = 0
+        self.last_short = -math.inf
         self.rejected = 0
         self.timed_out = 0
+        self.refused_early = 0  # admission control
         self.dispatched = 0
-        self.service_ewma = 0.05  # seconds; only used to word Retry-After
+        self.service_ewma = 0.05  # seconds; words Retry-After when nothing better is known
 
     # --- workers ------------------------------------------------------------------------
     def add_worker(self, worker: Worker) -> None:
@@ -77,31 +94,52 @@ class Scheduler:
     def capacity(self) -> int:
         return sum(w.max_inflight for w in self.workers if w.routable)
 
+    def long_limit(self, now: float) -> int:
+        """Slots long requests may hold: all but the reserve, while short requests are around."""
+        cap = self.capacity()
+        if not self.cost_aware or now - self.last_short > RESERVE_IDLE:
+            return cap
+        return max(1, cap - self.reserve)
+
+    def _place(self, job: Job, now: float) -> Worker | None:
+        if job.cls == LONG and self.long_inflight >= self.long_limit(now):
+            return None
+        return self.pick()
+
     # --- requests -----------------------------------------------------------------------
     def submit(self, job: Job, now: float) -> Worker | None:
         """Assign a worker at once, or queue the job (returns None), or raise QueueFull."""
-        if not self.depth:
-            worker = self.pick()
+        job.queued_at = now
+        short_q, long_q = self.queues
+        if job.cls == SHORT:
+            self.last_short = now
+        ahead = short_q if job.cls == SHORT else long_q
+        if not self._live(ahead) and (job.cls == SHORT or not self._live(short_q)):
+            worker = self._place(job, now)
             if worker is not None:
                 self._assign(job, worker, now)
                 return worker
         if self.depth >= self.max_queue:
             self.rejected += 1
-            raise QueueFull(self.retry_after())
-        job.queued_at = now
+            raise QueueFull(self.retry_after(), "all workers busy and the queue is full")
+        if self.cost_aware:
+            wait = self.predicted_wait(job, now)
+            if wait > self.queue_timeout:
+                self.refused_early += 1
+                raise QueueFull(max(1, math.ceil(wait)), "predicted wait exceeds the queue timeout")
         job.sched_state = QUEUED
-        self.queue.append(job)
+        ahead.append(job)
         self.depth += 1
         return None
 
     def requeue_front(self, job: Job, now: float) -> Worker | None:
         """A job whose worker could not be reached goes first in line, not last."""
-        worker = self.pick()
+        worker = self._place(job, now)
         if worker is not None:
             self._assign(job, worker, now)
             return worker
         job.sched_state = QUEUED
-        self.queue.appendleft(job)
+        self.queues[job.cls].appendleft(job)
         self.depth += 1
         return None
 
@@ -109,30 +147,48 @@ class Scheduler:
         job.sched_state = DISPATCHED
         worker.inflight += 1
         worker.last_used = now
+        worker.busy_until = max(worker.busy_until, now) + job.cost
+        if job.cls == LONG:
+            self.long_inflight += 1
         self.dispatched += 1
 
-    def release(self, worker: Worker, now: float, service_time: float | None = None) -> None:
+    def release(self, worker: Worker, now: float, service_time: float | None = None, cls: int = SHORT) -> None:
         worker.inflight -= 1
         worker.last_used = now
+        if worker.inflight == 0:
+            worker.busy_until = now
+        if cls == LONG:
+            self.long_inflight -= 1
         if service_time is not None:
             self.service_ewma += 0.1 * (service_time - self.service_ewma)
 
     def pump(self, now: float) -> list[tuple[Job, Worker]]:
-        """Hand queued jobs to workers with room, oldest first."""
+        """Hand queued jobs to workers with room: by place (arrival, plus long_bias for long jobs)."""
         out: list[tuple[Job, Worker]] = []
-        queue = self.queue
         while self.depth:
-            worker = self.pick()
-            if worker is None:
+            placed = False
+            for job in self._heads():
+                worker = self._place(job, now)
+                if worker is not None:
+                    self.queues[job.cls].popleft()
+                    self.depth -= 1
+                    self._assign(job, worker, now)
+                    out.append((job, worker))
+                    placed = True
+                    break
+            if not placed:
                 break
-            job = queue.popleft()
-            if job.sched_state != QUEUED:
-                continue
-            self.depth -= 1
-            self._assign(job, worker, now)
-            out.append((job, worker))
-        self._trim()
         return out
+
+    def _heads(self) -> list[Job]:
+        heads = []
+        for q in self.queues:
+            self._trim(q)
+            if q:
+                heads.append(q[0])
+        if len(heads) == 2 and heads[1].queued_at + self.long_bias < heads[0].queued_at:
+            heads.reverse()  # the long job has waited long enough to go first
+        return heads
 
     def cancel(self, job: Job) -> None:
         """The client left while queued: the job is dropped lazily, in O(1)."""
@@ -141,27 +197,48 @@ class Scheduler:
             self.depth -= 1
 
     def expire(self, now: float) -> list[Job]:
-        """Jobs that waited longer than queue_timeout, oldest first (FIFO order is deadline order)."""
+        """Jobs that waited longer than queue_timeout (per class, FIFO order is deadline order)."""
         out: list[Job] = []
-        queue = self.queue
         limit = now - self.queue_timeout
-        while queue and (queue[0].sched_state != QUEUED or queue[0].queued_at <= limit):
-            job = queue.popleft()
-            if job.sched_state == QUEUED:
-                job.sched_state = EXPIRED
-                self.depth -= 1
-                self.timed_out += 1
-                out.append(job)
+        for q in self.queues:
+            while q and (q[0].sched_state != QUEUED or q[0].queued_at <= limit):
+                job = q.popleft()
+                if job.sched_state == QUEUED:
+                    job.sched_state = EXPIRED
+                    self.depth -= 1
+                    self.timed_out += 1
+                    out.append(job)
         return out
 
-    def _trim(self) -> None:
-        queue = self.queue
-        while queue and queue[0].sched_state != QUEUED:
-            queue.popleft()
+    @staticmethod
+    def _trim(q: deque[Job]) -> None:
+        while q and q[0].sched_state != QUEUED:
+            q.popleft()
+
+    def _live(self, q: deque[Job]) -> bool:
+        self._trim(q)
+        return bool(q)
 
     def oldest_wait(self, now: float) -> float:
-        self._trim()
-        return now - self.queue[0].queued_at if self.queue else 0.0
+        waits = [now - q[0].queued_at for q in self.queues if self._live(q)]
+        return max(waits, default=0.0)
+
+    # --- predictions --------------------------------------------------------------------
+    def predicted_wait(self, job: Job, now: float) -> float:
+        """Seconds until `job` would start: the known work ahead of it spread over the slots it may use."""
+        if job.cls == LONG:
+            slots = self.long_limit(now)
+            ahead = [*self.queues[SHORT], *self.queues[LONG]]
+        else:
+            slots = self.capacity()
+            ahead = list(self.queues[SHORT])
+        if slots <= 0:
+            return math.inf
+        queued = sum(j.cost for j in ahead if j.sched_state == QUEUED)
+        busy = sorted(max(0.0, w.busy_until - now) for w in self.workers if w.routable)
+        # the job starts when the slots free up after the work ahead: approximate as fluid
+        running = sum(busy[:slots]) if busy else 0.0
+        return (queued + running) / slots
 
     def retry_after(self) -> int:
         """Seconds until a retried request would likely be served: the queue's drain time."""

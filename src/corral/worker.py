@@ -28,6 +28,7 @@ class Worker:
         "app",
         "backoff_until",
         "born",
+        "busy_until",
         "conns",
         "draining_since",
         "external",
@@ -77,6 +78,7 @@ class Worker:
         self.failed = 0
         self.max_requests: int | None = None
         self.last_used = 0.0
+        self.busy_until = 0.0  # predicted time its current requests end (scheduler's estimate)
         self.born = time.monotonic()
         self.ready_at: float | None = None
         self.draining_since: float | None = None

@@ -1,0 +1,228 @@
+"""The scheduler and the route-cost learner, without sockets or sleeps: time is an argument."""
+
+from __future__ import annotations
+
+import pytest
+
+from corral.costs import LONG, MAX_ROUTES, SHORT, RouteCosts, route_key
+from corral.scheduler import CANCELLED, DISPATCHED, EXPIRED, QUEUED, QueueFull, Scheduler
+from corral.worker import State, Worker
+
+
+class J:
+    def __init__(self, name: str, cls: int = SHORT, cost: float = 0.0) -> None:
+        self.name = name
+        self.cls = cls
+        self.cost = cost
+        self.queued_at = 0.0
+        self.sched_state = 0
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+def fleet(n: int, max_inflight: int = 1) -> list[Worker]:
+    ws = []
+    for i in range(n):
+        w = Worker("t", i, "127.0.0.1", 9000 + i, max_inflight)
+        w.state = State.READY
+        ws.append(w)
+    return ws
+
+
+def sched(n: int, **kw) -> tuple[Scheduler, list[Worker]]:
+    s = Scheduler(kw.pop("max_queue", 100), kw.pop("queue_timeout", 30.0), **kw)
+    ws = fleet(n, kw.pop("max_inflight", 1) if "max_inflight" in kw else 1)
+    for w in ws:
+        s.add_worker(w)
+    return s, ws
+
+
+# --- FIFO core ----------------------------------------------------------------------------------
+def test_one_per_worker_then_central_fifo():
+    s, ws = sched(2)
+    a, b, c, d = J("a"), J("b"), J("c"), J("d")
+    assert s.submit(a, 0) is ws[0]
+    assert s.submit(b, 0) is ws[1]
+    assert s.submit(c, 1) is None and s.submit(d, 2) is None
+    assert s.depth == 2
+    s.release(ws[1], 3)
+    assert s.pump(3) == [(c, ws[1])]  # first queued goes to the first worker that frees up
+    s.release(ws[0], 4)
+    assert s.pump(4) == [(d, ws[0])]
+    assert s.depth == 0 and all(w.inflight == 1 for w in ws)
+
+
+def test_max_inflight_is_never_exceeded_and_least_loaded_wins():
+    s = Scheduler(100, 30)
+    ws = fleet(2, max_inflight=2)
+    for w in ws:
+        s.add_worker(w)
+    got = [s.submit(J(str(i)), i) for i in range(5)]
+    assert got[:4] == [ws[0], ws[1], ws[0], ws[1]] and got[4] is None
+    assert max(w.inflight for w in ws) == 2
+
+
+def test_queue_full_raises_with_retry_after():
+    s, _ws = sched(1, max_queue=1)
+    s.submit(J("busy"), 0)
+    s.submit(J("waits"), 0)
+    with pytest.raises(QueueFull) as exc:
+        s.submit(J("refused"), 0)
+    assert exc.value.retry_after >= 1 and s.rejected == 1
+
+
+def test_expire_and_cancel():
+    s, ws = sched(1, queue_timeout=5)
+    s.submit(J("busy"), 0)
+    gone, old, young = J("gone"), J("old"), J("young")
+    s.submit(gone, 0)
+    s.submit(old, 1)
+    s.submit(young, 4)
+    s.cancel(gone)
+    assert gone.sched_state == CANCELLED and s.depth == 2
+    assert s.expire(6.5) == [old] and old.sched_state == EXPIRED
+    assert s.timed_out == 1 and young.sched_state == QUEUED
+    s.release(ws[0], 7)
+    assert s.pump(7) == [(young, ws[0])]  # the cancelled one never reached a worker
+
+
+def test_requeue_front_goes_first():
+    s, ws = sched(1)
+    s.submit(J("busy"), 0)
+    first, retried = J("first"), J("retried")
+    s.submit(first, 1)
+    s.release(ws[0], 2)
+    assert s.requeue_front(retried, 2) is ws[0]  # a free worker: straight there
+    s.release(ws[0], 3)
+    ws[0].state = State.UNHEALTHY
+    again = J("again")
+    assert s.requeue_front(again, 3) is None
+    ws[0].state = State.READY
+    assert [j for j, _ in s.pump(4)] == [again]
+
+
+def test_unroutable_and_probing_workers_are_passed_over():
+    s, ws = sched(3)
+    ws[0].state = State.DRAINING
+    ws[1].probing = True
+    assert s.submit(J("a"), 0) is ws[2]
+    assert s.submit(J("b"), 0) is None
+
+
+# --- cost-aware dispatch ------------------------------------------------------------------------
+def test_long_requests_leave_the_reserve_to_short_ones():
+    s, _ws = sched(4, reserve=1, cost_aware=True)
+    s.submit(J("s0", SHORT, 0.005), 0.0)  # short traffic is around
+    s.release(s.workers[0], 0.005)
+    longs = [J(f"L{i}", LONG, 2.0) for i in range(4)]
+    placed = [s.submit(j, 0.0) for j in longs]
+    assert placed[3] is None and all(placed[:3])  # the 4th long waits: one worker is reserved
+    short = J("s", SHORT, 0.005)
+    assert s.submit(short, 0.1) is not None  # served at once on the reserve
+
+
+def test_short_requests_go_ahead_of_queued_long_ones():
+    s, ws = sched(2, reserve=0, cost_aware=True)
+    s.submit(J("L0", LONG, 2), 0)
+    s.submit(J("L1", LONG, 2), 0)
+    waiting_long = J("L2", LONG, 2)
+    s.submit(waiting_long, 0.5)
+    short = J("s", SHORT, 0.01)
+    s.submit(short, 1.0)
+    s.release(ws[0], 2.0, cls=LONG)
+    assert [j for j, _ in s.pump(2.0)] == [short]
+
+
+def test_ageing_lets_a_long_request_pass_short_ones_eventually():
+    s, ws = sched(1, reserve=0, cost_aware=True, long_bias=3.0)
+    s.submit(J("busy", SHORT, 0.01), 0)
+    old_long = J("L", LONG, 2)
+    s.submit(old_long, 0.0)
+    s.submit(J("s1", SHORT, 0.01), 1.0)  # arrived within the bias: goes first
+    s.release(ws[0], 1.1)
+    assert [j.name for j, _ in s.pump(1.1)] == ["s1"]
+    s.submit(J("s2", SHORT, 0.01), 4.0)  # arrived after L's place (0 + 3): L goes first
+    s.release(ws[0], 4.1)
+    assert [j for j, _ in s.pump(4.1)] == [old_long]
+
+
+def test_no_starvation_under_a_stream_of_short_requests():
+    s, ws = sched(2, reserve=1, cost_aware=True, long_bias=1.0)
+    long_job = J("L", LONG, 2)
+    t = 0.0
+    s.submit(J("s-first", SHORT, 0.1), t)
+    s.submit(J("s-second", SHORT, 0.1), t)
+    s.submit(long_job, t)
+    for step in range(100):  # a short arrives and one finishes every 0.1 s
+        t += 0.1
+        s.submit(J(f"s{step}", SHORT, 0.1), t)
+        busy = next(w for w in ws if w.inflight)
+        s.release(busy, t)
+        s.pump(t)
+        if long_job.sched_state == DISPATCHED:
+            break
+    assert long_job.sched_state == DISPATCHED and t <= 1.5
+
+
+def test_reserve_is_lent_out_when_no_short_requests_come():
+    s, ws = sched(2, reserve=1, cost_aware=True)
+    s.submit(J("s", SHORT, 0.01), 0.0)
+    s.release(ws[0], 0.01)
+    assert s.submit(J("L0", LONG, 2), 1.0) is not None
+    assert s.submit(J("L1", LONG, 2), 1.0) is None  # shorts were seen lately: the reserve holds
+    assert s.pump(10.0)  # long after the last short: the reserve is lent
+    assert sum(w.inflight for w in ws) == 2
+
+
+def test_fifo_policy_ignores_classes():
+    s, _ws = sched(2, reserve=1, cost_aware=False)
+    assert s.submit(J("L0", LONG, 2), 0) and s.submit(J("L1", LONG, 2), 0)
+
+
+def test_admission_control_refuses_at_once_with_a_predicted_retry_after():
+    s, _ws = sched(2, reserve=0, cost_aware=True, queue_timeout=3.0)
+    for i in range(2):
+        s.submit(J(f"run{i}", LONG, 2.0), 0.0)
+    for i in range(2):
+        s.submit(J(f"q{i}", LONG, 2.0), 0.0)  # predicted start: 2 s, within the timeout
+    with pytest.raises(QueueFull) as exc:
+        s.submit(J("late", LONG, 2.0), 0.0)  # (2 + 2) running + (2 + 2) queued over 2 slots = 4 s > 3 s
+    assert exc.value.retry_after == 4 and s.refused_early == 1
+
+
+# --- the learner --------------------------------------------------------------------------------
+def test_route_keys_collapse_ids():
+    assert route_key(b"GET", b"/users/42/orders?x=1") == "GET /users/:id/orders"
+    assert route_key(b"GET", b"/item/3f2a9c1e-0b1d-4c3e-9f00-1a2b3c4d5e6f") == "GET /item/:id"
+    assert route_key(b"POST", b"/fit") == "POST /fit"
+    assert route_key(b"GET", b"/") == "GET /"
+
+
+def test_learner_classifies_and_relearns():
+    c = RouteCosts(long_threshold=0.5)
+    for _ in range(3):
+        c.observe("GET /fit", 2.0)
+        c.observe("GET /fast", 0.003)
+    assert c.classify("GET /fit")[0] == LONG and c.classify("GET /fast")[0] == SHORT
+    assert c.classify("GET /new") == (SHORT, 0.0)  # unknown: short, no cost yet
+    for _ in range(20):
+        c.observe("GET /fit", 0.01)  # it got fast: re-learned
+    assert c.classify("GET /fit")[0] == SHORT
+    row = next(r for r in c.table() if r["route"] == "GET /fast")
+    assert row["count"] == 3 and row["class"] == "short" and row["p99_s"] == pytest.approx(0.003)
+
+
+def test_learner_memory_is_bounded():
+    c = RouteCosts(0.5)
+    for i in range(MAX_ROUTES * 3):
+        c.observe(f"GET /p{'x' * (i % 7)}/{chr(97 + i % 26)}{i // 26}q", 0.01)
+    assert len(c.routes) <= MAX_ROUTES + 1
+
+
+def test_declared_route_classes_win():
+    c = RouteCosts(0.5, long_routes=["POST /fit*"], short_routes=["/health"])
+    assert c.classify("POST /fit/model")[0] == LONG
+    for _ in range(5):
+        c.observe("GET /health", 3.0)
+    assert c.classify("GET /health")[0] == SHORT
