@@ -9,6 +9,7 @@ HTTP version, Host rules, CONNECT, Expect, and the header rewriting a proxy owes
 
 from __future__ import annotations
 
+import re
 from http import HTTPStatus
 from typing import Protocol
 
@@ -28,17 +29,8 @@ HOP_BY_HOP = frozenset(
         b"proxy-authorization",
     }
 )
-# Headers corral regenerates toward the worker, so the client's copies are dropped.
-_REGENERATED = frozenset(
-    {
-        b"content-length",
-        b"expect",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-forwarded-host",
-        b"forwarded",
-    }
-)
+# Headers corral regenerates toward the worker (framing) or answers itself (Expect).
+_REGENERATED = frozenset({b"content-length", b"expect"})
 
 
 class EdgeError(Exception):
@@ -98,30 +90,65 @@ class RequestHandler(Protocol):
 
 
 class EdgeLimits:
-    __slots__ = ("max_body", "max_header_bytes", "max_headers")
+    """Bounds on one request. Chunk-line and trailer bounds are not knobs: no sane client comes near them."""
 
-    def __init__(self, max_header_bytes: int = 16384, max_headers: int = 100, max_body: int = 100 << 20):
+    __slots__ = ("max_body", "max_chunk_line", "max_header_bytes", "max_headers")
+
+    def __init__(
+        self,
+        max_header_bytes: int = 16384,
+        max_headers: int = 100,
+        max_body: int = 100 << 20,
+        max_chunk_line: int = 4096,
+    ) -> None:
         self.max_header_bytes = max_header_bytes
         self.max_headers = max_headers
         self.max_body = max_body
+        self.max_chunk_line = max_chunk_line  # chunk-size line including extensions and CRLF
+
+
+# Where the reader is in the byte stream: llhttp does not say where a head ends or what a chunk-size
+# line carries, so RequestReader frames the stream itself and hands llhttp exact slices.
+_HEAD, _FIXED, _CHUNKED = 0, 1, 2
+_C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = 0, 1, 2, 3
+_EV_HEAD, _EV_BODY, _EV_END = 0, 1, 2
+_HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
+# RFC 9110 7.2 / RFC 3986 authority: reg-name or IP-literal, optional port.
+_HOST = re.compile(rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?\Z")
 
 
 class RequestReader:
     """Feeds client bytes through llhttp and raises EdgeError on anything RFC 9112 forbids.
 
+    Framing is tracked here too (head end, body length, chunk lines, trailers), which gives exact head
+    sizes, a bound on chunk extensions and trailers (httptools exposes neither), and one more property:
+    handler callbacks for a read are delivered only after the whole read parsed, so a request whose head
+    and malformed body arrive together is refused before any worker sees its head.
     Pipelined requests are parsed as they arrive; the caller decides how many it holds.
     """
 
     __slots__ = (
         "_body_seen",
-        "_chunk",
+        "_cline",
+        "_complete",
         "_conn_tokens",
+        "_cstate",
+        "_dead",
+        "_events",
+        "_hbuf",
         "_head",
-        "_head_buf",
-        "_head_len",
+        "_host_seen",
         "_in_head",
+        "_mark",
+        "_nfields",
         "_parser",
+        "_remaining",
+        "_state",
+        "_tbytes",
+        "_tcount",
         "_te",
+        "_tfirst",
+        "_tline",
         "_url",
         "handler",
         "limits",
@@ -131,15 +158,24 @@ class RequestReader:
         self.handler = handler
         self.limits = limits
         self._parser = httptools.HttpRequestParser(self)
+        self._state = _HEAD
+        self._hbuf = bytearray()  # the head received so far (bounded by max_header_bytes)
         self._in_head = False
-        self._head_buf: list[bytes] = []
-        self._head_len = 0
         self._head: RequestHead | None = None
         self._url = b""
         self._te: bytes | None = None
         self._conn_tokens: list[bytes] = []
+        self._nfields = 0
+        self._host_seen = False
         self._body_seen = 0
-        self._chunk = b""
+        self._complete = False
+        self._remaining = 0
+        self._cstate = _C_SIZE
+        self._cline = bytearray()
+        self._tbytes = self._tcount = self._tline = self._tfirst = 0
+        self._events: list[tuple[int, object]] = []
+        self._mark = 0  # events up to here belong to complete requests
+        self._dead: EdgeError | None = None
 
     @property
     def in_head(self) -> bool:
@@ -147,14 +183,152 @@ class RequestReader:
         return self._in_head
 
     def feed(self, data: bytes) -> None:
-        self._chunk = data
-        if self._in_head:
-            self._head_buf.append(data)
-            self._head_len += len(data)
+        if self._dead is not None:
+            raise self._dead
+        events = self._events = []
+        self._mark = 0
+        try:
+            self._feed(data)
+        except EdgeError as exc:
+            self._dead = exc
+            self._deliver(events[: self._mark])
+            raise
+        self._deliver(events)
+
+    def _deliver(self, events: list[tuple[int, object]]) -> None:
+        handler = self.handler
+        for kind, arg in events:
+            if kind == _EV_BODY:
+                handler.on_request_body(arg)  # type: ignore[arg-type]
+            elif kind == _EV_HEAD:
+                handler.on_request(arg)  # type: ignore[arg-type]
+            else:
+                handler.on_request_end()
+
+    def _feed(self, data: bytes) -> None:
+        view = memoryview(data)
+        pos, n = 0, len(data)
+        while pos < n:
+            state = self._state
+            if state == _HEAD:
+                pos = self._feed_head(data, view, pos)
+            elif state == _FIXED:
+                end = min(n, pos + self._remaining)
+                self._remaining -= end - pos
+                self._parse(view[pos:end])
+                pos = end
+                if not self._remaining:
+                    self._message_done()
+            else:
+                end, done, err = self._scan_chunked(data, pos)
+                if end > pos:
+                    self._parse(view[pos:end])  # llhttp's own verdict on these bytes comes first
+                if err is not None:
+                    raise err
+                pos = end
+                if done:
+                    self._message_done()
+
+    def _feed_head(self, data: bytes, view: memoryview, pos: int) -> int:
+        buf = self._hbuf
+        end = -1
+        if buf:  # the blank line may straddle two reads
+            tail = bytes(buf[-3:])
+            j = (tail + data[pos : pos + 3]).find(b"\r\n\r\n")
+            if j != -1:
+                end = pos + j + 4 - len(tail)
+        if end == -1:
+            end = data.find(b"\r\n\r\n", pos)
+            end = -1 if end == -1 else end + 4
+        stop = len(data) if end == -1 else end
+        room = self.limits.max_header_bytes - len(buf)
+        if stop - pos > room:
+            cut = pos + max(room, 0)
+            buf += view[pos:cut]
+            self._parse(view[pos:cut])  # a syntax error before the bound is reported as such
+            self._head_too_large()
+        # Blank lines before a request (RFC 9112 2.2) stay in buf and count against the bound,
+        # so a stream of CRLFs cannot hold a connection forever; on_headers_complete empties it.
+        buf += view[pos:stop]
+        self._parse(view[pos:stop])
+        return stop
+
+    def _head_too_large(self) -> None:
+        # 414 when even the request line has not ended within the bound.
+        if bytes(self._hbuf).lstrip(b"\r\n").find(b"\r\n") == -1:
+            raise EdgeError(414, "request line too long")
+        raise EdgeError(431, "request header fields too large")
+
+    def _message_done(self) -> None:
+        self._state = _HEAD
+        if not self._complete:
+            # Our framing and llhttp's disagree: never guess where the next request starts.
+            raise EdgeError(400, "malformed message framing")
+
+    def _scan_chunked(self, data: bytes, pos: int) -> tuple[int, bool, EdgeError | None]:
+        """Walk chunk framing from pos: (end of what belongs to this request, request done, error)."""
+        n = len(data)
+        limits = self.limits
+        while pos < n:
+            cstate = self._cstate
+            if cstate in (_C_DATA, _C_CRLF):
+                take = min(self._remaining, n - pos)
+                pos += take
+                self._remaining -= take
+                if not self._remaining:
+                    if cstate == _C_DATA:
+                        self._cstate, self._remaining = _C_CRLF, 2
+                    else:
+                        self._cstate = _C_SIZE
+            elif cstate == _C_SIZE:
+                nl = data.find(b"\n", pos)
+                stop = n if nl == -1 else nl + 1
+                line = self._cline
+                if len(line) + stop - pos > limits.max_chunk_line:
+                    cut = pos + max(limits.max_chunk_line - len(line), 0)
+                    return cut, False, EdgeError(400, "chunk extension too long")
+                line += data[pos:stop]
+                pos = stop
+                if nl == -1:
+                    break
+                size_text = bytes(line).split(b";", 1)[0].rstrip(b"\r\n").rstrip(b" \t").lstrip(b"0") or b"0"
+                line.clear()
+                if len(size_text) > 16 or not _HEX.match(size_text):
+                    return pos, False, EdgeError(400, "malformed chunk size")
+                size = int(size_text, 16)
+                if self._body_seen + size > limits.max_body:
+                    return pos, False, EdgeError(413, "request body too large")
+                if size:
+                    self._cstate, self._remaining = _C_DATA, size
+                else:
+                    self._cstate = _C_TRAILER
+                    self._tbytes = self._tcount = self._tline = 0
+            else:
+                nl = data.find(b"\n", pos)
+                stop = n if nl == -1 else nl + 1
+                if not self._tline:
+                    self._tfirst = data[pos]
+                self._tline += stop - pos
+                self._tbytes += stop - pos
+                if self._tbytes > limits.max_header_bytes:
+                    return stop, False, EdgeError(431, "trailer section too large")
+                pos = stop
+                if nl == -1:
+                    break
+                if self._tline == 2 and self._tfirst == 13:  # CRLF: the empty line that ends the request
+                    self._cstate = _C_SIZE
+                    return pos, True, None
+                self._tline = 0
+                self._tcount += 1
+                if self._tcount > limits.max_headers:
+                    return pos, False, EdgeError(431, "too many trailer fields")
+        return pos, False, None
+
+    def _parse(self, data: memoryview) -> None:
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._after_upgrade(data, exc)
+        except httptools.HttpParserUpgrade:
+            self._after_upgrade()
         except httptools.HttpParserInvalidMethodError:
             raise EdgeError(400, "invalid method") from None
         except httptools.HttpParserInvalidURLError:
@@ -163,42 +337,30 @@ class RequestReader:
             cause = exc.__context__
             if isinstance(cause, EdgeError):
                 raise cause from None
+            if self._parser.get_method() == b"PRI":
+                raise EdgeError(505, "HTTP/2 is not supported") from None
             raise EdgeError(400, _describe(exc)) from None
-        if self._in_head and self._head_len > self.limits.max_header_bytes:
-            self._head_too_large()
 
-    def _head_too_large(self) -> None:
-        # The head is still incomplete past the bound: 414 when even the request line has not ended.
-        buf = b"".join(self._head_buf)
-        if buf.find(b"\r\n") == -1:
-            raise EdgeError(414, "request line too long")
-        raise EdgeError(431, "request header fields too large")
-
-    def _after_upgrade(self, data: bytes, exc: httptools.HttpParserUpgrade) -> None:
-        # llhttp stops at CONNECT and at Upgrade. CONNECT is refused; an Upgrade offer is simply
-        # declined (RFC 9110 7.8 lets a server ignore it) and parsing resumes on a fresh parser.
-        head = self._head
-        if head is None or head.method == b"CONNECT":
-            raise EdgeError(405, "CONNECT is not supported")
-        if head.has_body:
-            raise EdgeError(501, "protocol upgrade with a request body is not supported")
-        self.on_message_complete()
+    def _after_upgrade(self) -> None:
+        # llhttp stops after a head offering Upgrade (and at CONNECT, refused in on_headers_complete).
+        # The offer is declined (RFC 9110 7.8 lets a server ignore it): the request is forwarded
+        # without Upgrade and parsing resumes on a fresh parser.
+        if not self._complete:
+            self.on_message_complete()
         self._parser = httptools.HttpRequestParser(self)
-        offset = int(exc.args[0]) if exc.args else len(data)
-        rest = data[offset:]
-        if rest:
-            self.feed(rest)
+        self._state = _HEAD
+        self._hbuf.clear()
 
     # --- llhttp callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
-        # The head is counted from the chunk it starts in (over-counting at most one pipelined read).
         self._in_head = True
-        self._head_buf = [self._chunk]
-        self._head_len = len(self._chunk)
+        self._complete = False
         self._head = RequestHead()
         self._url = b""
         self._te = None
         self._conn_tokens = []
+        self._nfields = 0
+        self._host_seen = False
         self._body_seen = 0
 
     def on_url(self, url: bytes) -> None:
@@ -206,27 +368,31 @@ class RequestReader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         head = self._head
-        assert head is not None
-        if len(head.headers) >= self.limits.max_headers:
+        if head is None or not self._in_head:
+            return  # a trailer field: bounded by the chunk scanner, not forwarded
+        self._nfields += 1
+        if self._nfields > self.limits.max_headers:
             raise EdgeError(431, "too many header fields")
         lname = name.lower()
         if lname in HOP_BY_HOP:
             if lname == b"transfer-encoding":
                 self._te = value if self._te is None else self._te + b"," + value
-                _check_codings(self._te)
             elif lname == b"connection":
                 self._conn_tokens.extend(t.strip().lower() for t in value.split(b","))
             return
         if lname == b"host":
-            if head.host:
+            if self._host_seen:
                 raise EdgeError(400, "more than one Host header")
-            head.host = value
+            if not _HOST.match(value.strip()):
+                raise EdgeError(400, "invalid Host header")
+            self._host_seen = True
+            head.host = value.strip()
         elif lname == b"content-length":
             head.content_length = int(value)  # llhttp has checked it is plain decimal and unique
             if head.content_length > self.limits.max_body:
                 raise EdgeError(413, "request body too large")
         elif lname == b"expect":
-            if value.lower() != b"100-continue":
+            if value.strip().lower() != b"100-continue":
                 raise EdgeError(417, "unsupported expectation")
             head.expect_continue = True
         head.headers.append((lname, value))
@@ -243,27 +409,41 @@ class RequestReader:
             raise EdgeError(505, "HTTP version not supported")
         head.version = version.encode()
         if head.method == b"CONNECT":
-            raise EdgeError(405, "CONNECT is not supported")
+            raise EdgeError(501, "CONNECT is not supported")
         head.target = self._url
+        if b"#" in head.target:
+            raise EdgeError(400, "invalid request target")  # RFC 9112 3.2: no fragment on the wire
         if self._te is not None:
+            if version == "1.0":
+                # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 message means the framing is faulty.
+                raise EdgeError(400, "transfer coding in an HTTP/1.0 request")
+            _check_codings(self._te)
             head.chunked = True
-        if version == "1.1" and not head.host:
+        if version == "1.1" and not self._host_seen:
             raise EdgeError(400, "missing Host header")
         if head.target[:1] != b"/":
             self._absolute_to_origin(head)
+        if head.has_body and parser.should_upgrade():
+            # llhttp would skip the body of an upgrade and parse it as the next request.
+            raise EdgeError(501, "protocol upgrade with a request body is not supported")
         head.keep_alive = bool(parser.should_keep_alive())
         if self._conn_tokens:
             drop = set(self._conn_tokens)
             head.headers = [(k, v) for k, v in head.headers if k not in drop]
-        self.handler.on_request(head)
+        if head.chunked:
+            self._state, self._cstate = _CHUNKED, _C_SIZE
+            self._cline.clear()
+        elif head.content_length:
+            self._state, self._remaining = _FIXED, head.content_length
+        self._hbuf.clear()
+        self._events.append((_EV_HEAD, head))
 
     def _check_request_line(self, method: bytes, version: str) -> None:
-        # llhttp tolerates repeated spaces and a missing version (HTTP/0.9); RFC 9112 3 does not.
-        # The line corral forwards is regenerated anyway, so this check is about refusing, not safety.
-        buf = self._head_buf[0] if len(self._head_buf) == 1 else b"".join(self._head_buf)
-        self._head_buf = []
-        expected = b"%s %s HTTP/%s\r\n" % (method, self._url, version.encode())
-        if version == "0.9" or buf.find(expected) == -1:
+        # llhttp tolerates repeated spaces, RTSP/ICE versions and a missing version (HTTP/0.9);
+        # RFC 9112 3 allows exactly METHOD SP target SP HTTP-version.
+        buf = bytes(self._hbuf).lstrip(b"\r\n")
+        line = buf[: buf.find(b"\r\n")]
+        if version == "0.9" or line != b"%s %s HTTP/%s" % (method, self._url, version.encode()):
             raise EdgeError(400, "malformed request line")
 
     def _absolute_to_origin(self, head: RequestHead) -> None:
@@ -276,7 +456,7 @@ class RequestReader:
         rest = target.split(b"://", 1)[1]
         slash = rest.find(b"/")
         authority, path = (rest, b"/") if slash == -1 else (rest[:slash], rest[slash:])
-        if not authority:
+        if not authority or b"@" in authority or not _HOST.match(authority):
             raise EdgeError(400, "invalid request target")
         # RFC 9112 3.2.2: the authority of an absolute-form target replaces Host.
         head.host = authority
@@ -285,17 +465,18 @@ class RequestReader:
         head.target = path
 
     def on_body(self, data: bytes) -> None:
+        if not data:
+            return
         self._body_seen += len(data)
         if self._body_seen > self.limits.max_body:
             raise EdgeError(413, "request body too large")
-        self.handler.on_request_body(data)
+        self._events.append((_EV_BODY, data))
 
     def on_message_complete(self) -> None:
         self._head = None
-        self.handler.on_request_end()
-
-    def on_chunk_header(self) -> None:
-        pass
+        self._complete = True
+        self._events.append((_EV_END, None))
+        self._mark = len(self._events)
 
 
 _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
@@ -304,10 +485,10 @@ _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compre
 def _check_codings(te: bytes) -> None:
     # RFC 9112 6.1/6.3: a final coding other than chunked leaves the length unknowable (400);
     # a coding corral cannot decode is 501, and chunked is the only one it passes through.
-    codings = [c.strip().lower() for c in te.split(b",")]
+    codings = [c for c in (c.strip().lower() for c in te.split(b",")) if c]
     if any(c not in _KNOWN_CODINGS for c in codings):
         raise EdgeError(501, "unknown transfer coding")
-    if codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
+    if not codings or codings[-1] != b"chunked" or b"chunked" in codings[:-1]:
         raise EdgeError(400, "transfer coding must end in chunked")
     if len(codings) > 1:
         raise EdgeError(501, "unsupported transfer coding")
@@ -327,38 +508,59 @@ def forward_head(
     proto: bytes = b"http",
     prefix: bytes = b"",
 ) -> bytes:
-    """The request head corral sends a worker: regenerated framing, forwarding headers, no hop-by-hop."""
-    xff = client_ip
-    xfp = proto
-    xfh = head.host
+    """The request head corral sends a worker: regenerated framing, forwarding headers, no hop-by-hop.
+
+    X-Forwarded-* and Forwarded from an untrusted peer are dropped (a client must not be able to pick
+    the address an app logs or rate-limits); from a trusted proxy they are kept and appended to.
+    """
     parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
+    xff: list[bytes] = []
+    fwd: list[bytes] = []
+    xfp = xfh = xfprefix = b""
     has_rid = False
+    via = -1
     for name, value in head.headers:
         if name in _REGENERATED:
-            if trusted:
-                if name == b"x-forwarded-for":
-                    xff = value + b", " + client_ip
-                elif name == b"x-forwarded-proto":
-                    xfp = value
-                elif name == b"x-forwarded-host":
-                    xfh = value
-                elif name == b"forwarded":
-                    parts += [b"forwarded: ", value, b"\r\n"]
             continue
-        if name == b"x-request-id":
+        if name[:12] == b"x-forwarded-" or name == b"forwarded":
+            if not trusted:
+                continue
+            if name == b"x-forwarded-for":
+                xff.append(value)
+                continue
+            if name == b"forwarded":
+                fwd.append(value)
+                continue
+            if name == b"x-forwarded-proto":
+                xfp = xfp or value
+                continue
+            if name == b"x-forwarded-host":
+                xfh = xfh or value
+                continue
+            if name == b"x-forwarded-prefix":
+                xfprefix = xfprefix or value
+                continue
+        elif name == b"x-request-id":
             has_rid = True
         elif name == b"via":
-            value = value + b", 1.1 corral"
+            via = len(parts) + 2  # RFC 9110 7.6.3: corral's entry goes after the last one
         parts += [name, b": ", value, b"\r\n"]
+    if via >= 0:
+        parts[via] += b", 1.1 corral"
+    else:
+        parts.append(b"via: 1.1 corral\r\n")
     if not has_rid:
         parts += [b"x-request-id: ", request_id, b"\r\n"]
-    if head.header(b"via") is None:
-        parts.append(b"via: 1.1 corral\r\n")
-    parts += [b"x-forwarded-for: ", xff, b"\r\nx-forwarded-proto: ", xfp, b"\r\n"]
-    if xfh:
-        parts += [b"x-forwarded-host: ", xfh, b"\r\n"]
-    if prefix:
-        parts += [b"x-forwarded-prefix: ", prefix, b"\r\n"]
+    xff.append(client_ip)
+    parts += [b"x-forwarded-for: ", b", ".join(xff), b"\r\nx-forwarded-proto: ", xfp or proto, b"\r\n"]
+    if xfh or head.host:
+        parts += [b"x-forwarded-host: ", xfh or head.host, b"\r\n"]
+    if xfprefix or prefix:
+        parts += [b"x-forwarded-prefix: ", xfprefix + prefix, b"\r\n"]
+    if fwd:
+        node = b'"[%s]"' % client_ip if b":" in client_ip else client_ip
+        fwd.append(b"for=%s;proto=%s" % (node, proto))
+        parts += [b"forwarded: ", b", ".join(fwd), b"\r\n"]
     if head.chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -368,7 +570,8 @@ def forward_head(
 
 
 def chunk(data: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(data), data)
+    # An empty chunk would be the last chunk: it must never end a body by accident.
+    return b"%x\r\n%s\r\n" % (len(data), data) if data else b""
 
 
 LAST_CHUNK = b"0\r\n\r\n"
@@ -381,10 +584,24 @@ class ResponseHandler(Protocol):
     def on_response_end(self, reusable: bool) -> None: ...
 
 
+RESPONSE_HEAD_MAX = 1 << 20  # bytes of one worker response head (counted per read, so generous)
+
+
 class ResponseReader:
     """Parses one worker response at a time; anything malformed raises UpstreamError."""
 
-    __slots__ = ("_headers", "_length", "_parser", "_status", "_te", "_tokens", "bodyless", "handler")
+    __slots__ = (
+        "_head_bytes",
+        "_headers",
+        "_in_head",
+        "_length",
+        "_parser",
+        "_status",
+        "_te",
+        "_tokens",
+        "bodyless",
+        "handler",
+    )
 
     def __init__(self, handler: ResponseHandler) -> None:
         self.handler = handler
@@ -393,9 +610,16 @@ class ResponseReader:
         self._length: int | None = None
         self._te = False
         self._tokens: list[bytes] = []
+        self._in_head = True  # counted from the first byte; reset per message
+        self._head_bytes = 0
         self.bodyless = False  # set for a HEAD request: llhttp cannot be told, so we end at the head
 
     def feed(self, data: bytes) -> None:
+        if self._in_head:
+            # A worker is trusted with bodies, not with an endless head: that would grow without bound.
+            self._head_bytes += len(data)
+            if self._head_bytes > RESPONSE_HEAD_MAX:
+                raise UpstreamError("response head too large")
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -406,6 +630,8 @@ class ResponseReader:
             raise UpstreamError(_describe(exc)) from None
 
     def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
         self._headers = []
         self._length = None
         self._te = False
@@ -424,6 +650,7 @@ class ResponseReader:
         self._headers.append((lname, value))
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         status = self._parser.get_status_code()
         if 100 <= status < 200:
             return  # interim responses are not relayed (Expect is answered by corral itself)
@@ -440,8 +667,13 @@ class ResponseReader:
             self.handler.on_response_end(False)
             raise _HeadDone
 
+    def keep_alive(self) -> bool:
+        """Whether the worker keeps the connection open after the current response (known from its head)."""
+        return bool(self._parser.should_keep_alive())
+
     def on_body(self, data: bytes) -> None:
-        self.handler.on_response_body(data)
+        if data:
+            self.handler.on_response_body(data)
 
     def on_message_complete(self) -> None:
         if self._parser.get_status_code() < 200:
@@ -449,12 +681,11 @@ class ResponseReader:
         self.handler.on_response_end(bool(self._parser.should_keep_alive()))
 
     def eof(self) -> bool:
-        """The worker closed; True when that ends a close-delimited body cleanly."""
-        try:
-            self._parser.feed_data(b"")
-        except httptools.HttpParserError:
-            return False
-        return True
+        """The worker closed; True when that ends a close-delimited body (no length, not chunked) cleanly.
+
+        A chunked or Content-Length body cut short by EOF is a truncation, never a clean end.
+        """
+        return not self._in_head and not self._te and self._length is None
 
 
 class _HeadDone(Exception):
@@ -471,15 +702,19 @@ def response_head(
 ) -> bytes:
     parts = [b"HTTP/1.1 ", _status_line(status)]
     has_rid = False
+    via = -1
     for name, value in headers:
         if name == b"x-request-id":
             has_rid = True
         elif name == b"via":
-            value = value + b", 1.1 corral"
+            via = len(parts) + 2
         parts += [name, b": ", value, b"\r\n"]
     if not has_rid:
         parts += [b"x-request-id: ", request_id, b"\r\n"]
-    parts.append(b"via: 1.1 corral\r\n")
+    if via >= 0:
+        parts[via] += b", 1.1 corral"
+    else:
+        parts.append(b"via: 1.1 corral\r\n")
     if chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     if close:

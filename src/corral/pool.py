@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from .proxy import Exchange
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+EARLY_RELEASE_MAX = 64 * 1024  # bytes: a framed response this small is already written when its head arrives
 PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before taking its worker
 
 
@@ -55,6 +56,8 @@ class Pool:
         self.served = 0
         self.failed = 0
         self.retried = 0
+        self.pipelined = 0  # requests sent to a worker behind the tail of an early-released response
+        self.released_early = 0  # responses whose worker slot was freed at the head (see release_early)
         self._preempt_timer: asyncio.TimerHandle | None = None
 
     # --- worker membership (supervisor, discovery and health call these) ---------------------
@@ -78,8 +81,12 @@ class Pool:
             self.workers.remove(worker)
 
     def close_idle(self, worker: Worker) -> None:
-        while worker.idle:
-            worker.idle.pop().close()
+        # A connection still carrying the tail of an early-released response is not idle yet.
+        busy = [c for c in worker.idle if c.exchange is not None]
+        for conn in worker.idle:
+            if conn.exchange is None:
+                conn.close()
+        worker.idle[:] = busy
 
     def routable(self) -> list[Worker]:
         return [w for w in self.workers if w.routable]
@@ -145,7 +152,7 @@ class Pool:
             self._unreached(ex, worker, f"connect failed: {exc.strerror or exc}")
             return
         if ex.sched_state != DISPATCHED or ex.worker is not worker:
-            self.release(ex, conn, reusable=True)  # the client left while we connected
+            conn.finish_exchange(True)  # the client left while we connected: keep the connection
             return
         conn.send(ex)
 
@@ -167,25 +174,39 @@ class Pool:
             worker.stop_reason = why
             self.set_state(worker, State.UNHEALTHY)
 
-    def release(self, ex: Exchange, conn: UpstreamConnection | None, reusable: bool) -> None:
-        """The worker is done with this exchange: pool the connection, free the slot, feed the queue."""
+    def release(
+        self, ex: Exchange, conn: UpstreamConnection | None, reusable: bool, served: bool = False
+    ) -> None:
+        """The exchange is over: free its slot (unless released early), settle the connection, feed the queue."""
+        worker = ex.worker
+        if worker is not None:
+            self._free_slot(ex, worker, served)
+        if conn is not None:
+            conn.finish_exchange(reusable)
+        self.pump()
+
+    def release_early(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        """The worker has sent the head of a short, framed response: it has finished computing and only
+        bytes already written remain. Free its slot now and let the next request ride the same
+        connection right behind the response (HTTP pipelining to the worker), so a single-threaded
+        worker never idles for the proxy's round trip between two requests."""
         worker = ex.worker
         if worker is None:
             return
+        self._free_slot(ex, worker, served=True)
+        self.released_early += 1
+        worker.idle.append(conn)
+        self.pump()
+
+    def _free_slot(self, ex: Exchange, worker: Worker, served: bool) -> None:
         ex.worker = None
         now = time.monotonic()
         self.inflight.discard(ex)
         service = now - ex.dispatched_at
         self.scheduler.release(worker, now, service, ex.cls)
-        if ex.status:
+        if served:
+            worker.served += 1
             self.costs.observe(ex.route, service)
-        if conn is not None:
-            conn.exchange = None
-            if reusable and worker.state in (State.READY, State.DRAINING) and not conn.closed:
-                worker.idle.append(conn)
-            else:
-                conn.close()
-        self.pump()
 
     def expire(self, now: float) -> None:
         for ex in self.scheduler.expire(now):
@@ -206,12 +227,13 @@ class Pool:
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker. Carries one exchange at a time."""
 
-    __slots__ = ("closed", "exchange", "paused", "pool", "reader", "sock", "transport", "worker")
+    __slots__ = ("closed", "exchange", "next", "paused", "pool", "reader", "sock", "transport", "worker")
 
     def __init__(self, pool: Pool, worker: Worker) -> None:
         self.pool = pool
         self.worker = worker
-        self.exchange: Exchange | None = None
+        self.exchange: Exchange | None = None  # the exchange whose response is being read
+        self.next: Exchange | None = None  # one request pipelined behind an early-released response
         self.transport: asyncio.Transport | None = None
         self.reader = edge.ResponseReader(self)
         self.closed = False
@@ -233,9 +255,13 @@ class UpstreamConnection(asyncio.Protocol):
                 self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
 
     def send(self, ex: Exchange) -> None:
-        self.exchange = ex
+        if self.exchange is None:
+            self.exchange = ex
+            self.reader.bodyless = ex.head.method == b"HEAD"
+        else:
+            self.next = ex  # behind the tail of an early-released response
+            self.pool.pipelined += 1
         ex.upstream = self
-        self.reader.bodyless = ex.head.method == b"HEAD"
         assert self.transport is not None
         self.transport.write(ex.upstream_head())
         ex.flush_body(self)
@@ -259,8 +285,17 @@ class UpstreamConnection(asyncio.Protocol):
 
     # Response parser callbacks, relayed to the exchange.
     def on_response(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        assert self.exchange is not None
-        self.exchange.on_response(status, headers, length)
+        ex = self.exchange
+        assert ex is not None
+        ex.on_response(status, headers, length)
+        if (
+            length is not None
+            and 0 < length <= EARLY_RELEASE_MAX
+            and ex.request_done
+            and self.reader.keep_alive()
+            and self.worker.state is State.READY
+        ):
+            self.pool.release_early(ex, self)
 
     def on_response_body(self, data: bytes) -> None:
         assert self.exchange is not None
@@ -285,10 +320,25 @@ class UpstreamConnection(asyncio.Protocol):
         self.worker.conns -= 1
         if self in self.worker.idle:
             self.worker.idle.remove(self)
-        ex = self.exchange
-        if ex is not None:
-            self.exchange = None
+        lost = [e for e in (self.exchange, self.next) if e is not None]
+        self.exchange = self.next = None
+        for ex in lost:
             ex.upstream_failed("worker closed the connection", reached=True)
+
+    def finish_exchange(self, reusable: bool) -> None:
+        """The current exchange is over: the pipelined one (if any) takes over, or the connection idles."""
+        nxt, self.next = self.next, None
+        self.exchange = nxt
+        worker = self.worker
+        if not reusable or self.closed or worker.state not in (State.READY, State.DRAINING):
+            if self in worker.idle:
+                worker.idle.remove(self)
+            self.close()  # a pipelined request behind it fails with the connection (502)
+            return
+        if nxt is not None:
+            self.reader.bodyless = nxt.head.method == b"HEAD"
+        elif self not in worker.idle:
+            worker.idle.append(self)
 
     def pause_writing(self) -> None:
         ex = self.exchange

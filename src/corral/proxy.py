@@ -311,11 +311,21 @@ class ClientConnection(asyncio.Protocol):
 
     def check_timeouts(self, now: float) -> None:
         ex = self.current
+        parsing = self.parsing
+        if self.paused or self.closing:
+            # We stopped reading (queue full of body, pipelined request, slow worker): the client
+            # cannot be late, so its clocks restart rather than run.
+            self.head_started = now
+            if parsing is not None:
+                parsing.body_last = now
+            return
         if self.reader.in_head:
-            if now - self.head_started > self.edge.header_timeout:
+            if ex is not None:
+                self.head_started = now  # a pipelined head: its clock starts once our answer is out
+            elif now - self.head_started > self.edge.header_timeout:
                 self.reject(408, "request head not received in time")
-        elif self.parsing is not None and not self.parsing.request_done:
-            if now - self.parsing.body_last > self.edge.body_timeout:
+        elif parsing is not None and not parsing.request_done:
+            if now - parsing.body_last > self.edge.body_timeout:
                 self.reject(408, "request body stalled")
         elif ex is None and now - self.last_active > self.edge.keepalive_timeout:
             self.close()
@@ -444,11 +454,9 @@ class Exchange:
     def _finish(self, conn: UpstreamConnection | None, reusable: bool) -> None:
         self.upstream = None
         pool = self.pool
-        if self.worker is not None:
-            self.worker.served += 1
         if pool is not None:
             pool.served += 1
-            pool.release(self, conn, reusable)
+            pool.release(self, conn, reusable, served=True)
             pool.on_observe(self)
         self.closed = True
         if not self.request_done:
