@@ -28,8 +28,6 @@ def test_workers_get_port_index_and_pm2_env(corral):
         assert env["CORRAL_WORKER_INDEX"] == idx == env["NODE_APP_INSTANCE"]
         assert env["PORT"] == str(c.base_port + int(idx))
         assert env.get("HOME") == os.environ.get("HOME")  # parent's environment is passed on
-    for i in range(3):
-        assert f"worker stub_worker.py:{i} ready" in c.log() or "worker python" in c.log() or "ready in" in c.log()
 
 
 def test_ready_lines_and_public_url(corral):
@@ -111,7 +109,6 @@ def test_queued_request_goes_to_first_worker_that_frees_up(corral):
         q = queued.result()
         assert short.result().json()["pid"] == q.json()["pid"]  # not stuck behind the 4 s one
         assert long.result().json()["pid"] != q.json()["pid"]
-        assert not long.done() or True
 
 
 def test_queue_full_answers_503_with_retry_after_at_once(corral):
@@ -228,7 +225,6 @@ def test_killed_worker_restarts_and_only_its_request_fails(corral):
     with cf.ThreadPoolExecutor(2) as pool:
         victim = pool.submit(get, c.port, "/sleep?s=3")
         time.sleep(0.5)
-        pid = victim_pid = None
         pids = c.worker_pids()
         # the busy worker is the one whose /x answers do not come from
         other_pid = get(c.port, "/x").json()["pid"]
@@ -239,7 +235,6 @@ def test_killed_worker_restarts_and_only_its_request_fails(corral):
     c.wait_for(" ready: pid ", count=3)
     statuses = [get(c.port, "/x").status for _ in range(20)]
     assert statuses == [200] * 20
-    assert pid is None
 
 
 def test_sigterm_drains_inflight_then_stops_workers(corral):
@@ -277,10 +272,24 @@ def test_client_disconnect_mid_response_keeps_worker_usable(corral):
         assert get(c.port, "/x").status == 200
 
 
-def test_unreachable_request_moves_to_another_worker(corral):
-    """A worker that refuses connections costs nothing: the request is sent elsewhere."""
-    c = corral(stub_args(), workers=2)
-    pids = c.worker_pids()
-    os.kill(pids[0], signal.SIGSTOP)  # still alive, accepts in backlog: not this case
-    os.kill(pids[0], signal.SIGCONT)
-    assert closed_by_peer is not None
+def test_connect_failure_moves_the_request_to_another_worker(corral, tmp_path):
+    """A worker that went away (refuses connections) costs nothing: the request goes elsewhere."""
+    import subprocess
+
+    base = free_ports(2, start=30000)
+    ports = [base, base + 1]
+    stubs = [subprocess.Popen([sys.executable, STUB, str(p)], stdout=subprocess.DEVNULL) for p in ports]
+    try:
+        c = corral(["--upstream", f"127.0.0.1:{ports[0]}-{ports[1]}", "--health-interval", "60"], workers=None,
+                   ready=False)
+        c.wait_for(rf"ready: 127.0.0.1:{ports[1]}", timeout=30)
+        c.wait_for(rf"ready: 127.0.0.1:{ports[0]}", timeout=30)
+        stubs[0].kill()
+        stubs[0].wait()
+        statuses = [get(c.port, "/x").status for _ in range(20)]
+        assert statuses == [200] * 20
+        c.wait_for(rf"127.0.0.1:{ports[0]}.*(refused|connect failed)")
+    finally:
+        for p in stubs:
+            p.kill()
+            p.wait()
