@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 EARLY_RELEASE_MAX = 64 * 1024  # bytes: a framed response this small is already written when its head arrives
+QUARANTINE = 0.2  # seconds a supervised worker that dropped a request is passed over
 PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before taking its worker
 
 
@@ -121,6 +122,15 @@ class Pool:
                 cache.clear()
             key = cache[(method, target)] = route_key(method, target)
         return key
+
+    def quarantine(self, worker: Worker, seconds: float = QUARANTINE) -> None:
+        worker.quarantined = True
+
+        def lift() -> None:
+            worker.quarantined = False
+            self.pump()
+
+        self.loop.call_later(seconds, lift)
 
     def pump(self) -> None:
         for ex, worker in self.scheduler.pump(time.monotonic()):

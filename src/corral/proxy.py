@@ -472,10 +472,14 @@ class Exchange:
             worker.failed += 1
         if self.pool is not None:
             self.pool.failed += 1
-            if worker is not None and worker.external:
-                # An upstream that drops a request may be dying, its kernel still accepting for a
-                # moment: out of rotation until a probe answers, so the queue does not follow it.
-                self.pool.on_unreachable(worker, why)
+            if worker is not None:
+                # A worker that drops a request may be dying, its kernel still accepting for a moment:
+                # the queue must not follow it there. An upstream stays out until a probe answers; a
+                # supervised worker sits out a moment, long enough for its exit to be seen.
+                if worker.external:
+                    self.pool.on_unreachable(worker, why)
+                else:
+                    self.pool.quarantine(worker)
         if self.response_started and not self.out_head:
             self.status = self.status or 502
             if self.pool is not None:

@@ -47,6 +47,7 @@ class Worker:
         "probe_started",
         "probing",
         "proc",
+        "quarantined",
         "ready_at",
         "retire_reason",
         "served",
@@ -85,6 +86,7 @@ class Worker:
         self.backoff_until = 0.0
         self.probe_fails = 0
         self.probing = False
+        self.quarantined = False  # briefly passed over after it dropped a request (pool.quarantine)
         self.probe_started = 0.0
         self.retire_reason: str | None = None  # set when the supervisor wants it replaced
         self.stop_reason: str | None = None
@@ -101,7 +103,12 @@ class Worker:
     @property
     def has_room(self) -> bool:
         # A worker under probe is passed over while another has room (pool._preempt_probe otherwise).
-        return self.state is State.READY and self.inflight < self.max_inflight and not self.probing
+        return (
+            self.state is State.READY
+            and self.inflight < self.max_inflight
+            and not self.probing
+            and not self.quarantined
+        )
 
     @property
     def pid(self) -> int | None:
