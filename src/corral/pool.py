@@ -10,7 +10,7 @@ Protocol on the worker socket; it feeds the response parser, whose callbacks lan
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import ctypes
 import socket
 import time
 from collections.abc import Callable
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
     from .proxy import Exchange
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+# setsockopt through libc on the raw fd: uvloop's socket proxy builds a socket object per call
+# (~4 us), and QUICKACK is re-armed three times per request.
+_setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt
+_ONE = ctypes.byref(ctypes.c_int(1))
 EARLY_RELEASE_MAX = 64 * 1024  # bytes: a framed response this small is already written when its head arrives
 QUARANTINE = 0.2  # seconds a supervised worker that dropped a request is passed over
 PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before taking its worker
@@ -237,7 +241,7 @@ class Pool:
 class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker. Carries one exchange at a time."""
 
-    __slots__ = ("closed", "exchange", "next", "paused", "pool", "reader", "sock", "transport", "worker")
+    __slots__ = ("closed", "exchange", "fd", "next", "paused", "pool", "reader", "transport", "worker")
 
     def __init__(self, pool: Pool, worker: Worker) -> None:
         self.pool = pool
@@ -247,22 +251,21 @@ class UpstreamConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.reader = edge.ResponseReader(self)
         self.closed = False
-        self.sock: socket.socket | None = None
+        self.fd = -1
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
         if sock is not None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock = sock
+            self.fd = sock.fileno() if _QUICKACK is not None else -1
         self._quickack()
 
     def _quickack(self) -> None:
         # httpuv writes head and body in two segments without TCP_NODELAY: on a reused connection
         # the second waits for our delayed ACK (~40 ms). QUICKACK is not sticky, so re-arm it.
-        if _QUICKACK is not None and self.sock is not None:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+        if self.fd >= 0 and not self.closed:
+            _setsockopt(self.fd, socket.IPPROTO_TCP, _QUICKACK, _ONE, 4)
 
     def send(self, ex: Exchange) -> None:
         if self.exchange is None:
