@@ -113,6 +113,14 @@ _HEAD, _FIXED, _CHUNKED = 0, 1, 2
 _C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = 0, 1, 2, 3
 _EV_HEAD, _EV_BODY, _EV_END = 0, 1, 2
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
+_F_HOP, _F_HOST, _F_LENGTH, _F_EXPECT = 0, 1, 2, 3
+# Field names on_header must look at; everything else is appended as it is.
+_SPECIAL = {name: _F_HOP for name in HOP_BY_HOP} | {
+    b"host": _F_HOST,
+    b"content-length": _F_LENGTH,
+    b"expect": _F_EXPECT,
+}
+_VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
 # RFC 9110 7.2 / RFC 3986 authority: reg-name or IP-literal, optional port.
 _HOST = re.compile(rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?\Z")
 
@@ -143,6 +151,8 @@ class RequestReader:
         "_nfields",
         "_parser",
         "_remaining",
+        "_src",
+        "_src_pos",
         "_state",
         "_tbytes",
         "_tcount",
@@ -160,6 +170,8 @@ class RequestReader:
         self._parser = httptools.HttpRequestParser(self)
         self._state = _HEAD
         self._hbuf = bytearray()  # the head received so far (bounded by max_header_bytes)
+        self._src: bytes | None = None  # or the read holding the whole head, from _src_pos
+        self._src_pos = 0
         self._in_head = False
         self._head: RequestHead | None = None
         self._url = b""
@@ -240,17 +252,23 @@ class RequestReader:
         if end == -1:
             end = data.find(b"\r\n\r\n", pos)
             end = -1 if end == -1 else end + 4
-        stop = len(data) if end == -1 else end
+        n = len(data)
+        stop = n if end == -1 else end
         room = self.limits.max_header_bytes - len(buf)
         if stop - pos > room:
             cut = pos + max(room, 0)
             buf += view[pos:cut]
             self._parse(view[pos:cut])  # a syntax error before the bound is reported as such
             self._head_too_large()
-        # Blank lines before a request (RFC 9112 2.2) stay in buf and count against the bound,
-        # so a stream of CRLFs cannot hold a connection forever; on_headers_complete empties it.
-        buf += view[pos:stop]
-        self._parse(view[pos:stop])
+        if end != -1 and not buf and data[pos] not in (13, 10):
+            # The whole head is in this read (the common case): read the request line from it, no copy.
+            self._src, self._src_pos = data, pos
+        else:
+            # Blank lines before a request (RFC 9112 2.2) stay in buf and count against the bound,
+            # so a stream of CRLFs cannot hold a connection forever; on_headers_complete empties it.
+            buf += view[pos:stop]
+            self._src = None
+        self._parse(data if pos == 0 and stop == n else view[pos:stop])
         return stop
 
     def _head_too_large(self) -> None:
@@ -367,34 +385,40 @@ class RequestReader:
         self._url += url
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        head = self._head
-        if head is None or not self._in_head:
+        if not self._in_head:
             return  # a trailer field: bounded by the chunk scanner, not forwarded
+        head = self._head
+        assert head is not None
         self._nfields += 1
         if self._nfields > self.limits.max_headers:
             raise EdgeError(431, "too many header fields")
         lname = name.lower()
-        if lname in HOP_BY_HOP:
+        kind = _SPECIAL.get(lname)
+        if kind is None:
+            head.headers.append((lname, value))
+            return
+        if kind == _F_HOP:
             if lname == b"transfer-encoding":
                 self._te = value if self._te is None else self._te + b"," + value
             elif lname == b"connection":
                 self._conn_tokens.extend(t.strip().lower() for t in value.split(b","))
             return
-        if lname == b"host":
+        if kind == _F_HOST:
             if self._host_seen:
                 raise EdgeError(400, "more than one Host header")
-            if not _HOST.match(value.strip()):
+            value = value.strip()
+            if not _HOST.match(value):
                 raise EdgeError(400, "invalid Host header")
             self._host_seen = True
-            head.host = value.strip()
-        elif lname == b"content-length":
+            head.host = value
+        elif kind == _F_LENGTH:
             head.content_length = int(value)  # llhttp has checked it is plain decimal and unique
             if head.content_length > self.limits.max_body:
                 raise EdgeError(413, "request body too large")
-        elif lname == b"expect":
-            if value.strip().lower() != b"100-continue":
-                raise EdgeError(417, "unsupported expectation")
+        elif value.strip().lower() == b"100-continue":  # Expect
             head.expect_continue = True
+        else:
+            raise EdgeError(417, "unsupported expectation")
         head.headers.append((lname, value))
 
     def on_headers_complete(self) -> None:
@@ -405,9 +429,10 @@ class RequestReader:
         version = parser.get_http_version()
         head.method = parser.get_method()
         self._check_request_line(head.method, version)
-        if version not in ("1.1", "1.0"):
+        vbytes = _VERSIONS.get(version)
+        if vbytes is None:
             raise EdgeError(505, "HTTP version not supported")
-        head.version = version.encode()
+        head.version = vbytes
         if head.method == b"CONNECT":
             raise EdgeError(501, "CONNECT is not supported")
         head.target = self._url
@@ -435,14 +460,18 @@ class RequestReader:
             self._cline.clear()
         elif head.content_length:
             self._state, self._remaining = _FIXED, head.content_length
-        self._hbuf.clear()
+        if self._hbuf:
+            self._hbuf.clear()
         self._events.append((_EV_HEAD, head))
 
     def _check_request_line(self, method: bytes, version: str) -> None:
         # llhttp tolerates repeated spaces, RTSP/ICE versions and a missing version (HTTP/0.9);
         # RFC 9112 3 allows exactly METHOD SP target SP HTTP-version.
-        buf = bytes(self._hbuf).lstrip(b"\r\n")
-        line = buf[: buf.find(b"\r\n")]
+        src, at = (self._src, self._src_pos) if self._src is not None else (bytes(self._hbuf), 0)
+        self._src = None
+        if src[at] in (13, 10):  # blank lines before the request line
+            src, at = src[at:].lstrip(b"\r\n"), 0
+        line = src[at : src.find(b"\r\n", at)]
         if version == "0.9" or line != b"%s %s HTTP/%s" % (method, self._url, version.encode()):
             raise EdgeError(400, "malformed request line")
 

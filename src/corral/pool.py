@@ -166,7 +166,10 @@ class Pool:
             self._unreached(ex, worker, f"connect failed: {exc.strerror or exc}")
             return
         if ex.sched_state != DISPATCHED or ex.worker is not worker:
-            conn.finish_exchange(True)  # the client left while we connected: keep the connection
+            conn.finish_exchange(True)  # timed out while we connected: keep the connection
+            return
+        if ex.client_gone and not ex.request_done:
+            self.release(ex, conn, reusable=True)  # the client left mid-request: nothing whole to send
             return
         conn.send(ex)
 
