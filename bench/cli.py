@@ -67,6 +67,7 @@ def build_meta(args: argparse.Namespace, argv: list[str] | None, started: dt.dat
         "scenarios": args.only,
         "corral_args": args.corral_args,
         "machine": environment.machine(),
+        "loadavg_at_end": os.getloadavg(),
         "versions": environment.versions(),
     }
 
@@ -96,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         corral_error = corral_error or "corral is not importable (run without --no-install to pip install it)"
         log(f"corral unavailable, its columns will be n/a: {corral_error}")
 
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5:
+        log(f"warning: 1-min load average is {load1:.2f} before starting; figures will be noisy")
     results = report.Results()
     tmp = Path(tempfile.mkdtemp(prefix="corral-bench-"))
     # nginx workers drop root privileges and still need to reach their temp dirs.
@@ -116,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         meta = build_meta(args, argv, started)
         out = OUT_DIR / f"compare-{started.strftime('%Y%m%d-%H%M%S')}.json"
-        report.write_json(out, results, {**meta, "tmp": str(tmp)})
+        report.write_json(out, results, {**meta, "loadavg_at_start": load1, "tmp": str(tmp)})
         if not args.keep_tmp:
             _remove_tree(tmp)
     print(report.table(results))

@@ -107,10 +107,10 @@ def machine() -> dict[str, str]:
 
 def versions() -> dict[str, str]:
     return {
-        "R": _first_line(["Rscript", "-e", "cat(R.version.string)"]),
+        "R": _first_line(["Rscript", "-e", 'cat(R.version$major, R.version$minor, sep = ".")']),
         "plumber": _first_line(["Rscript", "-e", 'cat(as.character(packageVersion("plumber")))']),
         "httpuv": _first_line(["Rscript", "-e", 'cat(as.character(packageVersion("httpuv")))']),
-        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: "),
+        "nginx": _first_line(["nginx", "-v"]).removeprefix("nginx version: nginx/"),
         "haproxy": _word(_first_line(["haproxy", "-v"]), 2),
         "wrk": _word(_first_line(["wrk", "-v"]), 1),
         "python": platform.python_version(),

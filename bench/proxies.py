@@ -85,7 +85,7 @@ def _nginx_argv(conf: Path, prefix: Path) -> list[str]:
     ]  # fmt: skip
 
 
-def _peer_child(spec: ProxySpec, upstream_ports: Sequence[int], workdir: Path) -> Child:
+def _peer_child(spec: ProxySpec, upstream_ports: Sequence[int], workdir: Path, health_path: str) -> Child:
     assert spec.template is not None
     conf = workdir / spec.template
     conf.write_text(
@@ -96,6 +96,7 @@ def _peer_child(spec: ProxySpec, upstream_ports: Sequence[int], workdir: Path) -
                 "HOST": HOST,
                 "LISTEN": str(spec.port),
                 "SERVERS": server_lines(spec.kind, upstream_ports),
+                "HEALTH_PATH": health_path,
             },
         )
     )
@@ -136,7 +137,7 @@ def running_proxy(
             raise RuntimeError("corral is not installed/importable")
         child = _corral_child(spec, upstream_ports, workdir, corral_cmd, ready_path, corral_user_args)
     else:
-        child = _peer_child(spec, upstream_ports, workdir)
+        child = _peer_child(spec, upstream_ports, workdir, ready_path)
     try:
         wait_http(child, spec.port, ready_path, READY_TIMEOUT_S)
         yield RunningProxy(spec, child)

@@ -18,9 +18,19 @@ from stats import median
 
 CORRAL = "corral"
 # Column order of the table; anything else is appended in first-seen order.
-COLUMNS = ["corral", "nginx", "nginx-rr", "nginx-ka", "haproxy", "haproxy-ka", "direct", "direct-ka", "ideal"]
+COLUMNS = ["corral", "corral-fifo", "nginx", "nginx-rr", "nginx-ka", "haproxy", "haproxy-ka", "direct", "direct-ka", "ideal"]
 # Reference points: shown, but never the "best peer".
-REFERENCES = {"direct", "direct-ka", "ideal"}
+REFERENCES = {"direct", "direct-ka", "ideal", "corral-fifo"}
+LEGEND = """\
+Columns: corral and the peers run in turn over the same worker processes.
+nginx = least_conn, no upstream keep-alive; nginx-rr = round-robin, no upstream keep-alive;
+nginx-ka = least_conn with upstream keep-alive; haproxy = `maxconn 1` per server,
+http-server-close; haproxy-ka = no per-server cap, server keep-alive (configs in bench/peers/).
+corral-fifo = corral with `--dispatch fifo` (cost-aware dispatch off; a reference, not a peer);
+direct = straight to a worker (T2: one connection per request; T3: the nginx backend;
+T5: N x one worker loaded alone); direct-ka = one kept-alive connection to a worker (httpuv's
+delayed-ACK stall); ideal = T4 zero-overhead central FIFO replay (bench/ggc.py), T5 N/0.05 s.
+Ratios use medians; "best peer" excludes direct/ideal."""
 BEGIN = "<!-- compare:begin -->"
 END = "<!-- compare:end -->"
 
@@ -180,8 +190,10 @@ def errors_text(results: Results) -> str:
         return ""
     out = ["Errors:"]
     for e in results.errors:
-        first = e["error"].strip().splitlines()[0] if e["error"].strip() else "?"
-        out.append(f"- {e['scenario']} {e['target']}: {first[:300]}")
+        lines = [ln.strip() for ln in e["error"].splitlines() if ln.strip()] or ["?"]
+        # First line says what failed; the last is usually the process's own complaint.
+        text = lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}"
+        out.append(f"- {e['scenario']} {e['target']}: {text[:400]}")
     return "\n".join(out)
 
 
@@ -195,6 +207,8 @@ def markdown_block(results: Results, meta: dict[str, Any]) -> str:
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
         table(results),
+        "",
+        LEGEND,
     ]
     errs = errors_text(results)
     if errs:

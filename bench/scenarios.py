@@ -280,13 +280,21 @@ def t4(ctx: Context) -> None:
         outcomes = loadgen.run(HOST, proxy.port, schedules[run])
         summary = loadgen.summarize(outcomes)
         add(proxy.spec.name, summary, run)
-        res.record("T4", proxy.spec.name, run, {"summary": summary, "arrivals": len(outcomes)})
+        per_request = [[o.cls, round(o.scheduled, 4), round(o.sent_lag, 4), round(o.latency, 4), o.status]
+                       for o in outcomes]  # fmt: skip
+        res.record("T4", proxy.spec.name, run, {
+            "summary": summary,
+            "requests_fields": ["class", "scheduled_s", "sent_lag_s", "latency_s", "status"],
+            "requests": per_request,
+        })  # fmt: skip
 
     with pool:
         ctx.log("T4: measuring unloaded service times directly on a worker")
         service = service_times(pool.ports[0])
         ctx.log(f"T4: service times {service}")
-        specs = [CORRAL, HAPROXY, NGINX, NGINX_RR]
+        # issue 8: the same corral with cost-aware dispatch off, for the FIFO-vs-cost-aware rows
+        fifo = replace(CORRAL, name="corral-fifo", corral_args=("--dispatch", "fifo"))
+        specs = [CORRAL, fifo, HAPROXY, NGINX, NGINX_RR]
         each_proxy(ctx, "T4", specs, pool.ports, "/fast", measure, per_run=per_run)
 
 
