@@ -22,15 +22,21 @@ EXAMPLE_R = str(ROOT / "examples" / "plumber" / "plumber.R")
 HAVE_R = shutil.which("Rscript") is not None
 
 
+EPHEMERAL_LOW = 32768  # Linux's default ip_local_port_range starts here: client sockets may take any port above
+
+
 def free_ports(n: int, start: int = 20000) -> int:
-    """The first port of n consecutive free ports (randomised start so parallel runs rarely collide)."""
-    base = start + (os.getpid() * 37) % 20000
-    while True:
+    """The first port of n consecutive free ports, below the ephemeral range so no client socket takes
+    one later (randomised start so parallel runs rarely collide)."""
+    span = EPHEMERAL_LOW - start - n
+    base = start + (os.getpid() * 37) % span
+    for _ in range(span):
         if all(_free(base + i) for i in range(n)):
             return base
         base += n + 1
-        if base > 60000:
+        if base + n >= EPHEMERAL_LOW:
             base = start
+    raise RuntimeError(f"no {n} consecutive free ports below {EPHEMERAL_LOW}")
 
 
 def _free(port: int) -> bool:

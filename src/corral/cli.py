@@ -9,8 +9,9 @@ from typing import Any
 import click
 
 from . import config as C
+from . import control
 from .config import AppConfig, Config, ConfigError, ServerConfig
-from .launch import LaunchError, worker_argv
+from .launch import preflight
 
 
 def _knob_options(cls: type) -> list[click.Option]:
@@ -88,7 +89,7 @@ def build_config(
     name: str | None,
     knobs: dict[str, Any],
 ) -> Config:
-    cfg = C.load_toml(config_path) if config_path else Config()
+    cfg = C.load_toml(config_path, strict=False) if config_path else Config()
     given = {k: v for k, v in knobs.items() if v is not None}
     server_keys = {f.name for f in C.fields_of(ServerConfig)}
     for key, value in given.items():
@@ -102,6 +103,8 @@ def build_config(
         for key, value in given.items():
             if key not in server_keys:
                 setattr(app, key, value)
+        if name:
+            app.name = name
     problems = C.validate(cfg)
     if problems:
         raise ConfigError(problems)
@@ -143,13 +146,11 @@ def serve(cfg: Config, balance: bool = True) -> int:
 
     from .server import Corral, StartupError
 
-    for app in cfg.apps:
-        if app.plumber or app.command:
-            try:
-                worker_argv(app, 0, 0)
-            except LaunchError as exc:
-                click.echo(f"corral: app '{app.name}': {exc}", err=True)
-                return 2
+    problems = launch_problems(cfg)
+    for problem in problems:
+        click.echo(f"corral: {problem}", err=True)
+    if problems:
+        return 2
     corral = Corral(cfg, balance=balance)
     try:
         sock = corral.preflight()
@@ -159,23 +160,81 @@ def serve(cfg: Config, balance: bool = True) -> int:
     return uvloop.run(corral.run(sock))
 
 
+def launch_problems(cfg: Config) -> list[str]:
+    """What would stop an app's workers from starting at all: no R, no such command."""
+    out = []
+    for app in cfg.apps:
+        why = preflight(app)
+        if why:
+            out.append(f"{cfg.source}: app '{app.name}': {why}")
+    return out
+
+
+def load_checked(config_path: str) -> Config:
+    """corral.toml loaded and validated, or ConfigError with every problem found."""
+    cfg = C.load_toml(config_path, strict=False)
+    problems = C.validate(cfg)
+    if not problems:
+        problems = launch_problems(cfg)
+    if problems:
+        raise ConfigError(problems)
+    return cfg
+
+
+def _summary(cfg: Config, app: AppConfig) -> str:
+    if app.upstreams:
+        n = sum(len(C.parse_upstream(s)) for s in app.upstreams)
+        return f"{app.name} {app.route} -> {n} upstream{'s' * (n != 1)}"
+    ports = C.worker_ports(cfg, app)
+    span = f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(ports[0])
+    what = f"plumber {app.plumber}" if app.plumber else " ".join(app.command)
+    n = len(ports)
+    return f"{app.name} {app.route} -> {n} worker{'s' * (n != 1)} on {app.worker_host}:{span} ({what})"
+
+
 @cli.command()
 @click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
 def check(config_path: str) -> None:
-    """Validate a corral.toml: exit 0 with a summary, or 2 with every problem listed."""
+    """Validate a corral.toml: exit 0 with a one-line summary, or 2 with every problem listed."""
     try:
-        cfg = C.load_toml(config_path)
-        problems = C.validate(cfg)
+        cfg = load_checked(config_path)
     except ConfigError as exc:
-        problems = exc.problems
-    if problems:
-        for p in problems:
+        for p in exc.problems:
             click.echo(p, err=True)
         sys.exit(2)
-    apps = ", ".join(
-        f"{a.name} ({a.route}, {(len(a.upstreams) and 'upstreams') or C.effective_workers(a)})" for a in cfg.apps
-    )
-    click.echo(f"{config_path}: ok: {len(cfg.apps)} app(s): {apps}; listening on {cfg.server.host}:{cfg.server.port}")
+    apps = "; ".join(_summary(cfg, a) for a in cfg.apps)
+    n = len(cfg.apps)
+    click.echo(f"{config_path}: ok: {n} app{'s' * (n != 1)} on {cfg.server.host}:{cfg.server.port}: {apps}")
+
+
+@cli.command()
+@click.argument("kind", type=click.Choice(["nginx", "haproxy", "systemd"]))
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("--supervise-only", is_flag=True, help="systemd: a unit for the workers only (nginx/HAProxy in front)")
+def export(kind: str, config_path: str, supervise_only: bool) -> None:
+    """Print an nginx conf.d file, a haproxy.cfg or a systemd unit for the apps in corral.toml.
+
+    \b
+      corral export nginx -c corral.toml > /etc/nginx/conf.d/corral.conf
+      corral export haproxy -c corral.toml > /etc/haproxy/haproxy.cfg
+      corral export systemd -c corral.toml > /etc/systemd/system/corral.service
+    """
+    from . import export as X
+
+    try:
+        cfg = load_checked(config_path)
+    except ConfigError as exc:
+        for p in exc.problems:
+            click.echo(p, err=True)
+        sys.exit(2)
+    if kind == "systemd":
+        click.echo(X.systemd(cfg, supervise_only), nl=False)
+    else:
+        click.echo(X.EXPORTERS[kind](cfg), nl=False)
+
+
+for _verb in control.COMMANDS:  # status, reload, scale, stop: talk to a running corral's admin channel
+    cli.add_command(_verb)
 
 
 def main() -> None:

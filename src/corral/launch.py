@@ -29,7 +29,7 @@ def plumber_argv(app: AppConfig) -> tuple[list[str], str]:
         cwd, plumb = str(target), "plumb(dir = '.')"
     else:
         cwd, plumb = str(target.parent), f"plumb(file = {r_string(target.name)})"
-    host = os.environ.get("CORRAL_WORKER_HOST", "127.0.0.1")
+    host = app.worker_host
     expr = (
         "suppressPackageStartupMessages(library(plumber)); "
         f"pr <- {plumb}; "
@@ -44,8 +44,30 @@ def worker_argv(app: AppConfig, port: int, index: int) -> tuple[list[str], str |
         return plumber_argv(app)
     if not app.command:
         raise LaunchError("no command to run")
-    argv = [a.replace("{port}", str(port)).replace("{index}", str(index)) for a in app.command]
+    subst = {"{port}": str(port), "{index}": str(index), "{host}": app.worker_host}
+    argv = []
+    for arg in app.command:
+        for key, value in subst.items():
+            arg = arg.replace(key, value)
+        argv.append(arg)
     return argv, None
+
+
+def preflight(app: AppConfig) -> str | None:
+    """What would stop every worker of this app from starting (no R, no such command), or None."""
+    if not (app.plumber or app.command):
+        return None
+    try:
+        argv, _ = worker_argv(app, 0, 0)
+    except LaunchError as exc:
+        return str(exc)
+    exe = argv[0]
+    if os.path.isabs(exe):
+        if not os.access(exe, os.X_OK):
+            return f"command: {exe!r} is not an executable file"
+    elif os.sep not in exe and shutil.which(exe) is None:
+        return f"command: {exe!r} not found on PATH"
+    return None  # a relative path depends on the directory corral runs in: found out at start
 
 
 def worker_env(app: AppConfig, port: int, index: int) -> dict[str, str]:
@@ -55,6 +77,7 @@ def worker_env(app: AppConfig, port: int, index: int) -> dict[str, str]:
     env["CORRAL_WORKER_INDEX"] = str(index)
     env["NODE_APP_INSTANCE"] = str(index)  # what pm2 -i N users' scripts already read
     env["CORRAL_APP"] = app.name
+    env["CORRAL_WORKER_HOST"] = app.worker_host  # the address to bind, for commands that read it
     return env
 
 

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
 import sys
 import time
 from typing import Any
 
 from . import health
-from .config import Config, worker_ports
+from .admin import AdminError, AdminServer
+from .autoscale import Autoscaler, Policy
+from .config import Config, autoscaled, worker_ports
 from .logs import AccessLog, say
 from .pool import Pool
 from .proxy import Proxy, make_listener
@@ -35,6 +38,7 @@ class Corral:
         self._stop = asyncio.Event()
         self.exit_code = 0
         self.admin: Any = None
+        self.autoscalers: dict[str, Autoscaler] = {}
 
     # --- preflight: refuse busy ports before starting anything -----------------------------------
     def preflight(self) -> Any:
@@ -52,13 +56,19 @@ class Corral:
             if app.upstreams:
                 continue
             for i, port in enumerate(worker_ports(self.cfg, app)):
-                if not port_free("127.0.0.1", port):
+                if not port_free(app.worker_host, port):
                     if sock is not None:
                         sock.close()
                     raise StartupError(
                         f"worker port {port} (app '{app.name}', worker {i}) is already in use; "
                         "choose another range with --base-port"
                     )
+        try:
+            self.admin = AdminServer.prepare(self.cfg)
+        except AdminError as exc:
+            if sock is not None:
+                sock.close()
+            raise StartupError(str(exc)) from None
         return sock
 
     async def run(self, sock: Any) -> int:
@@ -73,8 +83,13 @@ class Corral:
                     pool.workers.append(w)
             else:
                 sup = Supervisor(app, self.cfg, pool, loop)
+                sup.fixed_ports = not self.balance  # nginx/HAProxy in front know the worker ports
                 self.supervisors[app.name] = sup
                 self.tasks.append(loop.create_task(sup.run()))
+                if autoscaled(app):
+                    scaler = Autoscaler(app, pool, sup, Policy.of(app, os.cpu_count() or 1))
+                    self.autoscalers[app.name] = scaler
+                    self.tasks.append(loop.create_task(scaler.run()))
             checker = health.HealthChecker(app, pool)
             self.checkers.append(checker)
             self.tasks.append(loop.create_task(checker.run()))
@@ -84,6 +99,7 @@ class Corral:
             say(f"corral: listening on http://{self.cfg.server.host}:{self.cfg.server.port}")
         if self.admin is not None:
             await self.admin.start(self)
+            say(f"corral: admin on {self.admin.address}")
         self._install_signals(loop)
         self.tasks.append(loop.create_task(self._announce_ready()))
         self.tasks.append(loop.create_task(self._watch_fatal()))
@@ -101,13 +117,21 @@ class Corral:
             want = sum(s.desired for s in self.supervisors.values())
             ready = sum(len(p.routable()) for p in self.pools if p.name in self.supervisors)
             if ready >= want:
-                names = ", ".join(f"{p.name} x{len(p.routable())}" for p in self.pools)
-                say(
-                    f"corral: all workers ready ({names}); serving on http://{self.cfg.server.host}:"
-                    f"{self.cfg.server.port}"
-                )
+                names = ", ".join(self._describe(p) for p in self.pools)
+                if self.balance:
+                    where = f"serving on http://{self.cfg.server.host}:{self.cfg.server.port}"
+                else:
+                    where = "supervise-only, no balancer; workers at " + "; ".join(
+                        f"{p.name} {_addresses(p)}" for p in self.pools if p.name in self.supervisors
+                    )
+                say(f"corral: all workers ready ({names}); {where}")
                 return
             await asyncio.sleep(0.05)
+
+    def _describe(self, pool: Pool) -> str:
+        if pool.name in self.supervisors:
+            return f"{pool.name} x{len(pool.routable())}"
+        return f"{pool.name}: {len(pool.routable())} of {len(pool.workers)} upstreams answering so far"
 
     async def _watch_fatal(self) -> None:
         while not self._stop.is_set():
@@ -147,4 +171,25 @@ class Corral:
                 await self.admin.stop()
         for task in self.tasks:
             task.cancel()
+        for pool in self.pools:
+            say(
+                f"corral: app {pool.name}: served {pool.served}, failed {pool.failed}, "
+                f"rejected {pool.scheduler.rejected + pool.scheduler.refused_early}, "
+                f"timed out in queue {pool.scheduler.timed_out}, pipelined behind a response {pool.pipelined}"
+            )
         say("corral: stopped")
+
+
+def _addresses(pool: Pool) -> str:
+    """'127.0.0.1:9000-9003' for consecutive ports, else a comma list."""
+    by_host: dict[str, list[int]] = {}
+    for w in pool.routable():
+        by_host.setdefault(w.host if w.external else pool.app.worker_host, []).append(w.port)
+    out = []
+    for host, ports in by_host.items():
+        ports.sort()
+        if ports == list(range(ports[0], ports[0] + len(ports))) and len(ports) > 1:
+            out.append(f"{host}:{ports[0]}-{ports[-1]}")
+        else:
+            out.extend(f"{host}:{p}" for p in ports)
+    return ", ".join(out)

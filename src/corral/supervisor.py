@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import psutil
 
 from . import health, launch
-from .config import AppConfig, Config, effective_workers, worker_ports
+from .config import AppConfig, Config, connect_host, effective_workers, worker_ports
 from .logs import WorkerOutput, event
 from .worker import State, Worker
 
@@ -63,7 +63,9 @@ class Supervisor:
         self._backoff_until: dict[int, float] = {}
         self.last_tail: list[str] = []
         self.restarts: dict[str, int] = {}  # reason -> count, for metrics
+        self.index_restarts: dict[int, int] = {}  # worker index -> unplanned restarts, for status
         self.surge = 1
+        self.fixed_ports = False  # --supervise-only: workers keep their ports across reloads
         self.ever_ready = False
         self.fatal: str | None = None
         self.reload_note: str | None = None
@@ -142,11 +144,13 @@ class Supervisor:
     def _reconcile_successor(self, index: int, worker: Worker, now: float) -> None:
         wants = worker.generation < self.generation or worker.retire_reason is not None
         succ = self.successors.get(index)
+        if succ is None and wants and self.fixed_ports:
+            self._replace_in_place(worker)
+            return
         if succ is None:
-            if wants and worker.state is State.READY and len(self.successors) < self.surge:
-                if now >= self._next_start(index):
-                    port = self._fresh_port()
-                    self.successors[index] = self._spawn(index, port)
+            room = len(self.successors) < self.surge
+            if wants and room and worker.state is State.READY and now >= self._next_start(index):
+                self.successors[index] = self._spawn(index, self._fresh_port())
             return
         if succ.state is State.STOPPED:
             del self.successors[index]
@@ -161,6 +165,12 @@ class Supervisor:
             self.slots[index] = succ
             why = worker.retire_reason or f"replaced by pid {succ.pid} (reload)"
             self._retire(worker, why)
+
+    def _replace_in_place(self, worker: Worker) -> None:
+        # Behind nginx/HAProxy (--supervise-only) the worker ports are in their config: a reload or
+        # recycle stops one worker at a time and restarts it on the same port, instead of surging.
+        if worker.state is State.READY and all(w.state is State.READY for w in self.slots.values()):
+            self._stop(worker, worker.retire_reason or "reload: restarting in place (fixed ports)")
 
     def _reconcile_retiring(self, worker: Worker, now: float) -> None:
         if worker.state is State.STOPPED:
@@ -184,8 +194,12 @@ class Supervisor:
 
     def base_ports_for(self, index: int) -> int:
         preferred = self.base_ports[0] + index
+        if self.fixed_ports:
+            return preferred  # named in the front end's config: retry it (with backoff) rather than move
         used = {w.port for w in self.all_workers() if w.state is not State.STOPPED}
-        return preferred if preferred not in used else self._fresh_port()
+        # A slot added by scale/autoscale may land on a port someone else holds: probe it too.
+        ok = preferred not in used and port_free(self._bind_host(), preferred)
+        return preferred if ok else self._fresh_port()
 
     def _fresh_port(self) -> int:
         """A port for a replacement: outside every live worker's, and free right now."""
@@ -196,12 +210,12 @@ class Supervisor:
         return port
 
     def _bind_host(self) -> str:
-        return os.environ.get("CORRAL_WORKER_HOST", "127.0.0.1")
+        return self.app.worker_host
 
     # --- process life --------------------------------------------------------------------------
     def _spawn(self, index: int, port: int) -> Worker:
         app = self.app
-        worker = Worker(app.name, index, "127.0.0.1", port, app.max_inflight, self.generation)
+        worker = Worker(app.name, index, connect_host(app), port, app.max_inflight, self.generation)
         if app.max_requests:
             worker.max_requests = app.max_requests + random.randint(0, app.max_requests_jitter)
         argv, cwd = launch.worker_argv(app, port, index)
@@ -285,6 +299,7 @@ class Supervisor:
         self._backoff_until[index] = time.monotonic() + delay
         reason = worker.stop_reason or ("exited before ready" if never_ready else "exited")
         self.restarts[reason.split(" (")[0]] = self.restarts.get(reason.split(" (")[0], 0) + 1
+        self.index_restarts[index] = self.index_restarts.get(index, 0) + 1
         worker.failed += worker.inflight
         self._emit(worker, State.STOPPED, f"{how}; {reason}; restarting in {delay:.1f}s")
         if never_ready and worker.tail and not self.ever_ready:

@@ -1,0 +1,630 @@
+"""The admin channel: status, metrics, dashboard, reload, scale and stop over a small HTTP server.
+
+It listens on a unix socket by default (one per public port, in a 0700 directory of the user's),
+or on `--admin HOST:PORT`; never on the public port. A TCP address other than loopback needs
+`--admin-token`, and then every call carries `Authorization: Bearer TOKEN`. It is not the hot
+path: one asyncio Protocol per connection, httptools for parsing, answers built in memory.
+
+    GET  /          the dashboard (one self-contained page that polls /status and /series)
+    GET  /status    workers, queues and totals as JSON
+    GET  /series    the last minutes of queue depth, request rate and latency quantiles, as JSON
+    GET  /metrics   Prometheus text format
+    POST /reload    rolling replacement of every worker (?app=NAME for one app)
+    POST /scale     ?workers=N (&app=NAME when there are several apps)
+    POST /stop      graceful stop, as SIGTERM
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import ipaddress
+import json
+import os
+import socket
+import stat
+import time
+from collections import deque
+from importlib import resources
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+
+import httptools
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from . import __version__, metrics
+from .supervisor import tree_rss
+from .worker import State
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .pool import Pool
+    from .server import Corral
+
+MAX_REQUEST = 64 * 1024  # an admin request is a line and a few headers
+IDLE_CLOSE = 60.0  # keep-alive connections (the dashboard polls) are closed after this long idle
+SERIES_POINTS = 300  # one a second: five minutes of history for the dashboard
+QUANTILE_WINDOW = 10  # seconds of history behind each p50/p99 point
+ROUTES: dict[str, str] = {
+    "/": "GET",
+    "/status": "GET",
+    "/series": "GET",
+    "/metrics": "GET",
+    "/reload": "POST",
+    "/scale": "POST",
+    "/stop": "POST",
+}
+TOKEN_ENV = "CORRAL_ADMIN_TOKEN"
+
+
+class AdminError(Exception):
+    """The admin channel cannot be opened as asked; the message is one line for the operator."""
+
+
+# --- addresses -----------------------------------------------------------------------------------
+def socket_dirs() -> list[str]:
+    """Where default admin sockets live, in the order a client looks: runtime dir, then /tmp."""
+    out = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        out.append(os.path.join(runtime, "corral"))
+    out.append(f"/tmp/corral-{os.getuid()}")
+    return out
+
+
+def default_socket(port: int) -> str:
+    return os.path.join(socket_dirs()[0], f"{port}.sock")
+
+
+def parse_address(spec: str) -> tuple[str, str, int]:
+    """`unix:/path` -> ("unix", path, 0); `HOST:PORT` / `[v6]:PORT` -> ("tcp", host, port)."""
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise AdminError(f"admin address {spec!r}: give a path after unix:")
+        return "unix", path, 0
+    host, sep, port_s = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise AdminError(f"admin address {spec!r} must be HOST:PORT or unix:/path")
+    return "tcp", host, int(port_s)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _private_dir(path: str) -> None:
+    """Create the socket directory 0700, and refuse one that someone else could have planted."""
+    os.makedirs(path, mode=0o700, exist_ok=True)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise AdminError(f"admin socket directory {path} is not a private directory of this user; remove it")
+
+
+def _bind_unix(path: str) -> socket.socket:
+    if len(path.encode()) > 100:
+        raise AdminError(f"admin socket path {path} is too long for a unix socket; give a shorter --admin unix:PATH")
+    if os.path.exists(path):
+        with socket.socket(socket.AF_UNIX) as probe:
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # left behind by a corral that died
+            else:
+                raise AdminError(f"admin socket {path} is in use by another corral; give another with --admin")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise AdminError(f"admin socket {path} cannot be created ({exc.strerror or exc})") from None
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _bind_tcp(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise AdminError(
+            f"admin address {host}:{port} is not available ({exc.strerror or exc}); choose another with --admin"
+        ) from None
+    return sock
+
+
+# --- status -------------------------------------------------------------------------------------
+class StatusBuilder:
+    """Turns the live objects into the /status document. Keeps psutil handles for cpu_percent."""
+
+    def __init__(self, corral: Corral, address: str) -> None:
+        self.corral = corral
+        self.address = address
+        self._procs: dict[int, psutil.Process] = {}
+
+    def _cpu(self, pid: int | None) -> float:
+        if pid is None:
+            return 0.0
+        proc = self._procs.get(pid)
+        try:
+            if proc is None:
+                proc = self._procs[pid] = psutil.Process(pid)
+            return proc.cpu_percent(None)  # since the previous call; 0.0 the first time
+        except psutil.Error:
+            self._procs.pop(pid, None)
+            return 0.0
+
+    def build(self) -> dict[str, Any]:
+        c = self.corral
+        now = time.monotonic()
+        apps = [self._app(pool, now) for pool in c.pools]
+        live = {w["pid"] for a in apps for w in a["workers"]}
+        for pid in [p for p in self._procs if p not in live]:
+            del self._procs[pid]
+        workers = [w for a in apps for w in a["workers"]]
+        server = c.cfg.server
+        return {
+            "corral": {
+                "version": __version__,
+                "pid": os.getpid(),
+                "uptime_s": round(time.time() - c.started, 1),
+                "listen": f"http://{server.host}:{server.port}" if c.balance else None,
+                "admin": self.address,
+            },
+            "apps": apps,
+            "totals": {
+                "workers": len(workers),
+                "ready": sum(1 for w in workers if w["state"] in ("ready", "busy")),
+                "busy": sum(1 for w in workers if w["state"] == "busy"),
+                "inflight": sum(w["inflight"] for w in workers),
+                "served": sum(a["served"] for a in apps),
+                "failed": sum(a["failed"] for a in apps),
+                "restarts": sum(a["restarts_total"] for a in apps),
+                "queued": sum(a["queue"]["depth"] for a in apps),
+                "rejected": sum(a["queue"]["rejected"] for a in apps),
+                "timed_out": sum(a["queue"]["timed_out"] for a in apps),
+            },
+        }
+
+    def _app(self, pool: Pool, now: float) -> dict[str, Any]:
+        c = self.corral
+        sup = c.supervisors.get(pool.name)
+        scaler = c.autoscalers.get(pool.name)
+        restarts = sup.index_restarts if sup else {}
+        workers = []
+        for w in sorted(pool.workers, key=lambda w: (w.index, w.generation)):
+            workers.append(
+                {
+                    "index": w.index,
+                    "pid": w.pid,
+                    "port": w.port,
+                    "state": w.display_state(),
+                    "inflight": w.inflight,
+                    "max_inflight": w.max_inflight,
+                    "served": w.served,
+                    "failed": w.failed,
+                    "restarts": restarts.get(w.index, 0),
+                    "rss_bytes": tree_rss(w.pid) if w.state is not State.STOPPED else 0,
+                    "cpu_percent": round(self._cpu(w.pid), 1),
+                    "uptime_s": round(now - w.born, 1),
+                    "generation": w.generation,
+                    "external": w.external,
+                    "note": w.stop_reason if w.state not in (State.READY, State.STARTING) else None,
+                }
+            )
+        sched = pool.scheduler
+        slots = list(sup.slots.values()) if sup else pool.workers
+        generation = sup.generation if sup else 0
+        return {
+            "name": pool.name,
+            "route": pool.route,
+            "desired": sup.desired if sup else len(pool.workers),
+            "ready": sum(1 for w in slots if w.state is State.READY),
+            "generation": generation,
+            "reloading": bool(sup and (sup.successors or any(w.generation < generation for w in slots))),
+            "reload_note": sup.reload_note if sup else None,
+            "supervised": sup is not None,
+            "autoscale": (
+                {
+                    "min_workers": scaler.policy.min_workers,
+                    "max_workers": scaler.policy.max_workers,
+                    "scale_up_wait": scaler.policy.scale_up_wait,
+                    "idle_timeout": scaler.policy.idle_timeout,
+                    "last_reason": scaler.last_reason,
+                }
+                if scaler
+                else None
+            ),
+            "workers": workers,
+            "queue": {
+                "depth": sched.depth,
+                "max": sched.max_queue,
+                "rejected": sched.rejected,
+                "timed_out": sched.timed_out,
+                "refused_early": sched.refused_early,  # admission control: predicted wait > queue_timeout
+                "oldest_wait_s": round(sched.oldest_wait(now), 3),
+            },
+            "served": pool.served,
+            "failed": pool.failed,
+            "restarts": dict(sup.restarts) if sup else {},
+            "restarts_total": sum(sup.restarts.values()) if sup else 0,
+        }
+
+
+# --- history for the dashboard ------------------------------------------------------------------
+def quantile(counts: list[int], q: float) -> float | None:
+    """The q-quantile of a non-cumulative bucket histogram (metrics.BUCKETS), linearly interpolated."""
+    total = sum(counts)
+    if not total:
+        return None
+    rank = q * total
+    seen = 0
+    lower = 0.0
+    for bound, n in zip(metrics.BUCKETS, counts, strict=False):
+        if n and seen + n >= rank:
+            return lower + (bound - lower) * (rank - seen) / n
+        seen += n
+        lower = bound
+    return metrics.BUCKETS[-1]  # in the +Inf bucket: the largest finite bound is all we know
+
+
+class Series:
+    """One sample a second per app: enough to draw the last minutes without a time-series store."""
+
+    def __init__(self, corral: Corral, stats: dict[str, metrics.PoolStats]) -> None:
+        self.corral = corral
+        self.stats = stats
+        self.samples: dict[str, deque[tuple[Any, ...]]] = {}
+
+    def sample(self) -> None:
+        now = time.time()
+        for pool in self.corral.pools:
+            st = self.stats[pool.name]
+            ready = [w for w in pool.workers if w.state is State.READY]
+            row = (
+                now,
+                pool.scheduler.depth,
+                sum(1 for w in ready if w.inflight),
+                len(ready),
+                st.total,
+                list(st.queue_wait.counts),
+                list(st.service.counts),
+            )
+            self.samples.setdefault(pool.name, deque(maxlen=SERIES_POINTS)).append(row)
+
+    def document(self) -> dict[str, Any]:
+        apps = {}
+        for name, rows in self.samples.items():
+            pts = list(rows)
+            out: dict[str, list[Any]] = {
+                k: []
+                for k in ("t", "depth", "busy", "ready", "rate", "wait_p50", "wait_p99", "service_p50", "service_p99")
+            }
+            for i, (t, depth, busy, ready, total, wait, svc) in enumerate(pts):
+                prev = pts[i - 1] if i else None
+                back = pts[max(0, i - QUANTILE_WINDOW)]
+                out["t"].append(round(t, 3))
+                out["depth"].append(depth)
+                out["busy"].append(busy)
+                out["ready"].append(ready)
+                out["rate"].append(round((total - prev[4]) / max(1e-3, t - prev[0]), 2) if prev else 0)
+                dw = [a - b for a, b in zip(wait, back[5], strict=True)]
+                ds = [a - b for a, b in zip(svc, back[6], strict=True)]
+                for key, counts, q in (
+                    ("wait_p50", dw, 0.5),
+                    ("wait_p99", dw, 0.99),
+                    ("service_p50", ds, 0.5),
+                    ("service_p99", ds, 0.99),
+                ):
+                    v = quantile(counts, q)
+                    out[key].append(None if v is None else round(v, 6))
+            apps[name] = out
+        return {"interval_s": 1, "quantile_window_s": QUANTILE_WINDOW, "apps": apps}
+
+
+# --- the server ----------------------------------------------------------------------------------
+class AdminServer:
+    """Bound in preflight (so a bad or busy address fails before any worker starts), served in run()."""
+
+    def __init__(self, cfg: Config, sock: socket.socket, address: str, path: str | None, token: str | None) -> None:
+        self.cfg = cfg
+        self.sock = sock
+        self.address = address
+        self.path = path
+        self.token = token
+        self.tcp = path is None
+        self.corral: Corral | None = None
+        self.server: asyncio.AbstractServer | None = None
+        self.stats: dict[str, metrics.PoolStats] = {}
+        self.registry: Any = None
+        self.status: StatusBuilder | None = None
+        self.series: Series | None = None
+        self.connections: set[AdminConnection] = set()
+        self._sampler: asyncio.Task[None] | None = None
+        self._page: bytes | None = None
+
+    @classmethod
+    def prepare(cls, cfg: Config) -> AdminServer:
+        server = cfg.server
+        token = server.admin_token or os.environ.get(TOKEN_ENV) or None
+        spec = server.admin or f"unix:{default_socket(server.port)}"
+        kind, host, port = parse_address(spec)
+        if kind == "unix":
+            if server.admin is None:
+                _private_dir(os.path.dirname(host))
+            sock = _bind_unix(host)
+            return cls(cfg, sock, f"unix:{host}", host, token)
+        if port == server.port:
+            raise AdminError(f"admin address {spec}: the admin channel is never served on the public port {port}")
+        if not is_loopback(host) and not token:
+            raise AdminError(
+                f"admin address {spec} is reachable from other machines: set --admin-token TOKEN "
+                f"(or ${TOKEN_ENV}) or bind it to 127.0.0.1 or unix:/path"
+            )
+        sock = _bind_tcp(host, port)
+        return cls(cfg, sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", None, token)
+
+    def close_socket(self) -> None:
+        self.sock.close()
+        self._unlink()
+
+    def _unlink(self) -> None:
+        if self.path is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    async def start(self, corral: Corral) -> None:
+        loop = asyncio.get_running_loop()
+        self.corral = corral
+        for pool in corral.pools:
+            self.stats[pool.name] = metrics.PoolStats()
+            metrics.attach(pool, self.stats[pool.name])
+        self.registry = metrics.registry_for(corral, self.stats)
+        self.status = StatusBuilder(corral, self.address)
+        self.series = Series(corral, self.stats)
+        self.sock.listen(64)
+        self.sock.setblocking(False)
+        if self.tcp:
+            self.server = await loop.create_server(lambda: AdminConnection(self), sock=self.sock)
+        else:
+            self.server = await loop.create_unix_server(lambda: AdminConnection(self), sock=self.sock)
+        self._sampler = loop.create_task(self._sample())
+
+    async def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self.server is not None:
+            self.server.close()
+        for conn in list(self.connections):
+            conn.close()
+        self._unlink()
+
+    async def _sample(self) -> None:
+        assert self.series is not None
+        while True:
+            self.series.sample()
+            await asyncio.sleep(1.0)
+
+    # --- requests ---------------------------------------------------------------------------
+    def authorized(self, headers: dict[bytes, bytes]) -> bool:
+        if self.token is None:
+            return True
+        given = headers.get(b"authorization", b"")
+        return hmac.compare_digest(given, b"Bearer " + self.token.encode())
+
+    def handle(self, method: str, path: str, query: str, headers: dict[bytes, bytes]) -> tuple[int, bytes, str]:
+        """(status, body, content type) for one request."""
+        want = ROUTES.get(path)
+        if want is None:
+            return _json(404, {"error": f"no such admin endpoint: {path}", "endpoints": sorted(ROUTES)})
+        if method != want:
+            return _json(405, {"error": f"{path} takes {want}, not {method}"})
+        if path == "/" and method == "GET":
+            return 200, self.page(), "text/html; charset=utf-8"  # static shell: it sends the token itself
+        if not self.authorized(headers):
+            return _json(401, {"error": "admin token required: Authorization: Bearer TOKEN"})
+        if self.tcp and method == "POST" and _cross_site(headers):
+            return _json(403, {"error": "cross-site request refused"})
+        params = {k: v[-1] for k, v in parse_qs(query).items()}
+        if path == "/status":
+            assert self.status is not None
+            return _json(200, self.status.build())
+        if path == "/series":
+            assert self.series is not None
+            return _json(200, self.series.document())
+        if path == "/metrics":
+            return 200, metrics.render(self.registry), CONTENT_TYPE_LATEST
+        if path == "/reload":
+            return self._reload(params.get("app"))
+        if path == "/scale":
+            return self._scale(params.get("workers"), params.get("app"))
+        return self._stop()
+
+    def page(self) -> bytes:
+        if self._page is None:
+            self._page = resources.files("corral").joinpath("dashboard.html").read_bytes()
+        return self._page
+
+    def _pick(self, app: str | None) -> tuple[list[str], tuple[int, bytes, str] | None]:
+        assert self.corral is not None
+        sups = self.corral.supervisors
+        if app is not None:
+            if app in sups:
+                return [app], None
+            known = [p.name for p in self.corral.pools]
+            if app in known:
+                return [], _json(400, {"error": f"app {app!r} balances external upstreams; corral does not run them"})
+            return [], _json(404, {"error": f"no app named {app!r}", "apps": known})
+        if not sups:
+            return [], _json(400, {"error": "no app whose workers corral runs"})
+        return list(sups), None
+
+    def _reload(self, app: str | None) -> tuple[int, bytes, str]:
+        names, err = self._pick(app)
+        if err:
+            return err
+        assert self.corral is not None
+        return _json(202, {"ok": True, "messages": [self.corral.supervisors[n].reload() for n in names]})
+
+    def _scale(self, workers: str | None, app: str | None) -> tuple[int, bytes, str]:
+        if workers is None or not workers.isdigit() or int(workers) < 1:
+            return _json(400, {"error": "give workers=N with N >= 1"})
+        names, err = self._pick(app)
+        if err:
+            return err
+        if len(names) > 1:
+            return _json(400, {"error": "several apps: give app=NAME", "apps": names})
+        assert self.corral is not None
+        n = int(workers)
+        scaler = self.corral.autoscalers.get(names[0])
+        note = None
+        if scaler is not None and scaler.policy.clamp(n) != n:
+            n = scaler.policy.clamp(n)
+            note = f"autoscaled app: kept within {scaler.policy.min_workers}..{scaler.policy.max_workers}"
+        messages = [self.corral.supervisors[names[0]].scale(n)]
+        return _json(202, {"ok": True, "workers": n, "messages": messages + ([note] if note else [])})
+
+    def _stop(self) -> tuple[int, bytes, str]:
+        assert self.corral is not None
+        asyncio.get_running_loop().call_later(0.05, self.corral.stop)  # after this answer is written
+        return _json(202, {"ok": True, "messages": ["stopping: finishing in-flight requests"]})
+
+
+def _json(status: int, doc: Any) -> tuple[int, bytes, str]:
+    return status, json.dumps(doc, indent=None, separators=(",", ":")).encode(), "application/json"
+
+
+def _cross_site(headers: dict[bytes, bytes]) -> bool:
+    """A browser POST from another site carries its Origin: such a page must not reload or stop us."""
+    origin = headers.get(b"origin")
+    if origin is None:
+        return False  # not a browser (corral's CLI, curl)
+    host = headers.get(b"host", b"")
+    return origin.split(b"://", 1)[-1] != host
+
+
+REASONS = {
+    200: "OK",
+    202: "Accepted",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    431: "Request Header Fields Too Large",
+}
+SECURITY_HEADERS = (
+    b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
+    b"Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    b"connect-src 'self'; img-src data:\r\n"
+)
+
+
+def response(status: int, body: bytes, ctype: str, keep_alive: bool, extra: bytes = b"") -> bytes:
+    head = (
+        f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Type: {ctype}\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n"
+    ).encode()
+    return head + SECURITY_HEADERS + extra + b"\r\n" + body
+
+
+class AdminConnection(asyncio.Protocol):
+    """One admin client. Requests are answered in order as each completes (answers are immediate)."""
+
+    def __init__(self, server: AdminServer) -> None:
+        self.server = server
+        self.parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.url = b""
+        self.headers: dict[bytes, bytes] = {}
+        self.size = 0
+        self.closed = False
+        self._idle: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server.connections.add(self)
+        self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.server.connections.discard(self)
+        if self._idle is not None:
+            self._idle.cancel()
+
+    def _arm(self) -> None:
+        if self._idle is not None:
+            self._idle.cancel()
+        self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE, self.close)
+
+    def data_received(self, data: bytes) -> None:
+        self._arm()
+        self.size += len(data)
+        if self.size > MAX_REQUEST:
+            self._send_error(431, "request too large")
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._send_error(400, "upgrade not supported")
+        except httptools.HttpParserError as exc:
+            self._send_error(400, f"malformed request: {exc}")
+
+    # httptools callbacks
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.headers = {}
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers[name.lower()] = value
+
+    def on_message_complete(self) -> None:
+        if self.closed:
+            return
+        self.size = 0
+        method = self.parser.get_method().decode("latin-1")
+        try:
+            url = httptools.parse_url(self.url)
+        except httptools.HttpParserInvalidURLError:
+            self._send_error(400, "malformed URL")
+            return
+        path = (url.path or b"/").decode("latin-1")
+        query = (url.query or b"").decode("latin-1")
+        status, body, ctype = self.server.handle(method, path, query, self.headers)
+        keep = self.parser.should_keep_alive()
+        extra = b""
+        if status == 401:
+            extra = b'WWW-Authenticate: Bearer realm="corral"\r\n'
+        elif status == 405:
+            extra = f"Allow: {ROUTES[path]}\r\n".encode()
+        self._write(response(status, body, ctype, keep, extra))
+        if not keep:
+            self.close()
+
+    def _send_error(self, status: int, message: str) -> None:
+        _, body, ctype = _json(status, {"error": message})
+        self._write(response(status, body, ctype, keep_alive=False))
+        self.close()
+
+    def _write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()

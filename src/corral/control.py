@@ -1,0 +1,329 @@
+"""The client side of `corral status | reload | scale | stop`: find a running corral's admin channel,
+call it, and show the answer (a table for people, JSON for scripts)."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+from typing import Any
+
+import click
+
+from .admin import TOKEN_ENV, is_loopback, parse_address, socket_dirs
+
+DEFAULT_PORT = 8000
+STATE_STYLE = {
+    "ready": "green",
+    "busy": "cyan",
+    "starting": "yellow",
+    "draining": "magenta",
+    "unhealthy": "bold red",
+    "stopping": "dim",
+    "stopped": "dim",
+}
+
+
+class ControlError(Exception):
+    """Shown as one line, exit 1."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.path)
+        self.sock = sock
+
+
+class AdminClient:
+    def __init__(self, address: str, token: str | None = None, timeout: float = 10.0) -> None:
+        self.address = address
+        self.token = token
+        self.timeout = timeout
+        self.kind, self.host, self.port = parse_address(address)
+
+    def call(self, method: str, path: str) -> tuple[int, Any]:
+        if self.kind == "unix":
+            conn: http.client.HTTPConnection = _UnixConnection(self.host, self.timeout)
+        else:
+            conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        try:
+            conn.request(method, path, headers=headers)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise ControlError(f"no corral answers on {self.address} ({_why(exc)})") from None
+        finally:
+            conn.close()
+        try:
+            doc = json.loads(body) if resp.getheader("content-type", "").startswith("application/json") else body
+        except ValueError:
+            doc = body
+        if resp.status == 401:
+            raise ControlError(f"{self.address} wants an admin token: give --admin-token or set ${TOKEN_ENV}")
+        return resp.status, doc
+
+    def ok(self, method: str, path: str) -> Any:
+        status, doc = self.call(method, path)
+        if status >= 300:
+            msg = doc.get("error") if isinstance(doc, dict) else doc
+            raise ControlError(f"{method} {path}: {status}: {msg}")
+        return doc
+
+
+def _why(exc: BaseException) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such socket"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    return getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+
+
+def locate(port: int | None, admin: str | None) -> str:
+    """The admin address of the corral serving public port P (its default unix socket), or --admin."""
+    if admin:
+        parse_address(admin)
+        return admin
+    port = port or DEFAULT_PORT
+    candidates = [os.path.join(d, f"{port}.sock") for d in socket_dirs()]
+    for path in candidates:
+        if os.path.exists(path):
+            return f"unix:{path}"
+    raise ControlError(
+        f"no corral found for port {port}: no admin socket at {' or '.join(candidates)} "
+        "(is it running with -p that port? or give --admin ADDR)"
+    )
+
+
+def _client(port: int | None, admin: str | None, token: str | None) -> AdminClient:
+    return AdminClient(locate(port, admin), token or os.environ.get(TOKEN_ENV))
+
+
+def target_options(fn: Any) -> Any:
+    fn = click.option("--admin-token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")(fn)
+    fn = click.option("--admin", default=None, metavar="ADDR", help="admin address: HOST:PORT or unix:/path")(fn)
+    fn = click.option(
+        "-p", "--port", type=int, default=None, help=f"public port of the corral to talk to (default {DEFAULT_PORT})"
+    )(fn)
+    return fn
+
+
+def _fail(exc: ControlError) -> None:
+    click.echo(f"corral: {exc}", err=True)
+    sys.exit(1)
+
+
+# --- status --------------------------------------------------------------------------------------
+def _mb(n: int) -> str:
+    return f"{n / 1048576:.0f} MB" if n else "-"
+
+
+def _age(s: float) -> str:
+    s = int(s)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+def render_status(doc: dict[str, Any], color: bool) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    # Never squeeze columns into a narrow terminal (rich would cut "STATE" to "STA..."): a wide line
+    # wraps in the terminal instead, as kubectl's do. soft_wrap: header lines are not re-wrapped either.
+    width = max(shutil.get_terminal_size((200, 24)).columns, 160)
+    console = Console(highlight=False, no_color=not color, width=width, soft_wrap=True)
+    head = doc["corral"]
+    console.print(
+        f"corral {head['version']} pid {head['pid']}  up {_age(head['uptime_s'])}  "
+        f"listen {head['listen'] or '(supervise only)'}  admin {head['admin']}"
+    )
+    for app in doc["apps"]:
+        q = app["queue"]
+        line = (
+            f"app {app['name']} ({app['route']}): {app['ready']}/{app['desired']} ready  "
+            f"queue {q['depth']}/{q['max']}  rejected {q['rejected']}  timed out {q['timed_out']}  "
+            f"served {app['served']}  failed {app['failed']}"
+        )
+        if app["autoscale"]:
+            a = app["autoscale"]
+            line += f"  autoscale {a['min_workers']}..{a['max_workers']}"
+        if app["reloading"]:
+            line += "  [reloading]"
+        console.print(line)
+        if app["reload_note"]:
+            console.print(f"  {app['reload_note']}", style="red")
+        table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+        for col in ("#", "PID", "PORT", "STATE", "INFLIGHT", "SERVED", "FAILED", "RESTARTS", "RSS", "CPU%", "UPTIME"):
+            table.add_column(col, justify="left" if col in ("STATE",) else "right", no_wrap=True)
+        for w in app["workers"]:
+            state = w["state"]
+            table.add_row(
+                str(w["index"]),
+                str(w["pid"] or "-"),
+                str(w["port"]),
+                f"[{STATE_STYLE.get(state, '')}]{state}[/]" if color and state in STATE_STYLE else state,
+                f"{w['inflight']}/{w['max_inflight']}",
+                str(w["served"]),
+                str(w["failed"]),
+                str(w["restarts"]),
+                _mb(w["rss_bytes"]),
+                f"{w['cpu_percent']:.0f}",
+                _age(w["uptime_s"]),
+            )
+        console.print(table)
+
+
+@click.command()
+@target_options
+@click.option("--json", "as_json", is_flag=True, help="print the status document as JSON")
+def status(port: int | None, admin: str | None, admin_token: str | None, as_json: bool) -> None:
+    """Workers, queue and totals of a running corral."""
+    try:
+        doc = _client(port, admin, admin_token).ok("GET", "/status")
+    except ControlError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+    else:
+        render_status(doc, color=sys.stdout.isatty())
+
+
+# --- reload / scale / stop ------------------------------------------------------------------------
+def _wait(client: AdminClient, done: Any, timeout: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = client.ok("GET", "/status")
+        if done(doc):
+            return doc
+        if time.monotonic() > deadline:
+            raise ControlError(f"not done after {timeout:g}s; see `corral status`")
+        time.sleep(0.2)
+
+
+def _apps(doc: dict[str, Any], app: str | None) -> list[dict[str, Any]]:
+    return [a for a in doc["apps"] if a["supervised"] and (app is None or a["name"] == app)]
+
+
+@click.command()
+@target_options
+@click.option("--app", default=None, help="reload only this app")
+@click.option("--no-wait", is_flag=True, help="return once the reload has started")
+@click.option("--timeout", type=float, default=600.0, show_default=True, help="longest wait for the reload [s]")
+def reload(
+    port: int | None, admin: str | None, admin_token: str | None, app: str | None, no_wait: bool, timeout: float
+) -> None:
+    """Rolling reload: replace every worker with a fresh one, one at a time, without failing requests."""
+    try:
+        client = _client(port, admin, admin_token)
+        before = {w["pid"] for a in _apps(client.ok("GET", "/status"), app) for w in a["workers"]}
+        answer = client.ok("POST", "/reload" + (f"?app={app}" if app else ""))
+        for m in answer["messages"]:
+            click.echo(f"corral: {m}")
+        if no_wait:
+            return
+        doc = _wait(client, lambda d: not any(a["reloading"] for a in _apps(d, app)), timeout)
+    except ControlError as exc:
+        _fail(exc)
+    notes = [a["reload_note"] for a in _apps(doc, app) if a["reload_note"]]
+    if notes:
+        for n in notes:
+            click.echo(f"corral: {n}", err=True)
+        sys.exit(1)
+    now = [w for a in _apps(doc, app) for w in a["workers"] if w["state"] in ("ready", "busy", "starting")]
+    fresh = sum(1 for w in now if w["pid"] not in before)
+    click.echo(f"corral: reload done: {fresh} new workers ready ({', '.join(str(w['pid']) for w in now)})")
+
+
+@click.command()
+@click.argument("workers", type=click.IntRange(min=1))
+@target_options
+@click.option("--app", default=None, help="the app to scale (needed when there are several)")
+@click.option("--no-wait", is_flag=True, help="return once the change has started")
+@click.option("--timeout", type=float, default=300.0, show_default=True, help="longest wait [s]")
+def scale(
+    workers: int,
+    port: int | None,
+    admin: str | None,
+    admin_token: str | None,
+    app: str | None,
+    no_wait: bool,
+    timeout: float,
+) -> None:
+    """Add workers, or drain and stop surplus ones, until there are WORKERS."""
+    try:
+        client = _client(port, admin, admin_token)
+        answer = client.ok("POST", f"/scale?workers={workers}" + (f"&app={app}" if app else ""))
+        for m in answer["messages"]:
+            click.echo(f"corral: {m}")
+        if no_wait:
+            return
+        want = answer["workers"]
+
+        def done(doc: dict[str, Any]) -> bool:
+            apps = _apps(doc, app)
+            return bool(apps) and all(a["desired"] == a["ready"] for a in apps)
+
+        doc = _wait(client, done, timeout)
+    except ControlError as exc:
+        _fail(exc)
+    draining = sum(1 for a in _apps(doc, app) for w in a["workers"] if w["state"] == "draining")
+    tail = f" ({draining} finishing their requests)" if draining else ""
+    click.echo(f"corral: {want} worker{'s' * (want != 1)} ready{tail}")
+
+
+@click.command()
+@target_options
+@click.option("--no-wait", is_flag=True, help="return once the stop has started")
+@click.option("--timeout", type=float, default=120.0, show_default=True, help="longest wait [s]")
+def stop(port: int | None, admin: str | None, admin_token: str | None, no_wait: bool, timeout: float) -> None:
+    """Graceful stop (as SIGTERM): finish in-flight requests, stop the workers, exit."""
+    try:
+        client = _client(port, admin, admin_token)
+        pid = client.ok("GET", "/status")["corral"]["pid"]
+        for m in client.ok("POST", "/stop")["messages"]:
+            click.echo(f"corral: {m}")
+    except ControlError as exc:
+        _fail(exc)
+    if no_wait:
+        return
+    deadline = time.monotonic() + timeout
+    local = client.kind == "unix" or is_loopback(client.host)
+    while _answers(client) or (local and _alive(pid)):
+        if time.monotonic() > deadline:
+            _fail(ControlError(f"corral pid {pid} still running after {timeout:g}s"))
+        time.sleep(0.1)
+    click.echo("corral: stopped")
+
+
+def _answers(client: AdminClient) -> bool:
+    try:
+        client.call("GET", "/status")
+    except ControlError:
+        return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+COMMANDS = (status, reload, scale, stop)
