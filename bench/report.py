@@ -18,7 +18,9 @@ from stats import median
 
 CORRAL = "corral"
 # Column order of the table; anything else is appended in first-seen order.
-COLUMNS = ["corral", "corral-fifo", "nginx", "nginx-rr", "nginx-ka", "haproxy", "haproxy-ka", "direct", "direct-ka", "ideal"]
+COLUMNS = [
+    "corral", "corral-fifo", "nginx", "nginx-rr", "nginx-ka", "haproxy", "haproxy-ka", "direct", "direct-ka", "ideal",
+]  # fmt: skip
 # Reference points: shown, but never the "best peer".
 REFERENCES = {"direct", "direct-ka", "ideal", "corral-fifo"}
 LEGEND = """\

@@ -11,7 +11,7 @@ import sys
 import time
 
 import psutil
-from conftest import STUB, closed_by_peer, free_ports, get, read_response, request, stub_args
+from conftest import STUB, free_ports, get, read_response, request, stub_args
 
 
 def test_workers_get_port_index_and_pm2_env(corral):

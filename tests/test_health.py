@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from conftest import STUB, free_ports, get, stub_args
+from conftest import free_ports, get, stub_args
 
 
 def _load(port: int, n: int, path: str = "/x", threads: int = 4) -> list[int]:
