@@ -130,6 +130,12 @@ def corral(tmp_path: Path) -> Iterator:
         c.stop()
 
 
+def corral_cli(*args: str, timeout: float = 60, cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
+    """`python -m corral ARGS` to completion, output captured (for commands expected to end by themselves)."""
+    return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=cwd)
+
+
 def stub_args(*extra: str) -> list[str]:
     return [*extra, "--", sys.executable, STUB, "{port}"]
 

@@ -8,16 +8,15 @@ import re
 import socket
 import stat
 import subprocess
-import sys
 
-from conftest import free_ports, get, request, stub_args
+from conftest import corral_cli, free_ports, get, request, stub_args
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.control import AdminClient, locate
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=timeout)
+    return corral_cli(*args, timeout=timeout)
 
 
 def admin_of(c) -> AdminClient:
@@ -153,24 +152,8 @@ def test_admin_socket_is_private_and_removed_on_stop(corral):
 
 def test_non_loopback_admin_without_token_is_refused(tmp_path):
     port = free_ports(4)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "corral",
-            "run",
-            "-p",
-            str(port),
-            "-w",
-            "1",
-            "--admin",
-            f"0.0.0.0:{port + 3}",
-            *stub_args(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
+    r = corral_cli(
+        "run", "-p", str(port), "-w", "1", "--admin", f"0.0.0.0:{port + 3}", *stub_args(), timeout=30, cwd=tmp_path
     )
     assert r.returncode == 2
     err = r.stderr.strip()
@@ -180,24 +163,8 @@ def test_non_loopback_admin_without_token_is_refused(tmp_path):
 
 def test_admin_is_never_the_public_port(tmp_path):
     port = free_ports(4)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "corral",
-            "run",
-            "-p",
-            str(port),
-            "-w",
-            "1",
-            "--admin",
-            f"127.0.0.1:{port}",
-            *stub_args(),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=tmp_path,
+    r = corral_cli(
+        "run", "-p", str(port), "-w", "1", "--admin", f"127.0.0.1:{port}", *stub_args(), timeout=30, cwd=tmp_path
     )
     assert r.returncode == 2 and "public port" in r.stderr
 

@@ -9,15 +9,11 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_R, ROOT, STUB, get
+from conftest import EXAMPLE_R, ROOT, STUB, corral_cli, get
 
 from corral import config as C
 
 STUB_CMD = f'command = ["{sys.executable}", "{STUB}", "{{port}}"]'
-
-
-def corral_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def check(tmp: Path, body: str, name: str = "corral.toml") -> subprocess.CompletedProcess:

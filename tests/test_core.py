@@ -11,7 +11,7 @@ import sys
 import time
 
 import psutil
-from conftest import STUB, free_ports, get, read_response, request, stub_args
+from conftest import STUB, corral_cli, free_ports, get, read_response, request, stub_args
 
 
 def test_workers_get_port_index_and_pm2_env(corral):
@@ -75,9 +75,7 @@ def test_busy_worker_port_is_refused_naming_the_port(tmp_path):
 
 
 def _run_fail(args):
-    import subprocess
-
-    return subprocess.run([sys.executable, "-m", "corral", "run", *args], capture_output=True, text=True, timeout=30)
+    return corral_cli("run", *args, timeout=30)
 
 
 def test_one_request_per_worker_rest_wait_in_central_queue(corral):

@@ -10,7 +10,7 @@ import threading
 import time
 
 import pytest
-from conftest import HAVE_R, STUB, get, read_response, stub_args
+from conftest import HAVE_R, STUB, corral_cli, get, read_response, stub_args
 
 from corral.autoscale import Memory, Observation, Policy, decide
 from corral.control import AdminClient, ControlError, locate
@@ -111,7 +111,7 @@ class Watch:
 
 
 def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=timeout)
+    return corral_cli(*args, timeout=timeout)
 
 
 def admin_of(c) -> AdminClient:

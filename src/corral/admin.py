@@ -375,10 +375,6 @@ class AdminServer:
         sock = _bind_tcp(host, port)
         return cls(cfg, sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", None, token)
 
-    def close_socket(self) -> None:
-        self.sock.close()
-        self._unlink()
-
     def _unlink(self) -> None:
         if self.path is not None:
             with contextlib.suppress(OSError):

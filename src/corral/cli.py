@@ -192,16 +192,21 @@ def _summary(cfg: Config, app: AppConfig) -> str:
     return f"{app.name} {app.route} -> {n} worker{'s' * (n != 1)} on {app.worker_host}:{span} ({what})"
 
 
-@cli.command()
-@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
-def check(config_path: str) -> None:
-    """Validate a corral.toml: exit 0 with a one-line summary, or 2 with every problem listed."""
+def _load_or_exit(config_path: str) -> Config:
+    """The checked config, or every problem on stderr and exit 2."""
     try:
-        cfg = load_checked(config_path)
+        return load_checked(config_path)
     except ConfigError as exc:
         for p in exc.problems:
             click.echo(p, err=True)
         sys.exit(2)
+
+
+@cli.command()
+@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+def check(config_path: str) -> None:
+    """Validate a corral.toml: exit 0 with a one-line summary, or 2 with every problem listed."""
+    cfg = _load_or_exit(config_path)
     apps = "; ".join(_summary(cfg, a) for a in cfg.apps)
     n = len(cfg.apps)
     click.echo(f"{config_path}: ok: {n} app{'s' * (n != 1)} on {cfg.server.host}:{cfg.server.port}: {apps}")
@@ -221,12 +226,7 @@ def export(kind: str, config_path: str, supervise_only: bool) -> None:
     """
     from . import export as X
 
-    try:
-        cfg = load_checked(config_path)
-    except ConfigError as exc:
-        for p in exc.problems:
-            click.echo(p, err=True)
-        sys.exit(2)
+    cfg = _load_or_exit(config_path)
     if kind == "systemd":
         click.echo(X.systemd(cfg, supervise_only), nl=False)
     else:

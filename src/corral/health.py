@@ -10,7 +10,6 @@ found and dropped by the same probes.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from typing import TYPE_CHECKING
 
@@ -147,10 +146,3 @@ def external_workers(app: AppConfig) -> list[Worker]:
             out.append(w)
             index += 1
     return out
-
-
-async def stop_task(task: asyncio.Task[None] | None) -> None:
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task

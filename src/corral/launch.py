@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from pathlib import Path
 
 from .config import AppConfig, resolve_plumber
 
@@ -79,9 +78,3 @@ def worker_env(app: AppConfig, port: int, index: int) -> dict[str, str]:
     env["CORRAL_APP"] = app.name
     env["CORRAL_WORKER_HOST"] = app.worker_host  # the address to bind, for commands that read it
     return env
-
-
-def app_label(app: AppConfig) -> str:
-    if app.plumber:
-        return Path(app.plumber).name
-    return " ".join(app.command)

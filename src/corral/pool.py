@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 from . import edge
 from .config import effective_workers
 from .costs import RouteCosts, route_key
-from .scheduler import DISPATCHED, QueueFull, Scheduler
+from .proxy import PAUSE_UPSTREAM
+from .scheduler import DISPATCHED, Scheduler
 from .worker import State, Worker
 
 if TYPE_CHECKING:
@@ -62,7 +63,6 @@ class Pool:
         self.failed = 0
         self.retried = 0
         self.pipelined = 0  # requests sent to a worker behind the tail of an early-released response
-        self.released_early = 0  # responses whose worker slot was freed at the head (see release_early)
         self._preempt_timer: asyncio.TimerHandle | None = None
 
     # --- worker membership (supervisor, discovery and health call these) ---------------------
@@ -153,7 +153,6 @@ class Pool:
             if not conn.closed:
                 conn.send(ex)
                 return
-        worker.conns += 1
         self.loop.create_task(self._open(ex, worker))
 
     async def _open(self, ex: Exchange, worker: Worker) -> None:
@@ -162,7 +161,6 @@ class Pool:
                 lambda: UpstreamConnection(self, worker), worker.host, worker.port
             )
         except OSError as exc:
-            worker.conns -= 1
             self._unreached(ex, worker, f"connect failed: {exc.strerror or exc}")
             return
         if ex.sched_state != DISPATCHED or ex.worker is not worker:
@@ -211,7 +209,6 @@ class Pool:
         if worker is None:
             return
         self._free_slot(ex, worker, served=True)
-        self.released_early += 1
         worker.idle.append(conn)
         self.pump()
 
@@ -236,9 +233,6 @@ class Pool:
                 # Out of rotation first, so the freed slot is not handed straight back to it.
                 self.on_hung(worker, f"request exceeded request_timeout ({self.request_timeout:g}s)")
                 ex.request_timed_out()
-
-    def queue_full(self) -> QueueFull:
-        return QueueFull(self.scheduler.retry_after())
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -296,7 +290,7 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.reader.feed(data)
         except edge.UpstreamError as exc:
-            ex.upstream_failed(f"malformed response: {exc}", reached=True)
+            ex.upstream_failed(f"malformed response: {exc}")
             self.close()
 
     # Response parser callbacks, relayed to the exchange.
@@ -333,13 +327,12 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self.worker.conns -= 1
         if self in self.worker.idle:
             self.worker.idle.remove(self)
         lost = [e for e in (self.exchange, self.next) if e is not None]
         self.exchange = self.next = None
         for ex in lost:
-            ex.upstream_failed("worker closed the connection", reached=True)
+            ex.upstream_failed("worker closed the connection")
 
     def finish_exchange(self, reusable: bool) -> None:
         """The current exchange is over: the pipelined one (if any) takes over, or the connection idles."""
@@ -359,12 +352,12 @@ class UpstreamConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
-            ex.client.pause(2)
+            ex.client.pause(PAUSE_UPSTREAM)
 
     def resume_writing(self) -> None:
         ex = self.exchange
         if ex is not None:
-            ex.client.resume(2)
+            ex.client.resume(PAUSE_UPSTREAM)
 
     def close(self) -> None:
         if not self.closed and self.transport is not None:

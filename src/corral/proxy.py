@@ -16,7 +16,6 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from . import edge
@@ -137,7 +136,6 @@ class ClientConnection(asyncio.Protocol):
         self.parsing: Exchange | None = None  # the exchange whose request bytes are arriving
         self.pipeline: deque[Exchange] = deque()
         self.paused = 0
-        self.write_paused = False
         self.closing = False
         self.last_active = time.monotonic()
         self.head_started = 0.0
@@ -182,13 +180,11 @@ class ClientConnection(asyncio.Protocol):
         self._abandon()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
         ex = self.current
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
             ex.upstream.transport.pause_reading()
 
     def resume_writing(self) -> None:
-        self.write_paused = False
         ex = self.current
         if ex is not None and ex.upstream is not None and ex.upstream.transport is not None:
             ex.upstream.transport.resume_reading()
@@ -463,7 +459,7 @@ class Exchange:
             self.client.closing = True  # the rest of the body cannot be told apart from a new request
         self.client.exchange_done(self)
 
-    def upstream_failed(self, why: str, reached: bool) -> None:
+    def upstream_failed(self, why: str) -> None:
         """The worker connection broke or lied mid-exchange: this request alone pays (502)."""
         conn = self.upstream
         self.upstream = None
@@ -550,5 +546,3 @@ def make_listener(host: str, port: int) -> socket.socket:
     sock.setblocking(False)
     return sock
 
-
-Observer = Callable[["Exchange"], None]

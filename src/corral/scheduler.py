@@ -67,7 +67,6 @@ class Scheduler:
         self.rejected = 0
         self.timed_out = 0
         self.refused_early = 0  # admission control
-        self.dispatched = 0
         self.service_ewma = 0.05  # seconds; words Retry-After when nothing better is known
 
     # --- workers ------------------------------------------------------------------------
@@ -150,7 +149,6 @@ class Scheduler:
         worker.busy_until = max(worker.busy_until, now) + job.cost
         if job.cls == LONG:
             self.long_inflight += 1
-        self.dispatched += 1
 
     def release(self, worker: Worker, now: float, service_time: float | None = None, cls: int = SHORT) -> None:
         worker.inflight -= 1

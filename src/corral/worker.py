@@ -26,10 +26,8 @@ class State(StrEnum):
 class Worker:
     __slots__ = (
         "app",
-        "backoff_until",
         "born",
         "busy_until",
-        "conns",
         "draining_since",
         "external",
         "failed",
@@ -83,7 +81,6 @@ class Worker:
         self.born = time.monotonic()
         self.ready_at: float | None = None
         self.draining_since: float | None = None
-        self.backoff_until = 0.0
         self.probe_fails = 0
         self.probing = False
         self.quarantined = False  # briefly passed over after it dropped a request (pool.quarantine)
@@ -92,7 +89,6 @@ class Worker:
         self.stop_reason: str | None = None
         self.proc: subprocess.Popen[bytes] | None = None
         self.idle: list[Any] = []  # pooled upstream connections with no request on them
-        self.conns = 0  # open upstream connections, idle or busy (never above max_inflight)
         self.tail: list[str] = []  # last output lines, shown when the app cannot start
         self.logs: Any = None  # per-worker log file (--log-dir)
 
