@@ -25,15 +25,16 @@ def test_short_request_is_served_while_long_ones_fill_all_but_the_reserve(corral
     log = tmp_path / "stub.log"
     c = corral(stub_args("--long-threshold", "0.3", "--reserve", "1"), workers=3, env={"STUB_LOG": str(log)})
     teach(c.port, "/sleep-long?s=0.35")
+    teach(c.port, "/x", 5)  # short traffic is around (the reserve is kept while shorts come ~1/s or more)
     with cf.ThreadPoolExecutor(4) as pool:
         longs = [pool.submit(get, c.port, "/sleep-long?s=3") for _ in range(3)]
         time.sleep(0.3)  # let the three long requests be placed (two run, one waits for a long slot)
-        short = get(c.port, "/x")
+        short = get(c.port, "/x?probe")
         assert short.status == 200
         assert not any(f.done() for f in longs)  # answered while every long request still ran or waited
         assert all(f.result().status == 200 for f in longs)
     lines = _lines(log)
-    at = lines.index((short.json()["pid"], "GET /x"))
+    at = lines.index((short.json()["pid"], "GET /x?probe"))
     started = [pid for pid, req in lines[:at] if req == "GET /sleep-long?s=3"]
     assert len(started) == 2  # the third long request was held back for the reserve
     assert short.json()["pid"] not in started  # and the short one ran on the worker they left free

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from corral.costs import LONG, MAX_ROUTES, SHORT, RouteCosts, route_key
-from corral.scheduler import CANCELLED, DISPATCHED, EXPIRED, QUEUED, QueueFull, Scheduler
+from corral.scheduler import CANCELLED, DISPATCHED, EXPIRED, QUEUED, RESERVE_MIN_SHORTS, QueueFull, Scheduler
 from corral.worker import State, Worker
 
 
@@ -113,8 +113,9 @@ def test_unroutable_and_probing_workers_are_passed_over():
 # --- cost-aware dispatch ------------------------------------------------------------------------
 def test_long_requests_leave_the_reserve_to_short_ones():
     s, _ws = sched(4, reserve=1, cost_aware=True)
-    s.submit(J("s0", SHORT, 0.005), 0.0)  # short traffic is around
-    s.release(s.workers[0], 0.005)
+    for i in range(RESERVE_MIN_SHORTS):  # short traffic is around
+        s.submit(J(f"s{i}", SHORT, 0.005), i * 0.01)
+        s.release(s.workers[0], i * 0.01 + 0.005)
     longs = [J(f"L{i}", LONG, 2.0) for i in range(4)]
     placed = [s.submit(j, 0.0) for j in longs]
     assert placed[3] is None and all(placed[:3])  # the 4th long waits: one worker is reserved
@@ -167,12 +168,29 @@ def test_no_starvation_under_a_stream_of_short_requests():
 
 def test_reserve_is_lent_out_when_no_short_requests_come():
     s, ws = sched(2, reserve=1, cost_aware=True)
-    s.submit(J("s", SHORT, 0.01), 0.0)
-    s.release(ws[0], 0.01)
+    for i in range(RESERVE_MIN_SHORTS):
+        s.submit(J(f"s{i}", SHORT, 0.01), i * 0.1)
+        s.release(ws[0], i * 0.1 + 0.01)
     assert s.submit(J("L0", LONG, 2), 1.0) is not None
     assert s.submit(J("L1", LONG, 2), 1.0) is None  # shorts were seen lately: the reserve holds
     assert s.pump(10.0)  # long after the last short: the reserve is lent
     assert sum(w.inflight for w in ws) == 2
+
+
+def test_a_trickle_of_short_requests_does_not_hold_the_reserve():
+    s, ws = sched(3, reserve=1, cost_aware=True)
+    t = 0.0
+    for i in range(RESERVE_MIN_SHORTS - 1):  # a short every 1.2 s: under the ~1/s that keeps the reserve
+        s.submit(J(f"s{i}", SHORT, 0.01), t)
+        s.release(ws[0], t + 0.01)
+        t += 1.2
+    longs = [s.submit(J(f"L{i}", LONG, 2), t) for i in range(3)]
+    assert all(longs)  # every worker: a long load keeps its capacity
+    s.release(longs[0], t + 0.1, cls=LONG)
+    assert s.submit(J("s-fifth", SHORT, 0.01), t + 0.1) is longs[0]  # 5 shorts within 5 s: the reserve is back
+    s.release(longs[0], t + 0.11)
+    assert s.submit(J("L3", LONG, 2), t + 0.11) is None  # so this long leaves the idle worker to short ones
+    assert sum(w.inflight == 0 for w in ws) == 1
 
 
 def test_fifo_policy_ignores_classes():
@@ -226,3 +244,16 @@ def test_declared_route_classes_win():
     for _ in range(5):
         c.observe("GET /health", 3.0)
     assert c.classify("GET /health")[0] == SHORT
+
+
+def test_a_route_running_long_is_long_before_it_has_finished_once():
+    c = RouteCosts(long_threshold=0.5)
+    c.running_long("GET /fit", 0.2)
+    assert c.classify("GET /fit")[0] == SHORT  # not past the threshold yet
+    c.running_long("GET /fit", 0.6)
+    assert c.classify("GET /fit")[0] == LONG  # cold start: no request of it has finished
+    c.observe("GET /fit", 2.0)
+    assert c.classify("GET /fit")[0] == LONG
+    for _ in range(20):
+        c.observe("GET /fit", 0.01)
+    assert c.classify("GET /fit")[0] == SHORT  # and it is re-learned when it gets fast

@@ -90,8 +90,17 @@ class RouteCosts:
     def observe(self, key: str, seconds: float) -> None:
         st = self.stats(key)
         st.observe(seconds)
-        if not st.pinned and st.count >= MIN_SAMPLES:
+        if not st.pinned and (st.count >= MIN_SAMPLES or seconds >= self.long_threshold):
             st.cls = LONG if st.ewma >= self.long_threshold else SHORT
+
+    def running_long(self, key: str, elapsed: float) -> None:
+        """A request of this route has run `elapsed` seconds and is not done: evidence enough that the
+        route is long now, without waiting for MIN_SAMPLES to finish (a cold start would otherwise let
+        the first burst of slow requests take every worker). Later samples correct it either way."""
+        st = self.stats(key)
+        if not st.pinned and st.cls == SHORT and elapsed >= self.long_threshold:
+            st.cls = LONG
+            st.ewma = max(st.ewma, elapsed)
 
     def table(self) -> list[dict[str, object]]:
         """Per-route count, p50/p99 and class, for status, the dashboard and metrics."""

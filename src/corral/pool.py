@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import edge
 from .config import effective_workers
-from .costs import RouteCosts, route_key
+from .costs import SHORT, RouteCosts, route_key
 from .proxy import PAUSE_UPSTREAM
 from .scheduler import DISPATCHED, Scheduler
 from .worker import State, Worker
@@ -223,6 +223,11 @@ class Pool:
             self.costs.observe(ex.route, service)
 
     def expire(self, now: float) -> None:
+        if self.cost_aware:
+            threshold = self.costs.long_threshold
+            for ex in self.inflight:
+                if ex.cls == SHORT and now - ex.dispatched_at >= threshold:
+                    self.costs.running_long(ex.route, now - ex.dispatched_at)
         for ex in self.scheduler.expire(now):
             ex.queue_timed_out(self.scheduler.retry_after())  # type: ignore[attr-defined]
         if self.request_timeout is not None:

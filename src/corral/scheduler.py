@@ -25,7 +25,8 @@ from .costs import LONG, SHORT
 from .worker import Worker
 
 QUEUED, DISPATCHED, CANCELLED, EXPIRED = 1, 2, 3, 4
-RESERVE_IDLE = 5.0  # seconds without a short request after which the reserve is lent to long ones
+RESERVE_IDLE = 5.0  # window (s) over which short traffic is judged
+RESERVE_MIN_SHORTS = 5  # short requests needed within RESERVE_IDLE to keep the reserve (~1/s)
 
 
 class Job(Protocol):
@@ -63,7 +64,9 @@ class Scheduler:
         self.queues: tuple[deque[Job], deque[Job]] = (deque(), deque())
         self.depth = 0
         self.long_inflight = 0
-        self.last_short = -math.inf
+        # The reserve costs long requests a whole worker: keep it only while short requests are
+        # frequent enough to use it (bench/schedsim.py: a 0.2/s trickle cost a long load 13 %).
+        self.recent_shorts: deque[float] = deque(maxlen=RESERVE_MIN_SHORTS)
         self.rejected = 0
         self.timed_out = 0
         self.refused_early = 0  # admission control
@@ -96,7 +99,8 @@ class Scheduler:
     def long_limit(self, now: float) -> int:
         """Slots long requests may hold: all but the reserve, while short requests are around."""
         cap = self.capacity()
-        if not self.cost_aware or now - self.last_short > RESERVE_IDLE:
+        recent = self.recent_shorts
+        if not self.cost_aware or len(recent) < RESERVE_MIN_SHORTS or now - recent[0] > RESERVE_IDLE:
             return cap
         return max(1, cap - self.reserve)
 
@@ -111,7 +115,7 @@ class Scheduler:
         job.queued_at = now
         short_q, long_q = self.queues
         if job.cls == SHORT:
-            self.last_short = now
+            self.recent_shorts.append(now)
         ahead = short_q if job.cls == SHORT else long_q
         if not self._live(ahead) and (job.cls == SHORT or not self._live(short_q)):
             worker = self._place(job, now)
