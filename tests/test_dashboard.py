@@ -63,6 +63,7 @@ def test_dashboard_renders_workers_and_follows_a_scale(corral, tmp_path):
     seen = rows(html)
     assert seen == {pid: (i, "ready") for i, pid in c.worker_pids().items()}
     assert 'id="conn">live<' in html
+    assert 'data-route="GET /x" data-class="short"' in html  # the learned route table
     assert re.search(r'<button class="primary" data-act="scale" data-app="[^$"]+">Scale</button>', html)
     assert re.search(r'<button data-act="reload" data-app="[^$"]+">Reload</button>', html)
 

@@ -83,3 +83,30 @@ def test_admission_control_refuses_at_once_when_the_predicted_wait_is_too_long(c
         assert int(r.header("retry-after")) >= 1
         assert running.result().status == 200 and queued.result().status == 200
     assert "tag=refused" not in log.read_text()
+
+
+def test_learned_route_costs_are_visible_in_status_and_metrics(corral):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from corral.control import AdminClient, locate
+
+    c = corral(stub_args("--long-threshold", "0.2"), workers=1)
+    teach(c.port, "/sleep-long?s=0.25")
+    teach(c.port, "/users/42", 4)
+    admin = AdminClient(locate(c.port, None))
+    status, body = admin.call("GET", "/status")
+    assert status == 200
+    routes = {r["route"]: r for r in body["apps"][0]["routes"]}
+    assert routes["GET /sleep-long"]["class"] == "long" and routes["GET /sleep-long"]["count"] == 3
+    assert routes["GET /users/:id"]["class"] == "short" and routes["GET /users/:id"]["count"] == 4
+    assert routes["GET /sleep-long"]["p50_s"] >= 0.25 > routes["GET /users/:id"]["p99_s"]
+    status, text = admin.call("GET", "/metrics")
+    samples = [s for f in text_string_to_metric_families(text.decode()) for s in f.samples]
+    long_p50 = [
+        s
+        for s in samples
+        if s.name == "corral_route_service_seconds"
+        and s.labels["route"] == "GET /sleep-long"
+        and s.labels["quantile"] == "0.5"
+    ]
+    assert long_p50 and long_p50[0].labels["class"] == "long" and long_p50[0].value >= 0.25

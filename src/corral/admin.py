@@ -58,6 +58,8 @@ ROUTES: dict[str, str] = {
 }
 TOKEN_ENV = "CORRAL_ADMIN_TOKEN"
 
+ROUTES_SHOWN = 50  # busiest routes listed in /status (the learner keeps up to 512)
+
 
 class AdminError(Exception):
     """The admin channel cannot be opened as asked; the message is one line for the operator."""
@@ -257,6 +259,10 @@ class StatusBuilder:
             },
             "served": pool.served,
             "failed": pool.failed,
+            "pipelined": pool.pipelined,  # requests sent behind the tail of the previous response
+            "dispatch": "cost" if pool.cost_aware else "fifo",
+            "long_inflight": sched.long_inflight,
+            "routes": pool.costs.table()[:ROUTES_SHOWN],  # learned per-route cost and class, busiest first
             "restarts": dict(sup.restarts) if sup else {},
             "restarts_total": sum(sup.restarts.values()) if sup else 0,
         }

@@ -49,6 +49,8 @@ BUCKETS: tuple[float, ...] = (
 STATES = ("starting", "ready", "busy", "draining", "unhealthy", "stopping", "stopped")
 CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 
+ROUTES_EXPORTED = 50  # label cardinality bound: the busiest routes only
+
 
 class Histogram:
     """A fixed-bucket histogram as plain numbers: counts[i] is non-cumulative, the last is +Inf."""
@@ -155,6 +157,12 @@ class CorralCollector(Collector):
         retried = CounterMetricFamily(
             "corral_retries", "Requests moved to another worker because theirs refused the connection", labels=["app"]
         )
+        route_p = GaugeMetricFamily(
+            "corral_route_service_seconds",
+            "Learned service time per route (recent p50/p99) and its class, for cost-aware dispatch",
+            labels=["app", "route", "class", "quantile"],
+        )
+        route_n = CounterMetricFamily("corral_route_requests", "Requests seen per route", labels=["app", "route"])
         rss = GaugeMetricFamily(
             "corral_worker_rss_bytes", "Resident memory of a worker's process tree", labels=["app", "index"]
         )
@@ -187,10 +195,15 @@ class CorralCollector(Collector):
             refused.add_metric([app], sched.refused_early)
             failed.add_metric([app], pool.failed)
             retried.add_metric([app], pool.retried)
+            for row in pool.costs.table()[:ROUTES_EXPORTED]:
+                key, cls = str(row["route"]), str(row["class"])
+                route_p.add_metric([app, key, cls, "0.5"], float(row["p50_s"]))  # type: ignore[arg-type]
+                route_p.add_metric([app, key, cls, "0.99"], float(row["p99_s"]))  # type: ignore[arg-type]
+                route_n.add_metric([app, key], float(row["count"]))  # type: ignore[arg-type]
         up = GaugeMetricFamily("corral_start_time_seconds", "Unix time corral started")
         up.add_metric([], c.started)
         yield from (requests, waits, service, depth, qmax, oldest, inflight, workers, desired, restarts)
-        yield from (rejected, refused, timed_out, failed, retried, rss, up)
+        yield from (rejected, refused, timed_out, failed, retried, route_p, route_n, rss, up)
 
 
 def registry_for(corral: Corral, stats: dict[str, PoolStats]) -> CollectorRegistry:
