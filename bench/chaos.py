@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import psutil
+from procs import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "bench" / "app" / "plumber.R"
@@ -75,11 +76,7 @@ def main() -> int:
         print(json.dumps(result))
         return 0 if failed <= kills else 1
     finally:
-        corral.send_signal(signal.SIGTERM)
-        try:
-            corral.wait(60)
-        except subprocess.TimeoutExpired:
-            corral.kill()
+        terminate(corral)
 
 
 def workers(pid: int) -> list[psutil.Process]:

@@ -13,12 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import signal
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from procs import terminate
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "bench" / "app" / "plumber.R"
@@ -47,11 +48,7 @@ def measure(dispatch: str, workers: int, path: str, conns: int, duration: float)
         assert match, out
         return float(match.group(1))
     finally:
-        corral.send_signal(signal.SIGTERM)
-        try:
-            corral.wait(60)
-        except subprocess.TimeoutExpired:
-            corral.kill()
+        terminate(corral)
 
 
 def main() -> int:

@@ -94,6 +94,16 @@ class Child:
             self._log.close()
 
 
+def terminate(proc: subprocess.Popen, timeout: float = 60.0) -> None:  # type: ignore[type-arg]
+    """SIGTERM a process we started (corral drains, then stops its workers); SIGKILL if it hangs."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def port_free(port: int, host: str = HOST) -> bool:
     """True when nothing listens on host:port (TIME_WAIT leftovers do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
