@@ -180,7 +180,7 @@ class Supervisor:
         if worker.state is State.DRAINING:
             assert worker.draining_since is not None
             late = now - worker.draining_since > self.app.graceful_timeout
-            if worker.inflight == 0 or late:
+            if not worker.holding or late:
                 self._stop(worker, "drained" if not late else "graceful_timeout passed while draining")
 
     def _abort_reload(self, failed: Worker) -> None:
@@ -375,7 +375,7 @@ class Supervisor:
                 self.pool.set_state(w, State.DRAINING)
                 self.pool.scheduler.remove_worker(w)
         deadline = time.monotonic() + self.app.graceful_timeout
-        while any(w.inflight for w in workers) and time.monotonic() < deadline:
+        while any(w.holding for w in workers) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for w in workers:
             if w.state is not State.STOPPED:

@@ -107,6 +107,12 @@ class Worker:
         )
 
     @property
+    def holding(self) -> bool:
+        """Still owes a response: a request in flight, or the tail of an early-released one (pool.release_early)
+        still arriving. A worker is stopped only when this is False."""
+        return self.inflight > 0 or any(conn.exchange is not None for conn in self.idle)
+
+    @property
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None else None
 
