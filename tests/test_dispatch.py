@@ -110,3 +110,14 @@ def test_learned_route_costs_are_visible_in_status_and_metrics(corral):
         and s.labels["quantile"] == "0.5"
     ]
     assert long_p50 and long_p50[0].labels["class"] == "long" and long_p50[0].value >= 0.25
+
+
+def test_status_table_lists_learned_routes(corral):
+    from conftest import corral_cli
+
+    c = corral(stub_args("--long-threshold", "0.2"), workers=1)
+    teach(c.port, "/sleep-long?s=0.25")
+    r = corral_cli("status", "-p", str(c.port))
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stdout.splitlines() if "GET /sleep-long" in ln)
+    assert line.split()[2:4] == ["long", "3"]

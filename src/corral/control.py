@@ -185,6 +185,27 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
                 _age(w["uptime_s"]),
             )
         console.print(table)
+        _print_routes(console, app.get("routes") or [])
+
+
+def _print_routes(console: Any, routes: list[dict[str, Any]], shown: int = 10) -> None:
+    """The busiest routes with their learned cost and class (what cost-aware dispatch decides by)."""
+    from rich import box
+    from rich.table import Table
+
+    if not routes:
+        return
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
+    for col in ("ROUTE", "CLASS", "REQUESTS", "P50", "P99"):
+        table.add_column(col, justify="left" if col in ("ROUTE", "CLASS") else "right", no_wrap=col != "ROUTE")
+    for r in routes[:shown]:
+        cls = r["class"] + (" (declared)" if r.get("declared") else "")
+        table.add_row(r["route"], cls, str(r["count"]), _dur(r["p50_s"]), _dur(r["p99_s"]))
+    console.print(table)
+
+
+def _dur(seconds: float) -> str:
+    return f"{seconds * 1000:.1f}ms" if seconds < 1 else f"{seconds:.2f}s"
 
 
 @click.command()
