@@ -220,8 +220,12 @@ def corral_setup(workdir: Path, n: int) -> Iterator[tuple[int, object]]:
 @contextlib.contextmanager
 def pm2_setup(workdir: Path, n: int) -> Iterator[tuple[int, object]]:
     pm2 = shutil.which("pm2")
+    if pm2 is None and shutil.which("npm"):
+        # The comparison needs pm2 itself; it comes from the npm registry, like any pm2 user's.
+        subprocess.run(["npm", "install", "-g", "--silent", "pm2"], check=False, timeout=600)
+        pm2 = shutil.which("pm2")
     if pm2 is None:
-        raise SystemExit("pm2 not found: npm install -g pm2")
+        raise SystemExit("pm2 not found and npm could not install it: npm install -g pm2")
     port = free_block(n + 1, 35000)
     base = port + 1
     script = workdir / "run-plumber.sh"
