@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import re
 import signal
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import psutil
 from procs import terminate
+from wrk import parse, wrk_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "bench" / "app" / "plumber.R"
@@ -46,15 +46,14 @@ def main() -> int:
     log = open("/tmp/corral-chaos.log", "w")  # noqa: SIM115
     corral = subprocess.Popen(
         [sys.executable, "-m", "corral", "run", "-p", str(PORT), "-w", str(args.workers), *app],
-        stdout=log, stderr=subprocess.STDOUT,
+        stdout=log,
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_ready(args.workers)
         rng = random.Random(args.seed)
         wrk = subprocess.Popen(
-            ["wrk", "-t1", "-c8", f"-d{int(args.duration)}s", "-s", str(ROOT / "bench" / "wrk_report.lua"),
-             f"http://127.0.0.1:{PORT}{path}"],
-            stdout=subprocess.PIPE, text=True,
+            wrk_argv(f"http://127.0.0.1:{PORT}{path}", 8, args.duration), stdout=subprocess.PIPE, text=True
         )
         kills = 0
         start = time.monotonic()
@@ -65,14 +64,17 @@ def main() -> int:
                 rng.choice(victims).send_signal(signal.SIGKILL)
                 kills += 1
         out, _ = wrk.communicate(timeout=args.duration + 30)
-        match = re.search(r"^WRKJSON (\{.*\})$", out, re.M)
-        if match is None:
-            raise SystemExit(f"no report from wrk:\n{out}")
-        report = json.loads(match.group(1))
-        failed = sum(report[k] for k in ("connect", "read", "write", "status", "timeout"))
-        result = {"requests": report["requests"], "failed": failed, "kills": kills,
-                  "failed_per_kill": round(failed / max(kills, 1), 3), "duration_s": args.duration,
-                  "workers": args.workers, "app": "stub" if args.stub else "plumber"}
+        report = parse(out)
+        failed = report.failed
+        result = {
+            "requests": report.requests,
+            "failed": failed,
+            "kills": kills,
+            "failed_per_kill": round(failed / max(kills, 1), 3),
+            "duration_s": args.duration,
+            "workers": args.workers,
+            "app": "stub" if args.stub else "plumber",
+        }
         print(json.dumps(result))
         return 0 if failed <= kills else 1
     finally:

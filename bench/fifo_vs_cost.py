@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import statistics
 import subprocess
 import sys
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from procs import terminate
+from wrk import run_wrk
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "bench" / "app" / "plumber.R"
@@ -30,9 +30,21 @@ LOG = Path("/tmp/corral-fifo-vs-cost.log")
 def measure(dispatch: str, workers: int, path: str, conns: int, duration: float) -> float:
     with LOG.open("w") as log:
         corral = subprocess.Popen(
-            [sys.executable, "-m", "corral", "run", "-p", str(PORT), "-w", str(workers), "--dispatch", dispatch,
-             str(APP)],
-            stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "corral",
+                "run",
+                "-p",
+                str(PORT),
+                "-w",
+                str(workers),
+                "--dispatch",
+                dispatch,
+                str(APP),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
     try:
         deadline = time.monotonic() + 120
@@ -41,12 +53,8 @@ def measure(dispatch: str, workers: int, path: str, conns: int, duration: float)
                 raise SystemExit(f"corral did not start:\n{LOG.read_text()[-2000:]}")
             time.sleep(0.2)
         url = f"http://127.0.0.1:{PORT}{path}"
-        subprocess.run(["wrk", "-t1", f"-c{conns}", "-d2s", url], capture_output=True, check=True)  # warm-up
-        out = subprocess.run(["wrk", "-t1", f"-c{conns}", f"-d{int(duration)}s", url],
-                             capture_output=True, text=True, check=True).stdout
-        match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-        assert match, out
-        return float(match.group(1))
+        run_wrk(url, conns, 2)  # warm-up
+        return run_wrk(url, conns, duration).rps
     finally:
         terminate(corral)
 
@@ -60,15 +68,17 @@ def main() -> int:
     results: dict[str, dict[str, list[float]]] = {}
     for name, workers, path, conns in cases:
         for run in range(args.runs):
-            for dispatch in (("fifo", "cost") if run % 2 == 0 else ("cost", "fifo")):
+            for dispatch in ("fifo", "cost") if run % 2 == 0 else ("cost", "fifo"):
                 rps = measure(dispatch, workers, path, conns, args.duration)
                 results.setdefault(name, {}).setdefault(dispatch, []).append(rps)
                 print(f"{name} run {run + 1} {dispatch}: {rps:.0f} req/s", flush=True)
     print("\n| case | fifo req/s (median, min..max) | cost req/s | cost / fifo |\n|---|---|---|---|")
     for name, by in results.items():
         f, c = statistics.median(by["fifo"]), statistics.median(by["cost"])
-        print(f"| {name} | {f:.0f} ({min(by['fifo']):.0f}..{max(by['fifo']):.0f}) "
-              f"| {c:.0f} ({min(by['cost']):.0f}..{max(by['cost']):.0f}) | {c / f:.3f} |")
+        print(
+            f"| {name} | {f:.0f} ({min(by['fifo']):.0f}..{max(by['fifo']):.0f}) "
+            f"| {c:.0f} ({min(by['cost']):.0f}..{max(by['cost']):.0f}) | {c / f:.3f} |"
+        )
     out = ROOT / "bench" / "out"
     out.mkdir(exist_ok=True)
     (out / f"fifo-vs-cost-{time.strftime('%Y%m%d-%H%M%S')}.json").write_text(json.dumps(results, indent=1))

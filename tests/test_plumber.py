@@ -37,7 +37,6 @@ def test_plumber_docs_are_off_by_default(plumber):
 def test_slow_request_does_not_block_a_fast_one(plumber):
     with cf.ThreadPoolExecutor(2) as pool:
         slow = pool.submit(get, plumber.port, "/slow?s=3")
-        plumber.wait_for  # noqa: B018 - keep the fixture alive in this scope
         fast = get(plumber.port, "/echo?msg=hi")
         assert fast.status == 200 and fast.json()["msg"] == ["The message is: 'hi'"]
         assert not slow.done()  # the fast answer came while the slow one still ran elsewhere

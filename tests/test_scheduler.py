@@ -257,3 +257,19 @@ def test_a_route_running_long_is_long_before_it_has_finished_once():
     for _ in range(20):
         c.observe("GET /fit", 0.01)
     assert c.classify("GET /fit")[0] == SHORT  # and it is re-learned when it gets fast
+
+
+def test_queued_work_is_accounted_through_every_way_out_of_the_queue():
+    s, ws = sched(1, reserve=0, cost_aware=True, queue_timeout=30.0)
+    s.submit(J("run", LONG, 2.0), 0.0)
+    gone, old, served = J("gone", LONG, 2.0), J("old", SHORT, 0.5), J("served", LONG, 2.0)
+    for j in (gone, old, served):
+        s.submit(j, 0.0)
+    assert s.queued_cost == [0.5, 4.0]
+    s.cancel(gone)
+    assert s.predicted_wait(J("probe", LONG, 1.0), 0.0) == pytest.approx(0.5 + 2.0 + 2.0)
+    s.release(ws[0], 1.0, cls=LONG)
+    assert [j for j, _ in s.pump(1.0)] == [old]
+    s.release(ws[0], 1.5)
+    assert [j for j, _ in s.pump(1.5)] == [served]
+    assert s.queued_cost == [0.0, 0.0] and s.depth == 0

@@ -63,6 +63,7 @@ class Scheduler:
         # Per class FIFO; may hold cancelled jobs (dropped lazily). `depth` counts the live ones.
         self.queues: tuple[deque[Job], deque[Job]] = (deque(), deque())
         self.depth = 0
+        self.queued_cost = [0.0, 0.0]  # predicted seconds of the live queued jobs, per class
         self.long_inflight = 0
         # The reserve costs long requests a whole worker: keep it only while short requests are
         # frequent enough to use it (bench/schedsim.py: a 0.2/s trickle cost a long load 13 %).
@@ -130,9 +131,7 @@ class Scheduler:
             if wait > self.queue_timeout:
                 self.refused_early += 1
                 raise QueueFull(max(1, math.ceil(wait)), "predicted wait exceeds the queue timeout")
-        job.sched_state = QUEUED
-        ahead.append(job)
-        self.depth += 1
+        self._enqueue(job, front=False)
         return None
 
     def requeue_front(self, job: Job, now: float) -> Worker | None:
@@ -141,10 +140,23 @@ class Scheduler:
         if worker is not None:
             self._assign(job, worker, now)
             return worker
-        job.sched_state = QUEUED
-        self.queues[job.cls].appendleft(job)
-        self.depth += 1
+        self._enqueue(job, front=True)
         return None
+
+    def _enqueue(self, job: Job, front: bool) -> None:
+        job.sched_state = QUEUED
+        q = self.queues[job.cls]
+        if front:
+            q.appendleft(job)
+        else:
+            q.append(job)
+        self.depth += 1
+        self.queued_cost[job.cls] += job.cost
+
+    def _leave_queue(self, job: Job, state: int) -> None:
+        job.sched_state = state
+        self.depth -= 1
+        self.queued_cost[job.cls] -= job.cost
 
     def _assign(self, job: Job, worker: Worker, now: float) -> None:
         job.sched_state = DISPATCHED
@@ -173,7 +185,7 @@ class Scheduler:
                 worker = self._place(job, now)
                 if worker is not None:
                     self.queues[job.cls].popleft()
-                    self.depth -= 1
+                    self._leave_queue(job, DISPATCHED)
                     self._assign(job, worker, now)
                     out.append((job, worker))
                     placed = True
@@ -195,8 +207,7 @@ class Scheduler:
     def cancel(self, job: Job) -> None:
         """The client left while queued: the job is dropped lazily, in O(1)."""
         if job.sched_state == QUEUED:
-            job.sched_state = CANCELLED
-            self.depth -= 1
+            self._leave_queue(job, CANCELLED)
 
     def expire(self, now: float) -> list[Job]:
         """Jobs that waited longer than queue_timeout (per class, FIFO order is deadline order)."""
@@ -206,8 +217,7 @@ class Scheduler:
             while q and (q[0].sched_state != QUEUED or q[0].queued_at <= limit):
                 job = q.popleft()
                 if job.sched_state == QUEUED:
-                    job.sched_state = EXPIRED
-                    self.depth -= 1
+                    self._leave_queue(job, EXPIRED)
                     self.timed_out += 1
                     out.append(job)
         return out
@@ -228,15 +238,15 @@ class Scheduler:
     # --- predictions --------------------------------------------------------------------
     def predicted_wait(self, job: Job, now: float) -> float:
         """Seconds until `job` would start: the known work ahead of it spread over the slots it may use."""
+        # O(workers), not O(queue): submit runs this for every request that has to wait.
         if job.cls == LONG:
             slots = self.long_limit(now)
-            ahead = [*self.queues[SHORT], *self.queues[LONG]]
+            queued = self.queued_cost[SHORT] + self.queued_cost[LONG]
         else:
             slots = self.capacity()
-            ahead = list(self.queues[SHORT])
+            queued = self.queued_cost[SHORT]
         if slots <= 0:
             return math.inf
-        queued = sum(j.cost for j in ahead if j.sched_state == QUEUED)
         busy = sorted(max(0.0, w.busy_until - now) for w in self.workers if w.routable)
         # the job starts when the slots free up after the work ahead: approximate as fluid
         running = sum(busy[:slots]) if busy else 0.0
