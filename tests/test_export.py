@@ -3,6 +3,7 @@ for real: nginx and HAProxy balance the workers `corral run --supervise-only` ke
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import shutil
@@ -200,7 +201,7 @@ def test_systemd_unit_verifies_and_its_execstart_runs_and_stops_gracefully(tmp_p
     unit = setup.export("systemd")
     fields = dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith(("#", ";")))
     assert fields["KillSignal"] == "SIGTERM" and fields["Restart"] == "on-failure"
-    assert fields["TimeoutStopSec"] == "40"  # graceful 30 + kill 5, and a margin
+    assert fields["TimeoutStopSec"] == "41"  # graceful 30 + kill 5 (+1 s), and a margin of 5
     assert fields["ExecReload"] == "/bin/kill -HUP $MAINPID"
     argv = shlex.split(fields["ExecStart"])
     assert argv[-3:] == ["run", "-c", str(setup.toml.resolve())]
@@ -238,3 +239,123 @@ def test_supervise_only_reload_restarts_workers_on_the_same_ports(corral, tmp_pa
     new = set(c.worker_pids().values())
     assert new.isdisjoint(pids) and len(new) == 2
     assert get(c.base_port, "/x").json()["pid"] in new
+
+
+# --- issue 11: the systemd unit's stop bound, the new knobs in the exports -------------------------
+def _export(toml: Path, kind: str) -> str:
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "export", kind, "-c", str(toml)], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+def _unit_fields(unit: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in unit.splitlines() if "=" in line and not line.startswith(("#", ";")))
+
+
+def test_systemd_stop_timeout_covers_the_longest_drain_and_the_longest_kill_of_different_apps(tmp_path):
+    toml = tmp_path / "corral.toml"
+    cmd = f'command = ["{sys.executable}", "{STUB}", "{{port}}"]'
+    toml.write_text(
+        f"[[app]]\nname='a'\nroute='/a'\n{cmd}\nworkers=1\ngraceful_timeout=60\nkill_timeout=1\n"
+        f"[[app]]\nname='b'\nroute='/b'\n{cmd}\nworkers=1\ngraceful_timeout=1\nkill_timeout=60\n"
+    )
+    stop = int(_unit_fields(_export(toml, "systemd"))["TimeoutStopSec"])
+    assert stop >= 60 + 60 + 5  # not max(graceful + kill) = 61 + 5: the longest drain, then the longest kill
+
+
+def test_systemd_unit_stops_in_time_when_a_request_outlives_the_drain_and_the_worker_ignores_sigterm(tmp_path):
+    """The worst case the unit must cover: a request still running at graceful_timeout, held by a
+    worker that ignores SIGTERM and needs SIGKILL after kill_timeout. corral must exit by itself,
+    cleanly, before systemd's TimeoutStopSec would kill it."""
+    port = free_ports(2, start=31000)
+    worker = f"trap '' TERM; exec {shlex.quote(sys.executable)} {shlex.quote(STUB)} \"$0\""
+    toml = tmp_path / "corral.toml"
+    toml.write_text(
+        f"[server]\nport = {port}\nadmin = 'unix:{tmp_path}/admin.sock'\n"
+        f"[[app]]\nname='a'\ncommand = ['sh', '-c', {json.dumps(worker)}, '{{port}}']\nworkers = 1\n"
+        "graceful_timeout = 6\nkill_timeout = 1\n"
+        f"env = {{ STUB_LOG = '{tmp_path}/seen.log' }}\n"
+    )
+    fields = _unit_fields(_export(toml, "systemd"))
+    stop = int(fields["TimeoutStopSec"])
+    out = tmp_path / "unit.log"
+    with open(out, "wb") as f:
+        proc = subprocess.Popen(shlex.split(fields["ExecStart"]), stdout=f, stderr=f, cwd=fields["WorkingDirectory"])
+    client = socket.socket()
+    try:
+        deadline = time.monotonic() + 30
+        while "all workers ready" not in out.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        client.connect(("127.0.0.1", port))
+        client.sendall(b"GET /hang HTTP/1.1\r\nHost: t\r\n\r\n")
+        seen = tmp_path / "seen.log"
+        deadline = time.monotonic() + 30
+        while not (seen.exists() and "GET /hang" in seen.read_text()):  # the worker holds the request
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, fields["KillSignal"]))
+        try:
+            code = proc.wait(stop)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"still stopping after TimeoutStopSec={stop}s:\n{out.read_text()}") from None
+    finally:
+        client.close()
+        if proc.poll() is None:
+            proc.kill()
+    log = out.read_text()
+    assert code == 0 and "corral: stopped" in log, log
+    assert "killed by SIGKILL" in log  # the worker really did ignore SIGTERM
+
+
+def test_exports_with_automatic_max_connections(tmp_path):
+    toml = tmp_path / "corral.toml"
+    cmd = f'command = ["{sys.executable}", "{STUB}", "{{port}}"]'
+    toml.write_text(f"[[app]]\nname='a'\n{cmd}\nworkers=2\n")
+    cfg = _export(toml, "haproxy")
+    frontend = cfg.split("frontend corral", 1)[1].split("\n\n", 1)[0]
+    assert "maxconn" not in frontend.replace("# no maxconn", "")  # HAProxy sizes it from its fd limit, as corral
+    assert "None" not in cfg
+    unit = _unit_fields(_export(toml, "systemd"))
+    assert int(unit["LimitNOFILE"]) >= 65536
+    toml.write_text(f"[server]\nmax_connections = 50000\n[[app]]\nname='a'\n{cmd}\nworkers=2\n")
+    cfg = _export(toml, "haproxy")
+    assert "    maxconn 50000\n" in cfg.split("frontend corral", 1)[1]
+    unit = _unit_fields(_export(toml, "systemd"))
+    # room for each connection and its upstream connection, and what corral keeps for itself
+    from corral import config as C
+
+    loaded = C.load_toml(toml)
+    assert C.connection_budget(int(unit["LimitNOFILE"]), loaded) >= 50000
+
+
+def test_nginx_export_maps_response_buffering_and_send_timeout(tmp_path):
+    toml = tmp_path / "corral.toml"
+    cmd = f'command = ["{sys.executable}", "{STUB}", "{{port}}"]'
+    toml.write_text(
+        f"[server]\nsend_timeout = 90\n[[app]]\nname='a'\n{cmd}\nworkers=2\n"
+        f"response_buffer = {8 * 1024 * 1024}\nresponse_buffer_file = 0\n"
+    )
+    conf = _export(toml, "nginx")
+    assert "    send_timeout 90s;" in conf
+    assert "proxy_buffers 128 64k;" in conf and "proxy_max_temp_file_size 0;" in conf
+    assert "proxy_read_timeout 330s;" in conf  # queue_timeout 30 + the default request_timeout 300
+    if HAVE_NGINX:
+        root = tmp_path / "nginx"
+        (root / "conf.d").mkdir(parents=True)
+        (root / "conf.d" / "corral.conf").write_text(conf)
+        (root / "nginx.conf").write_text(
+            f"pid {root}/nginx.pid;\nerror_log {root}/error.log;\nevents {{}}\n"
+            f"http {{ access_log off; include conf.d/*.conf; }}\n"
+        )
+        t = subprocess.run(
+            ["nginx", "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "error.log"), "-t"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert t.returncode == 0, t.stderr

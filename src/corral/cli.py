@@ -14,6 +14,32 @@ from .config import AppConfig, Config, ConfigError, ServerConfig
 from .launch import preflight
 
 
+class Invalid:
+    """A knob value from the command line that is not a number: reported with the config's other problems."""
+
+    def __init__(self, raw: str, want: type) -> None:
+        self.raw = raw
+        self.want = want
+
+
+class _Knob(click.ParamType):
+    """int or float that never fails in click (whose errors are a usage screen, not one line): a value
+    that does not parse becomes Invalid, and build_config reports it in the config's own words. Ranges,
+    non-finite floats and choices are checked by config.validate, like the same keys in corral.toml."""
+
+    def __init__(self, want: type) -> None:
+        self.want = want
+        self.name = want.__name__
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, self.want) and not isinstance(value, bool):
+            return value
+        try:
+            return self.want(value)
+        except (TypeError, ValueError):  # ValueError also for integers of more than 4300 digits
+            return Invalid(str(value), self.want)
+
+
 def _knob_options(cls: type) -> list[click.Option]:
     opts = []
     for f in C.fields_of(cls):
@@ -28,8 +54,10 @@ def _knob_options(cls: type) -> list[click.Option]:
             opts.append(click.Option([f"{decls[-1]}/--no-{f.name.replace('_', '-')}"], default=None, help=m["help"]))
             continue
         t = C.base_type(cls, f.name)
-        ctype: Any = click.Choice(m["choices"]) if m["choices"] else {int: int, float: float}.get(t, str)
-        opts.append(click.Option(decls, type=ctype, default=None, help=m["help"] + unit, metavar=""))
+        ctype: Any = _Knob(t) if t in (int, float) else str
+        bounds = f" [{C.range_text(f)}]" if m["minimum"] is not None else unit
+        metavar = "[" + "|".join(m["choices"]) + "]" if m["choices"] else ""
+        opts.append(click.Option(decls, type=ctype, default=None, help=m["help"] + bounds, metavar=metavar))
     return opts
 
 
@@ -47,7 +75,7 @@ def cli() -> None:
 
 @cli.command(context_settings={"ignore_unknown_options": False})
 @click.argument("app_or_command", nargs=-1, type=click.UNPROCESSED)
-@click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False), help="corral.toml to load")
+@click.option("-c", "--config", "config_path", metavar="FILE", help="corral.toml to load")
 @click.option(
     "--upstream",
     "upstreams",
@@ -91,21 +119,31 @@ def build_config(
 ) -> Config:
     cfg = C.load_toml(config_path, strict=False) if config_path else Config()
     given = {k: v for k, v in knobs.items() if v is not None}
+    # Options that are not numbers at all: reported first, in the same one-line style, with the rest.
+    bad = [
+        f"command line: {C.option_name(k)}: must be {C._type_word(v.want)} (got {v.raw!r})"
+        for k, v in given.items()
+        if isinstance(v, Invalid)
+    ]
+    given = {k: v for k, v in given.items() if not isinstance(v, Invalid)}
     server_keys = {f.name for f in C.fields_of(ServerConfig)}
     for key, value in given.items():
         if key in server_keys:
             setattr(cfg.server, key, value)
     if args or upstreams or not cfg.apps:
-        cfg.apps = [_app_from_args(args, upstreams, name)]
+        try:
+            cfg.apps = [_app_from_args(args, upstreams, name)]
+        except ConfigError as exc:
+            raise ConfigError(bad + exc.problems) from None
     elif len(cfg.apps) > 1 and any(k not in server_keys for k in given):
-        raise ConfigError([f"{cfg.source}: per-app options on the command line need a single [[app]]"])
+        raise ConfigError([*bad, f"{cfg.source}: per-app options on the command line need a single [[app]]"])
     for app in cfg.apps[:1] if len(cfg.apps) == 1 else []:
         for key, value in given.items():
             if key not in server_keys:
                 setattr(app, key, value)
         if name:
             app.name = name
-    problems = C.validate(cfg)
+    problems = bad + C.validate(cfg)
     if problems:
         raise ConfigError(problems)
     return cfg
@@ -203,7 +241,7 @@ def _load_or_exit(config_path: str) -> Config:
 
 
 @cli.command()
-@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config_path", required=True, metavar="FILE")
 def check(config_path: str) -> None:
     """Validate a corral.toml: exit 0 with a one-line summary, or 2 with every problem listed."""
     cfg = _load_or_exit(config_path)
@@ -214,7 +252,7 @@ def check(config_path: str) -> None:
 
 @cli.command()
 @click.argument("kind", type=click.Choice(["nginx", "haproxy", "systemd"]))
-@click.option("-c", "--config", "config_path", required=True, type=click.Path(dir_okay=False))
+@click.option("-c", "--config", "config_path", required=True, metavar="FILE")
 @click.option("--supervise-only", is_flag=True, help="systemd: a unit for the workers only (nginx/HAProxy in front)")
 def export(kind: str, config_path: str, supervise_only: bool) -> None:
     """Print an nginx conf.d file, a haproxy.cfg or a systemd unit for the apps in corral.toml.

@@ -11,14 +11,26 @@ import contextlib
 import dataclasses
 import difflib
 import ipaddress
+import math
 import os
 import re
+import resource
 import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+# Bounds shared by several knobs.
+PORT_MAX = 65535
+WORKERS_MAX = 4096  # workers per app: far beyond what one machine runs, small enough to plan ports and fds for
+DAY = 86400
+MONTH = 30 * DAY
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+FD_RESERVE = 64  # file descriptors kept back for everything corral opens now and then (files, DNS, admin clients)
 
 
 def knob(
@@ -28,16 +40,19 @@ def knob(
     breach: str = "",
     short: str | None = None,
     minimum: float | None = None,
+    maximum: float | None = None,
     choices: tuple[str, ...] | None = None,
     cli: bool = True,
     flag: bool = False,
 ) -> Any:
+    """A knob's field. Numeric knobs carry both bounds: `check`, `run` and the reference table use them."""
     meta = {
         "help": help,
         "unit": unit,
         "breach": breach,
         "short": short,
         "minimum": minimum,
+        "maximum": maximum,
         "choices": choices,
         "cli": cli,
         "flag": flag,
@@ -64,9 +79,16 @@ class AppConfig:
         cli=False,
     )
     env: dict[str, str] = knob({}, "extra environment for every worker", cli=False)
-    workers: int | None = knob(None, "number of workers (default: one per CPU)", short="-w", minimum=1, breach="n/a")
+    workers: int | None = knob(
+        None, "number of workers (default: one per CPU)", short="-w", minimum=1, maximum=WORKERS_MAX, breach="n/a"
+    )
     base_port: int | None = knob(
-        None, "worker i listens on base_port + i (default: public port + 1)", minimum=1, breach="n/a"
+        None,
+        "worker i listens on base_port + i (default: public port + 1); replacements during a reload or recycle "
+        "start on the ports just above the range, so as many ports above it must exist",
+        minimum=1,
+        maximum=PORT_MAX,
+        breach="n/a",
     )
     worker_host: str = knob(
         "127.0.0.1",
@@ -74,12 +96,18 @@ class AppConfig:
         "0.0.0.0 lets other hosts reach them",
     )
     max_inflight: int = knob(
-        1, "requests one worker may hold at once", minimum=1, breach="further requests wait in the queue"
+        1, "requests one worker may hold at once", minimum=1, maximum=1024, breach="further requests wait in the queue"
     )
     max_queue: int = knob(
-        1000, "requests allowed to wait at the proxy", minimum=0, breach="503 with Retry-After, at once"
+        1000,
+        "requests allowed to wait at the proxy",
+        minimum=0,
+        maximum=1_000_000,
+        breach="503 with Retry-After, at once",
     )
-    queue_timeout: float = knob(30.0, "longest wait in the queue", unit="s", minimum=0, breach="503 with Retry-After")
+    queue_timeout: float = knob(
+        30.0, "longest wait in the queue", unit="s", minimum=0, maximum=DAY, breach="503 with Retry-After"
+    )
     health_path: str | None = knob(
         None,
         "readiness and health probe path; without it any HTTP answer on / counts",
@@ -90,33 +118,64 @@ class AppConfig:
         "time a new worker has to answer its readiness probe",
         unit="s",
         minimum=0.1,
+        maximum=DAY,
         breach="worker killed and restarted with backoff",
     )
-    request_timeout: float | None = knob(
-        None,
-        "longest time a worker may hold one request",
+    request_timeout: float = knob(
+        300.0,
+        "longest time a worker may hold one request. 300 s by default: the longest an R handler is expected to "
+        "legitimately run, and the bound on how long a frozen (SIGSTOPped, swapped-out) worker can hold a "
+        "request; raise it for longer jobs",
         unit="s",
         minimum=0.01,
-        breach="client gets 504; the worker is killed and replaced",
+        maximum=MONTH,
+        breach="client gets 504; the worker is killed and replaced (a frozen worker holds a request no longer)",
     )
-    health_interval: float = knob(5.0, "seconds between probes of an idle worker", unit="s", minimum=0.05, breach="n/a")
+    response_buffer: int = knob(
+        4 * MiB,
+        "response bytes held in memory per request, so the worker is freed before a slow client has read them "
+        "(nginx proxy_buffering)",
+        unit="bytes",
+        minimum=0,
+        maximum=GiB,
+        breach="further bytes go to a temporary file",
+    )
+    response_buffer_file: int = knob(
+        GiB,
+        "response bytes spilled to a temporary file per request beyond response_buffer",
+        unit="bytes",
+        minimum=0,
+        maximum=64 * GiB,
+        breach="the worker is read only as fast as the client reads (back-pressure)",
+    )
+    health_interval: float = knob(
+        5.0, "seconds between probes of an idle worker", unit="s", minimum=0.05, maximum=DAY, breach="n/a"
+    )
     health_timeout: float = knob(
-        2.0, "probe answer deadline", unit="s", minimum=0.01, breach="counts as one failed probe"
+        2.0, "probe answer deadline", unit="s", minimum=0.01, maximum=DAY, breach="counts as one failed probe"
     )
     health_fails: int = knob(
-        3, "failed probes in a row that take an idle worker out", minimum=1, breach="worker replaced"
+        3, "failed probes in a row that take an idle worker out", minimum=1, maximum=1000, breach="worker replaced"
     )
     max_requests: int | None = knob(
-        None, "recycle a worker after this many requests", minimum=1, breach="graceful replacement"
+        None,
+        "recycle a worker after this many requests",
+        minimum=1,
+        maximum=10**12,
+        breach="graceful replacement",
     )
     max_requests_jitter: int = knob(
-        0, "random 0..N added to max_requests per worker, so workers do not recycle together", minimum=0
+        0,
+        "random 0..N added to max_requests per worker, so workers do not recycle together",
+        minimum=0,
+        maximum=10**12,
     )
     max_memory: float | None = knob(
         None,
         "resident memory of a worker's process tree",
         unit="MB",
         minimum=1,
+        maximum=16 * 1024 * 1024,
         breach="graceful replacement",
     )
     graceful_timeout: float = knob(
@@ -124,35 +183,55 @@ class AppConfig:
         "drain deadline for in-flight requests on stop, reload and recycle",
         unit="s",
         minimum=0,
+        maximum=MONTH,
         breach="SIGTERM regardless",
     )
-    kill_timeout: float = knob(5.0, "SIGTERM to SIGKILL grace", unit="s", minimum=0, breach="SIGKILL")
+    kill_timeout: float = knob(5.0, "SIGTERM to SIGKILL grace", unit="s", minimum=0, maximum=DAY, breach="SIGKILL")
     docs: bool = knob(False, "serve plumber's API docs (off by default)", flag=True)
     dispatch: str = knob(
-        "cost", "queue policy: cost (learn route costs, keep a reserve for short requests) or fifo",
+        "cost",
+        "queue policy: cost (learn route costs, keep a reserve for short requests) or fifo",
         choices=("cost", "fifo"),
     )
     reserve: int | None = knob(
-        None, "workers kept free for short requests (default: 1 when there are 2 or more workers)", minimum=0,
+        None,
+        "workers kept free for short requests (default: 1 when there are 2 or more workers)",
+        minimum=0,
+        maximum=WORKERS_MAX,
         breach="long requests wait in the queue",
     )
     long_threshold: float = knob(
-        0.5, "a route whose learned service time reaches this is long", unit="s", minimum=0.001
+        0.5, "a route whose learned service time reaches this is long", unit="s", minimum=0.001, maximum=DAY
     )
     long_bias: float = knob(
-        5.0, "ageing: a queued long request is passed by short ones for at most this long", unit="s", minimum=0
+        5.0,
+        "ageing: a queued long request is passed by short ones for at most this long",
+        unit="s",
+        minimum=0,
+        maximum=DAY,
     )
     long_routes: list[str] = knob([], "route patterns always long, e.g. 'POST /fit*' or '/model/*'", cli=False)
     short_routes: list[str] = knob([], "route patterns always short", cli=False)
     min_workers: int | None = knob(
-        None, "autoscale: never fewer workers than this (setting min or max turns autoscaling on)", minimum=1
+        None,
+        "autoscale: never fewer workers than this (setting min or max turns autoscaling on)",
+        minimum=1,
+        maximum=WORKERS_MAX,
     )
-    max_workers: int | None = knob(None, "autoscale: never more workers than this", minimum=1)
+    max_workers: int | None = knob(
+        None,
+        "autoscale: never more workers than this; also the ceiling for `corral scale`; default ceiling: "
+        "max(4 x CPUs, 16), bounded by the fd limit",
+        minimum=1,
+        maximum=WORKERS_MAX,
+        breach="scale requests above it are refused",
+    )
     scale_up_wait: float = knob(
         1.0,
         "autoscale: add workers when the oldest queued request has waited this long",
         unit="s",
         minimum=0.05,
+        maximum=DAY,
         breach="one more worker (up to doubling), until max_workers",
     )
     idle_timeout: float = knob(
@@ -160,6 +239,7 @@ class AppConfig:
         "autoscale: workers unused for this long are drained and stopped",
         unit="s",
         minimum=0.5,
+        maximum=MONTH,
         breach="surplus workers drained, down to min_workers",
     )
 
@@ -169,28 +249,56 @@ class ServerConfig:
     """Process-wide settings: the public listener, the admin channel, edge limits, logs."""
 
     host: str = knob("127.0.0.1", "public listen address")
-    port: int = knob(8000, "public listen port", short="-p", minimum=1)
+    port: int = knob(8000, "public listen port", short="-p", minimum=1, maximum=PORT_MAX)
     admin: str | None = knob(None, "admin channel: HOST:PORT or unix:/path (default: a unix socket per public port)")
     admin_token: str | None = knob(None, "bearer token every admin call must carry")
     max_header_bytes: int = knob(
-        16384, "request line + headers", unit="bytes", minimum=256, breach="431 (request line alone: 414)"
+        16384,
+        "request line + headers",
+        unit="bytes",
+        minimum=256,
+        maximum=MiB,
+        breach="431 (request line alone: 414)",
     )
-    max_headers: int = knob(100, "header fields per request", minimum=1, breach="431")
+    max_headers: int = knob(100, "header fields per request", minimum=1, maximum=10000, breach="431")
     max_body: int = knob(
-        100 * 1024 * 1024, "request body", unit="bytes", minimum=0, breach="413 before the worker sees it"
+        100 * MiB,
+        "request body",
+        unit="bytes",
+        minimum=0,
+        maximum=64 * GiB,
+        breach="413 before the worker sees it",
     )
     header_timeout: float = knob(
-        10.0, "time to receive a whole request head", unit="s", minimum=0.1, breach="408, close"
+        10.0, "time to receive a whole request head", unit="s", minimum=0.1, maximum=DAY, breach="408, close"
     )
     body_timeout: float = knob(
         30.0,
         "longest gap between request body bytes",
         unit="s",
         minimum=0.1,
+        maximum=DAY,
         breach="408, close; the worker's request is aborted",
     )
-    keepalive_timeout: float = knob(5.0, "idle client connection lifetime", unit="s", minimum=0.1, breach="close")
-    max_connections: int = knob(10000, "open client connections", minimum=1, breach="new connections get 503 and close")
+    send_timeout: float = knob(
+        60.0,
+        "longest a client may go without reading any of its response",
+        unit="s",
+        minimum=1,
+        maximum=DAY,
+        breach="connection closed; the exchange is counted as cut",
+    )
+    keepalive_timeout: float = knob(
+        5.0, "idle client connection lifetime", unit="s", minimum=0.1, maximum=DAY, breach="close"
+    )
+    max_connections: int | None = knob(
+        None,
+        "open client connections (default: auto, sized from the open-file limit: about half of it, since each "
+        "client connection can need an upstream connection too)",
+        minimum=1,
+        maximum=1 << 24,
+        breach="new connections get 503 and close",
+    )
     trusted_proxies: str = knob(
         "", "CIDR,... whose X-Forwarded-*/Forwarded are kept and appended to", breach="headers replaced"
     )
@@ -241,7 +349,7 @@ def load_toml(path: str | Path, strict: bool = True) -> Config:
         raise ConfigError([f"{path}: no such file"]) from None
     except IsADirectoryError:
         raise ConfigError([f"{path}: is a directory, not a corral.toml"]) from None
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, ValueError) as exc:  # ValueError: an integer of more than 4300 digits
         raise ConfigError([f"{path}: not valid TOML: {exc}"]) from None
     problems: list[str] = []
     where = str(path)
@@ -309,6 +417,10 @@ def _misplaced(key: str, cls: type | None) -> str | None:
 def _coerce_check(cls: type, key: str, value: Any) -> str | None:
     want = base_type(cls, key)
     if want is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        try:
+            float(value)
+        except OverflowError:
+            return f"must be a finite number (got an integer of {len(str(value))} digits)"
         return None
     if want is int and isinstance(value, bool):
         return f"must be an integer (got {value!r})"
@@ -319,7 +431,7 @@ def _coerce_check(cls: type, key: str, value: Any) -> str | None:
     if want is dict:
         for k, v in value.items():
             if not isinstance(v, str):
-                return f"{k}: must be a string (got {v!r}); quote it: {k} = \"{v}\""
+                return f'{k}: must be a string (got {v!r}); quote it: {k} = "{v}"'
     return None
 
 
@@ -353,6 +465,17 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     _check_ranges(cfg.server, f"{where}: server", problems)
     if cfg.server.host != "localhost" and not _is_ip(cfg.server.host):
         problems.append(f"{where}: server: host: must be an IP address such as 0.0.0.0 (got {cfg.server.host!r})")
+    if cfg.server.admin is not None:
+        try:
+            kind, _, admin_port = parse_admin(cfg.server.admin)
+        except ValueError as exc:
+            problems.append(f"{where}: server: admin: {exc}")
+        else:
+            if kind == "tcp" and admin_port == cfg.server.port:
+                problems.append(
+                    f"{where}: server: admin: port {admin_port} is the public port; the admin channel is never "
+                    "served there: choose another port or unix:/path"
+                )
     if not cfg.apps:
         problems.append(f"{where}: no app: give a plumber file, a command after --, --upstream, or [[app]]")
     seen_names: dict[str, int] = {}
@@ -382,10 +505,10 @@ def _validate(cfg: Config, problems: list[str]) -> None:
 
 def _check_ranges(obj: Any, label: str, problems: list[str]) -> None:
     for f in fields_of(type(obj)):
+        why = range_problem(f, getattr(obj, f.name))
+        if why:
+            problems.append(f"{label}: {f.name}: {why}")
         value = getattr(obj, f.name)
-        lo = f.metadata["minimum"]
-        if lo is not None and value is not None and value < lo:
-            problems.append(f"{label}: {f.name}: must be >= {lo:g} (got {value!r})")
         choices = f.metadata["choices"]
         if choices and value not in choices:
             problems.append(f"{label}: {f.name}: must be one of {', '.join(choices)} (got {value!r})")
@@ -399,6 +522,30 @@ def _check_ranges(obj: Any, label: str, problems: list[str]) -> None:
         problems.append(f"{label}: health_path: must start with / (got {obj.health_path!r})")
     if isinstance(obj, AppConfig) and obj.min_workers and obj.max_workers and obj.min_workers > obj.max_workers:
         problems.append(f"{label}: min_workers: must be <= max_workers ({obj.min_workers} > {obj.max_workers})")
+
+
+def range_problem(f: dataclasses.Field[Any], value: Any) -> str | None:
+    """Why a numeric knob's value is out of bounds (non-finite, below its minimum, above its maximum), or None."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"must be a finite number (got {value!r})"
+    lo, hi = f.metadata["minimum"], f.metadata["maximum"]
+    if lo is not None and value < lo:
+        return f"must be >= {_num(lo)} (got {value!r})"
+    if hi is not None and value > hi:
+        return f"must be <= {_num(hi)} (got {value!r})"
+    return None
+
+
+def _in_range(obj: Any, *names: str) -> bool:
+    fs = {f.name: f for f in fields_of(type(obj))}
+    return all(range_problem(fs[n], getattr(obj, n)) is None for n in names)
+
+
+def _num(x: float) -> str:
+    """A bound as written in a message: 65535, 0.05, 2592000 (never 2.592e+06)."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _check_source(app: AppConfig, label: str, problems: list[str]) -> None:
@@ -433,15 +580,44 @@ def _check_source(app: AppConfig, label: str, problems: list[str]) -> None:
 
 
 def _check_ports(cfg: Config, problems: list[str]) -> None:
-    owner: dict[int, str] = {cfg.server.port: "the public listener"}
+    """Worker ranges: within 1..65535 with room above for replacements, and clear of each other, the
+    public port and the admin port. An app whose port or worker count is itself out of range is skipped
+    (already reported; a range of 10**20 workers is not walked), and so are default ranges after it."""
+    public_ok = _in_range(cfg.server, "port")
+    owner: dict[int, str] = {cfg.server.port: "the public listener"} if public_ok else {}
+    with contextlib.suppress(ValueError):
+        if cfg.server.admin is not None:
+            kind, _, admin_port = parse_admin(cfg.server.admin)
+            if kind == "tcp":
+                owner.setdefault(admin_port, "the admin channel")
+    defaults_ok = public_ok  # a default base_port follows the public port and every earlier app's range
     for app in cfg.apps:
         if app.upstreams:
             continue
-        base = worker_ports(cfg, app)[0]
-        for port in range(base, base + port_span(app)):
-            if port > 65535:
-                problems.append(f"{cfg.source}: app '{app.name}': base_port: port {port} is above 65535")
-                break
+        if not _in_range(app, "base_port") or port_span(app) > WORKERS_MAX:
+            defaults_ok = False
+            continue
+        if app.base_port is None and not defaults_ok:
+            continue
+        base = first_port(cfg, app)
+        span = port_span(app)
+        last = base + span - 1
+        if last + span > PORT_MAX:
+            # A reload or recycle starts each replacement on a fresh port above the range before the old
+            # worker stops: up to `span` of them at once.
+            fix = f"set base_port to {PORT_MAX - 2 * span + 1} or lower, or run fewer workers"  # span <= 4096
+            if app.base_port is None:
+                fix += " (base_port defaults to the public port + 1, after earlier apps' ranges)"
+            if last > PORT_MAX:
+                what = f"workers need ports {base}-{last}, past {PORT_MAX}"
+            else:
+                what = (
+                    f"no room for replacements: a rolling reload starts them on the {span} ports just above "
+                    f"the range ({last + 1}-{last + span}), past {PORT_MAX}"
+                )
+            problems.append(f"{cfg.source}: app '{app.name}': base_port: {what}: {fix}")
+            continue
+        for port in range(base, last + 1):
             if port in owner:
                 problems.append(f"{cfg.source}: app '{app.name}': base_port: port {port} is also used by {owner[port]}")
                 break
@@ -513,8 +689,13 @@ def connect_host(app: AppConfig) -> str:
 
 
 def worker_ports(cfg: Config, app: AppConfig) -> list[int]:
-    base = app.base_port if app.base_port is not None else default_base_port(cfg, app)
+    base = first_port(cfg, app)
     return [base + i for i in range(effective_workers(app))]
+
+
+def first_port(cfg: Config, app: AppConfig) -> int:
+    """Worker 0's port: base_port, or the default after the public port and earlier apps."""
+    return app.base_port if app.base_port is not None else default_base_port(cfg, app)
 
 
 def default_base_port(cfg: Config, app: AppConfig) -> int:
@@ -555,6 +736,65 @@ def parse_upstream(spec: str) -> list[tuple[str, int]]:
     return [(host.strip("[]"), p) for p in range(lo, hi + 1)]
 
 
+def parse_admin(spec: str) -> tuple[str, str, int]:
+    """`unix:/path` -> ("unix", path, 0); `HOST:PORT` / `[v6]:PORT` -> ("tcp", host, port).
+    Raises ValueError naming the accepted forms."""
+    if spec.startswith("unix:") and len(spec) > len("unix:"):
+        return "unix", spec[len("unix:") :], 0
+    host, sep, port_s = spec.rpartition(":")
+    host = host.strip("[]")
+    if spec.startswith("unix:") or not sep or not host or not port_s.isdigit() or not 0 < int(port_s) <= PORT_MAX:
+        raise ValueError(f"must be HOST:PORT with a port in 1..{PORT_MAX}, or unix:/path (got {spec!r})")
+    return "tcp", host, int(port_s)
+
+
+# --- file descriptors: how many connections and workers a machine can hold ---------------------------
+def _nofile(nofile: int | None) -> int:
+    """The open-file limit to plan with: the hard limit when not given; 'unlimited' as 2**20."""
+    if nofile is None:
+        nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if nofile < 0 or nofile == resource.RLIM_INFINITY:
+        return 1 << 20
+    return nofile
+
+
+def reserved_fds(cfg: Config) -> int:
+    """File descriptors corral needs besides client connections and their upstream connections:
+    per worker it may run (twice its range: a rolling reload runs a replacement beside each worker)
+    three pipes and a probe, plus an output file with log_dir; a probe per upstream address; the
+    public and admin listeners; the access log; and FD_RESERVE for everything else."""
+    n = FD_RESERVE + 2 + (1 if cfg.server.access_log else 0)
+    for app in cfg.apps:
+        if app.upstreams:
+            for spec in app.upstreams:
+                with contextlib.suppress(ValueError):
+                    n += len(parse_upstream(spec))
+            continue
+        workers = 2 * min(port_span(app), WORKERS_MAX)
+        n += workers * (3 + 1 + (1 if cfg.server.log_dir else 0))
+    return n
+
+
+def connection_budget(nofile: int, cfg: Config) -> int:
+    """How many client connections corral can hold with `nofile` open files: each client connection
+    can need one upstream connection too, after reserved_fds(cfg). At least 1. This is what
+    max_connections means when left out (the caller raises RLIMIT_NOFILE to its hard limit first);
+    a max_connections set above it is not a config error, since limits differ per machine."""
+    return max(1, (_nofile(nofile) - reserved_fds(cfg)) // 2)
+
+
+def worker_ceiling(app: AppConfig, nofile: int | None = None) -> int:
+    """The most workers `corral scale` or autoscaling may ever ask for: max_workers when set, else
+    max(4 x CPUs, 16) bounded by the fd limit (8 per worker, after FD_RESERVE: pipes, probe, pooled
+    connections, a replacement's share), and never below the configured workers. At least 1."""
+    if app.max_workers is not None:
+        return app.max_workers
+    cpus = os.cpu_count() or 1
+    by_fds = (_nofile(nofile) - FD_RESERVE) // 8
+    ceiling = min(max(4 * cpus, 16), by_fds, WORKERS_MAX)
+    return max(1, ceiling, min(app.workers or 0, WORKERS_MAX))
+
+
 def reference_markdown() -> str:
     """The configuration reference table for docs/configuration.md."""
     out = []
@@ -562,8 +802,8 @@ def reference_markdown() -> str:
         out += [
             f"### {title}",
             "",
-            "| key | CLI | default | unit | meaning | on breach |",
-            "|---|---|---|---|---|---|",
+            "| key | CLI | default | unit | range | meaning | on breach |",
+            "|---|---|---|---|---|---|---|",
         ]
         for f in fields_of(cls):
             m = f.metadata
@@ -572,9 +812,36 @@ def reference_markdown() -> str:
                 cli = f"{m['short']}, {cli}"
             default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[misc]
             choices = f" ({' / '.join(m['choices'])})" if m["choices"] else ""
-            out.append(f"| `{f.name}` | `{cli}` | `{default!r}` | {m['unit']} | {m['help']}{choices} | {m['breach']} |")
+            out.append(
+                f"| `{f.name}` | `{cli}` | `{default!r}` | {m['unit']} | {range_text(f)} | {m['help']}{choices} "
+                f"| {m['breach']} |"
+            )
         out.append("")
     return "\n".join(out)
+
+
+def range_text(f: dataclasses.Field[Any]) -> str:
+    """'1 .. 65535', '0.01 s .. 30 d', '0 .. 1 GiB': a knob's bounds for people."""
+    lo, hi = f.metadata["minimum"], f.metadata["maximum"]
+    if lo is None and hi is None:
+        return ""
+    return f"{_human(lo, f.metadata['unit'])} .. {_human(hi, f.metadata['unit'])}"
+
+
+def _human(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "s":
+        for size, name in ((DAY, "d"), (3600, "h")):
+            if x >= size and x % size == 0:
+                return f"{_num(x / size)} {name}"
+        return f"{_num(x)} s"
+    if unit == "bytes":
+        for size, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
+            if x >= size and x % size == 0:
+                return f"{_num(x / size)} {name}"
+        return _num(x)
+    return _num(x)
 
 
 REFERENCE_BEGIN = "<!-- reference: generated by `python -m corral.config --update docs/configuration.md` -->"

@@ -15,10 +15,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
-from .config import AppConfig, Config, connect_host, parse_upstream, port_span, worker_ports
+from .config import (
+    AppConfig,
+    Config,
+    KiB,
+    connect_host,
+    first_port,
+    parse_upstream,
+    port_span,
+    reserved_fds,
+)
 
 NOT_FOUND_JSON = '{"error": "no app serves this path", "status": 404}'
-NO_REQUEST_TIMEOUT = 3600  # corral has no limit when request_timeout is unset; the front ends need one
+STOP_MARGIN = 5  # seconds systemd waits beyond corral's own stop bound
+NOFILE_AUTO = 524288  # systemd's default hard limit: corral raises its soft limit to it and sizes connections from it
 
 
 @dataclass
@@ -47,7 +57,7 @@ def targets(cfg: Config) -> list[Target]:
             out.append(Target(app, servers, False))
         else:
             # Every port autoscaling may use: absent workers are skipped by the front end's checks.
-            base = worker_ports(cfg, app)[0]
+            base = first_port(cfg, app)
             host = connect_host(app)
             out.append(Target(app, [(host, base + i) for i in range(port_span(app))], True))
     return sorted(out, key=lambda t: len(t.route), reverse=True)
@@ -65,7 +75,7 @@ def _secs(value: float) -> str:
 
 
 def _read_timeout(app: AppConfig) -> float:
-    return app.request_timeout if app.request_timeout is not None else NO_REQUEST_TIMEOUT
+    return app.request_timeout
 
 
 def _trusted(cfg: Config) -> list[str]:
@@ -122,6 +132,7 @@ def nginx(cfg: Config) -> str:
         f"    client_header_timeout {_secs(server.header_timeout)};",
         f"    client_body_timeout {_secs(server.body_timeout)};",
         f"    keepalive_timeout {_secs(server.keepalive_timeout)};",
+        f"    send_timeout {_secs(server.send_timeout)};",
         "",
         "    # What every app's worker is told (a location that set its own proxy_set_header would",
         "    # lose all of these, so the per-app prefix travels in a variable instead).",
@@ -172,6 +183,7 @@ def _nginx_locations(t: Target) -> list[str]:
     body = [
         f"proxy_connect_timeout {_secs(max(app.health_timeout, 1.0))};",
         f"proxy_read_timeout {_secs(app.queue_timeout + _read_timeout(app))};  # queue_timeout + request_timeout",
+        *_nginx_buffering(app),
     ]
     if route == "/":
         locations = [("/", f"http://{t.ident}")]
@@ -190,6 +202,20 @@ def _nginx_locations(t: Target) -> list[str]:
     return [*out, ""]
 
 
+def _nginx_buffering(app: AppConfig) -> list[str]:
+    """response_buffer / response_buffer_file as nginx's proxy_buffering: memory, then a temporary file."""
+    if app.response_buffer == 0 and app.response_buffer_file == 0:
+        return ["proxy_buffering off;  # response_buffer = response_buffer_file = 0: read as the client reads"]
+    # nginx wants at least a few buffers (busy buffers < all buffers minus one): small budgets use 4k ones.
+    size = 64 * KiB if app.response_buffer >= 4 * 64 * KiB else 4 * KiB
+    n = max(4, math.ceil(app.response_buffer / size))
+    return [
+        f"proxy_buffer_size {size // KiB}k;",
+        f"proxy_buffers {n} {size // KiB}k;  # response_buffer",
+        f"proxy_max_temp_file_size {app.response_buffer_file};  # response_buffer_file",
+    ]
+
+
 # --- HAProxy ---------------------------------------------------------------------------------
 def haproxy(cfg: Config) -> str:
     server = cfg.server
@@ -199,7 +225,8 @@ def haproxy(cfg: Config) -> str:
         "# A complete haproxy.cfg: check it with `haproxy -c -f haproxy.cfg`.",
         "# HAProxy has corral's central queue: `maxconn` = max_inflight per server makes requests wait",
         "# in the backend queue for the first free worker (up to `timeout queue` = queue_timeout).",
-        "# max_queue has no equivalent (HAProxy's queue is bounded only by maxconn and time).",
+        "# max_queue has no equivalent (HAProxy's queue is bounded only by maxconn and time), nor have",
+        "# response_buffer and response_buffer_file (HAProxy buffers a few kB and reads as the client reads).",
         "",
         "global",
         "    # no global maxconn: HAProxy derives it from the file-descriptor limit it is given",
@@ -217,12 +244,16 @@ def haproxy(cfg: Config) -> str:
         "    retries 2",
         f"    timeout http-request {_secs(server.header_timeout)}",
         f"    timeout http-keep-alive {_secs(server.keepalive_timeout)}",
-        f"    timeout client {_secs(max(server.body_timeout, server.keepalive_timeout))}",
+        f"    timeout client {_secs(max(server.body_timeout, server.keepalive_timeout, server.send_timeout))}",
         "    timeout connect 5s",
         "",
         "frontend corral",
         f"    bind {_addr(server.host, server.port)}",
-        f"    maxconn {server.max_connections}",
+        *(
+            [f"    maxconn {server.max_connections}"]
+            if server.max_connections is not None
+            else ["    # no maxconn: max_connections is automatic (from the fd limit), as HAProxy's own default"]
+        ),
         '    unique-id-format "%[uuid()]"',
         "    unique-id-header X-Request-Id",
         *(
@@ -297,7 +328,7 @@ def systemd(cfg: Config, supervise_only: bool = False) -> str:
     corral = shutil.which("corral")
     exe = [corral] if corral else [sys.executable, "-m", "corral"]
     args = [*exe, "run", "-c", str(path)] + (["--supervise-only"] if supervise_only else [])
-    stop = max((a.graceful_timeout + a.kill_timeout for a in cfg.apps), default=35.0)
+    stop = stop_bound(cfg)
     names = ", ".join(a.name for a in cfg.apps)
     what = "workers only (supervise-only)" if supervise_only else "balancer and workers"
     return "\n".join(
@@ -321,17 +352,45 @@ def systemd(cfg: Config, supervise_only: bool = False) -> str:
             "RestartSec=2s",
             "# exit 2 is a configuration problem: restarting will not fix it",
             "RestartPreventExitStatus=2",
-            "# corral drains in-flight requests (graceful_timeout) and then stops its workers (kill_timeout).",
+            "# corral drains in-flight requests (graceful_timeout) and then stops its workers (kill_timeout):",
+            f"# at most max(graceful_timeout) + max(kill_timeout) + 1 = {_num(stop)} s, plus a {STOP_MARGIN} s margin.",
             "KillSignal=SIGTERM",
             "KillMode=mixed",
-            f"TimeoutStopSec={math.ceil(stop) + 5}",
-            f"LimitNOFILE={max(65536, cfg.server.max_connections * 2 + 1024)}",
+            f"TimeoutStopSec={math.ceil(stop) + STOP_MARGIN}",
+            *_nofile_lines(cfg),
             "",
             "[Install]",
             "WantedBy=multi-user.target",
             "",
         ]
     )
+
+
+def stop_bound(cfg: Config) -> float:
+    """The longest corral takes to stop on SIGTERM (server.py's shutdown): one drain deadline, the
+    largest graceful_timeout, for the balancer and every app's workers alike; then each app sends its
+    workers SIGTERM and waits kill_timeout (+1 s) for them, SIGKILL included. So max(graceful) +
+    max(kill) + 1, whichever apps those come from."""
+    if not cfg.apps:
+        return 0.0
+    return max(a.graceful_timeout for a in cfg.apps) + max(a.kill_timeout for a in cfg.apps) + 1.0
+
+
+def _nofile_lines(cfg: Config) -> list[str]:
+    mc = cfg.server.max_connections
+    if mc is None:
+        return [
+            "# max_connections is automatic: about half the open-file limit corral raises itself to",
+            f"LimitNOFILE={NOFILE_AUTO}",
+        ]
+    return [
+        "# each client connection can need an upstream connection too, besides corral's own files",
+        f"LimitNOFILE={max(65536, 2 * mc + reserved_fds(cfg))}",
+    ]
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 EXPORTERS = {"nginx": nginx, "haproxy": haproxy}
