@@ -209,6 +209,42 @@ def test_admission_control_refuses_at_once_with_a_predicted_retry_after():
     assert exc.value.retry_after == 4 and s.refused_early == 1
 
 
+def test_with_no_worker_ready_requests_queue_instead_of_being_refused_on_a_prediction():
+    # #13: zero capacity made the predicted wait infinite, and math.ceil(inf) killed the connection
+    s = Scheduler(100, 30.0, reserve=1, cost_aware=True)
+    starting = fleet(1)[0]
+    starting.state = State.STARTING
+    s.add_worker(starting)
+    jobs = [J("short", SHORT, 0.1), J("long", LONG, 50.0), J("unknown")]
+    assert [s.submit(j, 0.0) for j in jobs] == [None, None, None]
+    assert s.depth == 3 and s.refused_early == 0
+    assert 1 <= s.retry_after() < 3600
+    starting.state = State.READY
+    assert s.pump(1.0) == [(jobs[0], starting)]  # they waited; the first worker up takes the first
+    assert sorted(j.name for j in s.expire(31.0)) == ["long", "unknown"]  # still bounded by queue_timeout
+
+
+def test_with_no_worker_ready_the_queue_is_still_bounded_by_max_queue():
+    s = Scheduler(2, 30.0, cost_aware=True)
+    s.submit(J("a"), 0.0)
+    s.submit(J("b"), 0.0)
+    with pytest.raises(QueueFull) as exc:
+        s.submit(J("c"), 0.0)
+    assert exc.value.reason == "all workers busy and the queue is full" and exc.value.retry_after >= 1
+
+
+def test_retry_after_is_finite_whatever_the_estimates():
+    s, _ws = sched(1, cost_aware=True, queue_timeout=1.0)
+    s.service_ewma = float("inf")
+    assert s.retry_after() == 3600
+    s.service_ewma = float("nan")
+    assert s.retry_after() == 3600
+    s.submit(J("run", LONG, 1e308), 0.0)
+    with pytest.raises(QueueFull) as exc:
+        s.submit(J("late", LONG, 1e308), 0.0)  # a prediction past any useful Retry-After
+    assert exc.value.retry_after == 3600
+
+
 # --- the learner --------------------------------------------------------------------------------
 def test_route_keys_collapse_ids():
     assert route_key(b"GET", b"/users/42/orders?x=1") == "GET /users/:id/orders"

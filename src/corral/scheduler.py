@@ -12,7 +12,8 @@ request's class and predicted cost from costs.py:
   * in the queue, short requests go ahead of long ones, but a long request's place is its arrival
     time plus `long_bias` seconds (ageing), so no long request starves;
   * a request whose predicted wait already exceeds the queue timeout is refused at once (admission
-    control) with a Retry-After computed from the prediction.
+    control) with a Retry-After computed from the prediction. With no worker ready (at start, or
+    after the only one crashed) there is nothing to predict from: the request waits, as under fifo.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from .worker import Worker
 QUEUED, DISPATCHED, CANCELLED, EXPIRED = 1, 2, 3, 4
 RESERVE_IDLE = 5.0  # window (s) over which short traffic is judged
 RESERVE_MIN_SHORTS = 5  # short requests needed within RESERVE_IDLE to keep the reserve (~1/s)
+RETRY_AFTER_MAX = 3600  # seconds: a longer Retry-After tells a client nothing more
 
 
 class Job(Protocol):
@@ -126,11 +128,11 @@ class Scheduler:
         if self.depth >= self.max_queue:
             self.rejected += 1
             raise QueueFull(self.retry_after(), "all workers busy and the queue is full")
-        if self.cost_aware:
+        if self.cost_aware and self.capacity():
             wait = self.predicted_wait(job, now)
             if wait > self.queue_timeout:
                 self.refused_early += 1
-                raise QueueFull(max(1, math.ceil(wait)), "predicted wait exceeds the queue timeout")
+                raise QueueFull(_whole_seconds(wait), "predicted wait exceeds the queue timeout")
         self._enqueue(job, front=False)
         return None
 
@@ -255,4 +257,11 @@ class Scheduler:
     def retry_after(self) -> int:
         """Seconds until a retried request would likely be served: the queue's drain time."""
         slots = max(1, self.capacity())
-        return max(1, math.ceil((self.depth + 1) * self.service_ewma / slots))
+        return _whole_seconds((self.depth + 1) * self.service_ewma / slots)
+
+
+def _whole_seconds(seconds: float) -> int:
+    """A Retry-After value: whole seconds, at least 1, and finite whatever the estimate was (inf, nan)."""
+    if not seconds < RETRY_AFTER_MAX:
+        return RETRY_AFTER_MAX
+    return max(1, math.ceil(seconds))

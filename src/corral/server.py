@@ -5,20 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
+import resource
 import signal
-import sys
 import time
+import traceback
 from typing import Any
 
-from . import health
+from . import config, health
 from .admin import AdminError, AdminServer
 from .autoscale import Autoscaler, Policy
-from .config import Config, autoscaled, worker_ports
-from .logs import AccessLog, say
+from .config import Config, autoscaled, port_span, worker_ports
+from .logs import AccessLog, say, warn
 from .pool import Pool
 from .proxy import Proxy, make_listener
 from .supervisor import Supervisor, port_free
+
+EXIT_INTERNAL = 70  # EX_SOFTWARE: a core task died; no port at all beats a port that serves nothing
 
 
 class StartupError(Exception):
@@ -73,6 +77,7 @@ class Corral:
 
     async def run(self, sock: Any) -> int:
         loop = asyncio.get_running_loop()
+        size_for_fd_limit(self.cfg, raise_fd_limit())
         for app in self.cfg.apps:
             pool = Pool(app, loop)
             self.pools.append(pool)
@@ -80,19 +85,19 @@ class Corral:
                 pool.on_observe = AccessLog(self.cfg.server.access_log, self.cfg.server.log_format)
             if app.upstreams:
                 for w in health.external_workers(app):
-                    pool.workers.append(w)
+                    pool.join(w)
             else:
                 sup = Supervisor(app, self.cfg, pool, loop)
                 sup.fixed_ports = not self.balance  # nginx/HAProxy in front know the worker ports
                 self.supervisors[app.name] = sup
-                self.tasks.append(loop.create_task(sup.run()))
+                self.watch(loop.create_task(sup.run()), f"supervisor for app {app.name}")
                 if autoscaled(app):
                     scaler = Autoscaler(app, pool, sup, Policy.of(app, os.cpu_count() or 1))
                     self.autoscalers[app.name] = scaler
-                    self.tasks.append(loop.create_task(scaler.run()))
+                    self.watch(loop.create_task(scaler.run()), f"autoscaler for app {app.name}")
             checker = health.HealthChecker(app, pool)
             self.checkers.append(checker)
-            self.tasks.append(loop.create_task(checker.run()))
+            self.watch(loop.create_task(checker.run()), f"health checker for app {app.name}")
         if sock is not None:
             self.proxy = Proxy(loop, self.cfg.server, self.pools)
             await self.proxy.start(sock)
@@ -101,11 +106,26 @@ class Corral:
             await self.admin.start(self)
             say(f"corral: admin on {self.admin.address}")
         self._install_signals(loop)
-        self.tasks.append(loop.create_task(self._announce_ready()))
-        self.tasks.append(loop.create_task(self._watch_fatal()))
+        self.watch(loop.create_task(self._announce_ready()), "readiness announcement")
+        self.watch(loop.create_task(self._watch_fatal()), "watch for apps that cannot start")
         await self._stop.wait()
         await self.shutdown()
         return self.exit_code
+
+    def watch(self, task: asyncio.Task[Any], what: str) -> None:
+        """Own a core task: should it ever end with an error, corral stops with EXIT_INTERNAL rather
+        than keep its port open with nothing behind it."""
+        self.tasks.append(task)
+        task.add_done_callback(functools.partial(self._core_task_ended, what))
+
+    def _core_task_ended(self, what: str, task: asyncio.Task[Any]) -> None:
+        exc = None if task.cancelled() else task.exception()
+        if exc is None:
+            return
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        warn(f"corral: internal error: {what} ended: {exc!r}; stopping\n{trace}")
+        self.exit_code = self.exit_code or EXIT_INTERNAL
+        self.stop()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.add_signal_handler(signal.SIGINT, self.stop)
@@ -137,7 +157,7 @@ class Corral:
         while not self._stop.is_set():
             for sup in self.supervisors.values():
                 if sup.fatal:
-                    print(f"corral: {sup.fatal}", file=sys.stderr, flush=True)
+                    warn(f"corral: {sup.fatal}")
                     self.exit_code = 3
                     self.stop()
                     return
@@ -153,19 +173,26 @@ class Corral:
         return [s.scale(n) for name, s in self.supervisors.items() if app is None or name == app]
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), stop workers, exit."""
-        say("corral: stopping: no new connections; finishing in-flight requests")
+        """Stop accepting, let in-flight requests finish until one drain deadline, stop workers, exit.
+
+        The deadline is computed once, here: the proxy drains against it and each supervisor gets it, so
+        a stop takes at most graceful_timeout + kill_timeout (+1 s), never two graceful_timeouts.
+        """
+        begun = time.monotonic()
+        grace = 0.0 if self.exit_code else max((a.graceful_timeout for a in self.cfg.apps), default=0.0)
+        deadline = begun + grace
+        say(f"corral: stopping: no new connections; finishing in-flight requests (drain deadline {grace:g}s)")
         proxy = self.proxy
         if proxy is not None:
             proxy.stop_accepting()
-            grace = max((a.graceful_timeout for a in self.cfg.apps), default=0.0)
-            deadline = time.monotonic() + grace
-            while proxy.busy() and time.monotonic() < deadline and self.exit_code == 0:
+            while proxy.busy() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
             proxy.close_idle_connections()
         for checker in self.checkers:
             checker.stopping = True
-        await asyncio.gather(*(s.shutdown() for s in self.supervisors.values()))
+        await asyncio.gather(
+            *(s.shutdown(min(deadline, begun + s.app.graceful_timeout)) for s in self.supervisors.values())
+        )
         if self.admin is not None:
             with contextlib.suppress(Exception):
                 await self.admin.stop()
@@ -175,9 +202,54 @@ class Corral:
             say(
                 f"corral: app {pool.name}: served {pool.served}, failed {pool.failed}, "
                 f"rejected {pool.scheduler.rejected + pool.scheduler.refused_early}, "
-                f"timed out in queue {pool.scheduler.timed_out}, pipelined behind a response {pool.pipelined}"
+                f"timed out in queue {pool.scheduler.timed_out}"
             )
         say("corral: stopped")
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft open-files limit to the hard one; returns the soft limit now in force.
+
+    Every client connection costs a descriptor, and its upstream connection another: the usual soft
+    default of 1024 would cap corral far below what the machine allows."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else _nr_open()
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+
+
+def _nr_open() -> int:
+    # An 'unlimited' hard limit still cannot exceed the kernel's per-process ceiling.
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return 1 << 20
+
+
+def size_for_fd_limit(cfg: Config, nofile: int) -> None:
+    """Fill in max_connections when left to auto, and say so once; warn when one set explicitly is
+    more than the descriptors allow (those connections would fail with EMFILE, not a clean 503)."""
+    server = cfg.server
+    budget = _connection_budget(nofile, cfg)
+    if server.max_connections is None:
+        server.max_connections = budget
+    elif server.max_connections > budget:
+        warn(
+            f"corral: warning: max_connections {server.max_connections} is more than the open files limit "
+            f"({nofile}) allows: about {budget}; raise `ulimit -n` (LimitNOFILE=) or lower max_connections"
+        )
+    say(f"corral: open files limit {nofile}; max_connections {server.max_connections}")
+
+
+def _connection_budget(nofile: int, cfg: Config) -> int:
+    budget = getattr(config, "connection_budget", None)
+    if budget is not None:
+        return int(budget(nofile, cfg))
+    workers = sum(port_span(a) for a in cfg.apps)  # config without connection_budget: the same rule, roughly
+    return max(1, (nofile - 64 - 4 * workers) // 2)
 
 
 def _addresses(pool: Pool) -> str:

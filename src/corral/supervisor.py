@@ -2,8 +2,8 @@
 
 `reconcile()` is the one place that decides: it compares the desired fleet (count, generation,
 recycle marks) with the actual workers and starts, swaps, drains or stops processes to close the
-gap. Everything else (exits, readiness, health verdicts, reload and scale requests) only records
-facts and wakes the loop.
+gap. Everything else (exits, readiness, health verdicts, hung requests, reload and scale requests)
+only records facts and wakes the loop.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ import random
 import signal
 import socket
 import subprocess
-import sys
 import time
+import traceback
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import psutil
 
 from . import health, launch
 from .config import AppConfig, Config, connect_host, effective_workers, worker_ports
-from .logs import WorkerOutput, event
+from .logs import WorkerOutput, event, warn
 from .worker import State, Worker
 
 if TYPE_CHECKING:
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
 TICK = 0.1
 MEMORY_EVERY = 2.0
+PORT_MAX = 65535
 _PR_SET_PDEATHSIG = 1
 
 
@@ -50,11 +52,11 @@ def _die_with_parent(parent: int) -> None:
 class Supervisor:
     def __init__(self, app: AppConfig, cfg: Config, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.app = app
-        self.cfg = cfg
         self.pool = pool
         self.loop = loop
+        self.clock: Callable[[], float] = time.monotonic  # every supervisor decision reads this clock
         self.desired = effective_workers(app)
-        self.base_ports = worker_ports(cfg, app)
+        self.base_port = worker_ports(cfg, app)[0]
         self.generation = 0
         self.slots: dict[int, Worker] = {}  # the worker in service (or starting) for each index
         self.successors: dict[int, Worker] = {}  # a replacement starting for an index
@@ -72,9 +74,9 @@ class Supervisor:
         self.stopping = False
         self._wake = asyncio.Event()
         self._last_memory = 0.0
+        self._errors_seen: set[tuple[str, str, int]] = set()
         self.log_dir = cfg.server.log_dir
         pool.on_hung = self.kill_hung
-        self.on_change: list = []  # callbacks (worker, state, reason) for metrics and admin
 
     # --- public requests: record the wish, let reconcile act ------------------------------------
     def reload(self) -> str:
@@ -91,16 +93,37 @@ class Supervisor:
     def wake(self) -> None:
         self._wake.set()
 
+    def kill_hung(self, worker: Worker, why: str) -> None:
+        """The pool's verdict on a worker past its request deadline: out of rotation now, killed by reconcile."""
+        if worker.state in (State.STOPPING, State.STOPPED):
+            return
+        worker.stop_reason = why
+        self.pool.set_state(worker, State.UNHEALTHY)
+        self.wake()
+
     def all_workers(self) -> list[Worker]:
         return [*self.slots.values(), *self.successors.values(), *self.retiring]
 
     # --- the loop ------------------------------------------------------------------------------
     async def run(self) -> None:
         while not self.stopping:
-            self.reconcile(time.monotonic())
+            try:
+                self.reconcile(self.clock())
+            except Exception as exc:  # a bug costs one tick, never the supervision of the app
+                self._internal_error(exc)
             self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), TICK)
+
+    def _internal_error(self, exc: Exception) -> None:
+        # A fault that recurs every tick is reported once per place it happens, not ten times a second.
+        where = traceback.extract_tb(exc.__traceback__)[-1]
+        key = (type(exc).__name__, where.filename, where.lineno or 0)
+        if key in self._errors_seen:
+            return
+        self._errors_seen.add(key)
+        trace = "".join(traceback.format_exception(exc)).rstrip()
+        warn(f"corral: internal error in supervisor for app {self.app.name}: {exc!r}\n{trace}")
 
     def reconcile(self, now: float) -> None:
         if self.stopping or self.fatal:
@@ -131,11 +154,7 @@ class Supervisor:
             elif now >= self._next_start(index):
                 self.slots[index] = self._spawn(index, self.base_ports_for(index))
             return
-        if worker.state is State.STARTING and now - worker.born > self.app.startup_timeout:
-            self._fail_start(worker, f"not ready after startup_timeout ({self.app.startup_timeout:g}s)")
-            return
-        if worker.state is State.UNHEALTHY and not worker.external:
-            self._stop(worker, worker.stop_reason or "unhealthy", kill=True)
+        if self._kill_if_failed(worker, now):
             return
         if worker.state is State.READY and worker.max_requests and worker.served >= worker.max_requests:
             worker.retire_reason = worker.retire_reason or f"served max_requests ({worker.max_requests})"
@@ -157,14 +176,25 @@ class Supervisor:
             if succ.generation > worker.generation and worker.retire_reason is None:
                 self._abort_reload(succ)
             return
-        if succ.state is State.STARTING and now - succ.born > self.app.startup_timeout:
-            self._fail_start(succ, f"not ready after startup_timeout ({self.app.startup_timeout:g}s)")
+        if self._kill_if_failed(succ, now):
             return
         if succ.state is State.READY:
             del self.successors[index]
             self.slots[index] = succ
             why = worker.retire_reason or f"replaced by pid {succ.pid} (reload)"
             self._retire(worker, why)
+
+    def _kill_if_failed(self, worker: Worker, now: float) -> bool:
+        """SIGKILL a worker too late to start or judged unhealthy (failed probes, a request past its
+        deadline: kill_hung). True when it was."""
+        if worker.state is State.STARTING and now - worker.born > self.app.startup_timeout:
+            self._stop(worker, f"not ready after startup_timeout ({self.app.startup_timeout:g}s)", kill=True)
+            return True
+        if worker.state is State.UNHEALTHY and not worker.external:
+            # A hung R handler cannot be cancelled, and a process that stopped answering may not heed SIGTERM.
+            self._stop(worker, worker.stop_reason or "unhealthy", kill=True)
+            return True
+        return False
 
     def _replace_in_place(self, worker: Worker) -> None:
         # Behind nginx/HAProxy (--supervise-only) the worker ports are in their config: a reload or
@@ -177,6 +207,8 @@ class Supervisor:
             self.retiring.remove(worker)
             self.pool.forget(worker)
             return
+        if self._kill_if_failed(worker, now):
+            return
         if worker.state is State.DRAINING:
             assert worker.draining_since is not None
             late = now - worker.draining_since > self.app.graceful_timeout
@@ -187,63 +219,85 @@ class Supervisor:
         self.generation = failed.generation - 1
         tail = "; ".join(failed.tail[-3:])
         self.reload_note = f"reload aborted: replacement {failed.name} failed to start ({tail}); old workers kept"
-        print(f"corral: {self.reload_note}", file=sys.stderr, flush=True)
+        warn(f"corral: {self.reload_note}")
 
     def _next_start(self, index: int) -> float:
         return self._backoff_until.get(index, 0.0)
 
-    def base_ports_for(self, index: int) -> int:
-        preferred = self.base_ports[0] + index
+    def base_ports_for(self, index: int) -> int | None:
+        """Slot `index`'s port: base_port + index when free, else a fresh one (None: no port left)."""
+        preferred = self.base_port + index
+        if preferred > PORT_MAX:  # scaled past the end of the port range: nothing above it either
+            return None
         if self.fixed_ports:
             return preferred  # named in the front end's config: retry it (with backoff) rather than move
-        used = {w.port for w in self.all_workers() if w.state is not State.STOPPED}
         # A slot added by scale/autoscale may land on a port someone else holds: probe it too.
-        ok = preferred not in used and port_free(self._bind_host(), preferred)
-        return preferred if ok else self._fresh_port()
+        if preferred not in self._ports_in_use() and port_free(self.app.worker_host, preferred):
+            return preferred
+        return self._fresh_port()
 
-    def _fresh_port(self) -> int:
-        """A port for a replacement: outside every live worker's, and free right now."""
-        used = {w.port for w in self.all_workers() if w.state is not State.STOPPED}
-        port = self.base_ports[0] + self.desired
-        while port in used or not port_free(self._bind_host(), port):
-            port += 1
-        return port
+    def _fresh_port(self) -> int | None:
+        """A port for a replacement: above the range, outside every live worker's, free right now. None when
+        every one up to 65535 is taken: that spawn then fails and backs off like a crash."""
+        used = self._ports_in_use()
+        for port in range(self.base_port + self.desired, PORT_MAX + 1):
+            if port not in used and port_free(self.app.worker_host, port):
+                return port
+        return None
 
-    def _bind_host(self) -> str:
-        return self.app.worker_host
+    def _ports_in_use(self) -> set[int]:
+        return {w.port for w in self.all_workers() if w.state is not State.STOPPED}
 
     # --- process life --------------------------------------------------------------------------
-    def _spawn(self, index: int, port: int) -> Worker:
+    def _spawn(self, index: int, port: int | None) -> Worker:
+        """Start one worker. Never raises: whatever stops a worker from starting (fork's EAGAIN, EMFILE,
+        a command gone since the last start, no free port) is a failed start, backed off like a crash."""
         app = self.app
-        worker = Worker(app.name, index, connect_host(app), port, app.max_inflight, self.generation)
+        worker = Worker(app.name, index, connect_host(app), port or 0, app.max_inflight, self.generation)
+        worker.born = self.clock()
         if app.max_requests:
             worker.max_requests = app.max_requests + random.randint(0, app.max_requests_jitter)
-        argv, cwd = launch.worker_argv(app, port, index)
-        env = launch.worker_env(app, port, index)
-        parent = os.getpid()
         try:
-            worker.proc = subprocess.Popen(
-                argv,
-                cwd=cwd,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,  # its own process group: stop and kill reach the whole tree
-                preexec_fn=lambda: _die_with_parent(parent),
-            )
-        except OSError as exc:
-            worker.tail.append(f"cannot start {argv[0]}: {exc.strerror or exc}")
-            worker.state = State.STOPPED
-            self._after_exit(worker, f"spawn failed: {exc.strerror or exc}")
+            if port is None:
+                raise launch.LaunchError(f"no free port from {self.base_port + self.desired} to {PORT_MAX}")
+            self._start_process(worker)
+        except Exception as exc:
+            self._spawn_failed(worker, exc)
             return worker
-        worker.born = time.monotonic()
-        self.pool.workers.append(worker)
-        WorkerOutput.attach(self.loop, worker, self.log_dir)
-        self._watch_exit(worker)
+        self.pool.join(worker)
         self._emit(worker, State.STARTING, f"pid {worker.pid} port {port} gen {worker.generation}")
-        self.loop.create_task(self._await_ready(worker))
         return worker
+
+    def _start_process(self, worker: Worker) -> None:
+        """The process, its output relay, its exit watch and its readiness probe."""
+        argv, cwd = launch.worker_argv(self.app, worker.port, worker.index)
+        env = launch.worker_env(self.app, worker.port, worker.index)
+        parent = os.getpid()
+        proc = worker.proc = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,  # its own process group: stop and kill reach the whole tree
+            preexec_fn=lambda: _die_with_parent(parent),
+        )
+        WorkerOutput.attach(self.loop, worker, self.log_dir)
+        try:
+            self._watch_exit(worker)
+        except OSError:  # no descriptor left for its pidfd: a process nobody watches must not live on
+            with contextlib.suppress(OSError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise
+        self.loop.create_task(self._await_ready(worker))
+
+    def _spawn_failed(self, worker: Worker, exc: Exception) -> None:
+        detail = _describe_error(exc)
+        worker.tail.append(f"cannot start worker: {detail}")
+        worker.stop_reason = "spawn failed"
+        self._after_exit(worker, f"cannot start: {detail}")
 
     async def _await_ready(self, worker: Worker) -> None:
         path = self.app.health_path
@@ -253,15 +307,18 @@ class Supervisor:
             if worker.state is not State.STARTING:
                 return
             if ok:
-                took = time.monotonic() - worker.born
-                worker.ready_at = time.monotonic()
-                self.ever_ready = True
-                self.pool.set_state(worker, State.READY)
-                self._emit(worker, State.READY, f"pid {worker.pid} port {worker.port} ready in {took:.2f}s")
-                self.wake()
+                self._became_ready(worker)
                 return
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
+
+    def _became_ready(self, worker: Worker) -> None:
+        worker.ready_at = self.clock()
+        self.ever_ready = True
+        self.pool.set_state(worker, State.READY)
+        took = worker.ready_at - worker.born
+        self._emit(worker, State.READY, f"pid {worker.pid} port {worker.port} ready in {took:.2f}s")
+        self.wake()
 
     def _watch_exit(self, worker: Worker) -> None:
         assert worker.proc is not None
@@ -290,13 +347,14 @@ class Supervisor:
 
     def _schedule_restart(self, worker: Worker, how: str, never_ready: bool) -> None:
         index = worker.index
-        healthy_for = time.monotonic() - worker.ready_at if worker.ready_at else 0.0
+        now = self.clock()
+        healthy_for = now - worker.ready_at if worker.ready_at else 0.0
         if healthy_for >= BACKOFF_RESET:
             self.failures[index] = 0
         n = self.failures.get(index, 0) + 1
         self.failures[index] = n
         delay = min(BACKOFF_START * 2 ** (n - 1), BACKOFF_MAX)
-        self._backoff_until[index] = time.monotonic() + delay
+        self._backoff_until[index] = now + delay
         reason = worker.stop_reason or ("exited before ready" if never_ready else "exited")
         self.restarts[reason.split(" (")[0]] = self.restarts.get(reason.split(" (")[0], 0) + 1
         self.index_restarts[index] = self.index_restarts.get(index, 0) + 1
@@ -316,17 +374,9 @@ class Supervisor:
                 "Last lines the worker printed:\n" + "\n".join(f"    {line}" for line in tail[-15:])
             )
 
-    def _fail_start(self, worker: Worker, why: str) -> None:
-        self._stop(worker, why, kill=True)
-
-    def kill_hung(self, worker: Worker, why: str) -> None:
-        """A worker past its request deadline: R handlers cannot be cancelled, so the process goes."""
-        self._stop(worker, why, kill=True)
-        self.wake()
-
     def _retire(self, worker: Worker, why: str) -> None:
         worker.stop_reason = why
-        worker.draining_since = time.monotonic()
+        worker.draining_since = self.clock()
         self.pool.set_state(worker, State.DRAINING)
         self.pool.scheduler.remove_worker(worker)
         self._emit(worker, State.DRAINING, why)
@@ -361,27 +411,30 @@ class Supervisor:
 
     def _emit(self, worker: Worker, state: State, reason: str) -> None:
         event(worker, state.value, reason)
-        for cb in self.on_change:
-            cb(worker, state, reason)
 
     # --- shutdown ------------------------------------------------------------------------------
-    async def shutdown(self) -> None:
-        """Drain everything (bounded by graceful_timeout), SIGTERM, then SIGKILL after kill_timeout."""
+    async def shutdown(self, deadline: float) -> None:
+        """Drain what the workers hold until `deadline`, SIGTERM, then SIGKILL after kill_timeout.
+
+        `deadline` is the one corral's stop began with (the proxy drained against it already): a stop
+        takes at most graceful_timeout + kill_timeout, never two graceful_timeouts.
+        """
         self.stopping = True
         workers = [w for w in self.all_workers() if w.state is not State.STOPPED]
         for w in workers:
             if w.state is State.READY:
-                w.draining_since = time.monotonic()
+                w.draining_since = self.clock()
                 self.pool.set_state(w, State.DRAINING)
                 self.pool.scheduler.remove_worker(w)
-        deadline = time.monotonic() + self.app.graceful_timeout
-        while any(w.holding for w in workers) and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await self._until(lambda: not any(w.holding for w in workers), deadline)
         for w in workers:
             if w.state is not State.STOPPED:
                 self._stop(w, "corral is stopping")
-        deadline = time.monotonic() + self.app.kill_timeout + 1.0
-        while any(w.state is not State.STOPPED for w in workers) and time.monotonic() < deadline:
+        gone = self.clock() + self.app.kill_timeout + 1.0
+        await self._until(lambda: all(w.state is State.STOPPED for w in workers), gone)
+
+    async def _until(self, done: Callable[[], bool], deadline: float) -> None:
+        while not done() and self.clock() < deadline:
             await asyncio.sleep(0.05)
 
 
@@ -394,7 +447,15 @@ def _describe_exit(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _describe_error(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
+    return str(exc) or type(exc).__name__
+
+
 def port_free(host: str, port: int) -> bool:
+    if not 0 < port <= PORT_MAX:
+        return False
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
