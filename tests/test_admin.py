@@ -1,4 +1,5 @@
-"""The admin channel of a running corral: status, metrics, auth, strictness, stop; access log and log dir."""
+"""The admin channel of a running corral: status, metrics, auth, the Host rule, strictness, scale bounds, stop;
+access log and log dir; the CLI verbs' imports."""
 
 from __future__ import annotations
 
@@ -8,11 +9,13 @@ import re
 import socket
 import stat
 import subprocess
+import sys
 
 from conftest import corral_cli, free_ports, get, request, stub_args
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral.control import AdminClient, locate
+from corral.net import host_names, host_refusal
 
 
 def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -189,6 +192,14 @@ def test_token_required_when_set(corral):
     assert "reload" not in c.log()  # the refused POST did nothing
 
 
+def admin_call(aport: int, method: str, path: str, host: str | None = None, headers: str = ""):
+    """One request to a TCP admin channel, by default with the Host a browser on 127.0.0.1:PORT sends."""
+    host_line = "" if host == "" else f"Host: {host or f'127.0.0.1:{aport}'}\r\n"
+    body = "Content-Length: 0\r\n" if method == "POST" else ""
+    raw = f"{method} {path} HTTP/1.1\r\n{host_line}{headers}{body}Connection: close\r\n\r\n"
+    return request(aport, raw.encode())
+
+
 def test_admin_http_is_strict(corral):
     aport = free_ports(1, start=13000)
     c = corral(stub_args("--admin", f"127.0.0.1:{aport}"), workers=1)
@@ -196,14 +207,15 @@ def test_admin_http_is_strict(corral):
     def call(raw: bytes):
         return request(aport, raw)
 
-    assert call(b"POST /status HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").status == 405
-    r = call(b"GET /reload HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert admin_call(aport, "POST", "/status").status == 405
+    r = admin_call(aport, "GET", "/reload")
     assert r.status == 405 and r.header("allow") == "POST"
-    assert get(aport, "/nope").status == 404
-    assert get(aport, "/status/").status == 404
-    assert call(b"POST /scale?workers=0 HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").status == 400
-    assert call(b"POST /scale HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").status == 400
-    assert call(b"POST /scale?workers=2&app=ghost HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n").status == 404
+    assert admin_call(aport, "GET", "/nope").status == 404
+    assert admin_call(aport, "GET", "/status/").status == 404
+    assert admin_call(aport, "POST", "/scale?workers=0").status == 400
+    assert admin_call(aport, "POST", "/scale?workers=%C2%B2").status == 400  # "²".isdigit(), yet no int
+    assert admin_call(aport, "POST", "/scale").status == 400
+    assert admin_call(aport, "POST", "/scale?workers=2&app=ghost").status == 404
     assert call(b"GARBAGE\r\n\r\n").status == 400
     # a page on another site cannot make the operator's browser reload or stop us
     evil = b"POST /stop HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nOrigin: http://evil.example\r\nContent-Length: 0\r\n\r\n"
@@ -216,12 +228,87 @@ def test_admin_http_is_strict(corral):
     with socket.create_connection(("127.0.0.1", aport), timeout=10) as s:
         from conftest import read_response
 
-        s.sendall(b"GET /status HTTP/1.1\r\nHost: x\r\n\r\nGET /nope HTTP/1.1\r\nHost: x\r\n\r\n")
+        h = b"Host: localhost:%d\r\n" % aport
+        s.sendall(b"GET /status HTTP/1.1\r\n" + h + b"\r\nGET /nope HTTP/1.1\r\n" + h + b"\r\n")
         buf = bytearray()
         assert read_response(s, buf).status == 200
         assert read_response(s, buf).status == 404
     # public port does not serve the admin API: /status there goes to the worker
     assert "pid" in get(c.port, "/status").json()
+
+
+# --- the Host rule (DNS rebinding) -------------------------------------------------------------------
+def test_a_rebound_page_cannot_read_or_stop_a_loopback_admin(corral):
+    """attacker.example rebound to 127.0.0.1: same origin to the browser, but its Host names the attacker."""
+    aport = free_ports(1, start=15000)
+    c = corral(stub_args("--admin", f"127.0.0.1:{aport}"), workers=1)
+    evil = f"attacker.example:{aport}"
+    r = admin_call(aport, "GET", "/status", host=evil)
+    assert r.status == 421 and "attacker.example" in r.json()["error"] and b"pid" not in r.body
+    for path in ("/metrics", "/series", "/"):
+        assert admin_call(aport, "GET", path, host=evil).status == 421
+    stop = admin_call(aport, "POST", "/stop", host=evil, headers=f"Origin: http://{evil}\r\n")
+    assert stop.status == 421
+    assert admin_call(aport, "POST", "/reload", host=evil, headers=f"Origin: http://{evil}\r\n").status == 421
+    assert admin_call(aport, "GET", "/status", host="").status == 400  # HTTP/1.1 without Host
+    assert admin_call(aport, "GET", "/status", host="127.0.0.1:1").status == 421  # another port is another origin
+    for good in (f"127.0.0.1:{aport}", f"LOCALHOST:{aport}", "localhost", f"[::1]:{aport}", "127.0.0.1"):
+        assert admin_call(aport, "GET", "/status", host=good).status == 200, good
+    # the refused stop did nothing: scaling up (which waits for a new worker to be ready) still works
+    r = cli("scale", "2", "--admin", f"127.0.0.1:{aport}")
+    assert r.returncode == 0, r.stderr
+    assert c.proc.poll() is None and "stopping" not in c.log() and "reload" not in c.log()
+
+
+def test_host_names_of_a_tcp_admin_channel():
+    names = host_names("127.0.0.1", 9180)
+    assert {"127.0.0.1", "127.0.0.1:9180", "localhost:9180", "[::1]:9180", "localhost"} <= names
+    assert host_refusal("LocalHost:9180", names) is None
+    for bad in ("attacker.example:9180", "attacker.example", "127.0.0.1:9181", "localhost.:9180", "127.0.0.2:9180"):
+        assert host_refusal(bad, names), bad
+    assert host_refusal(None, names) == "Host header required"
+    v6 = host_names("::1", 9180)
+    assert "[::1]:9180" in v6 and "[::1]" in v6 and "::1" not in v6
+    extra = host_names("127.0.0.1", 9180, ["Admin.Internal", "ops.example:443", " "])
+    assert host_refusal("admin.internal:9180", extra) is None and host_refusal("admin.internal", extra) is None
+    assert host_refusal("ops.example:443", extra) is None and host_refusal("ops.example:9180", extra)
+    assert "" not in extra
+    long = host_refusal("x" * 500, names)
+    assert long is not None and len(long) < 200  # a short reason, whatever was sent
+
+
+# --- the scale ceiling -----------------------------------------------------------------------------
+def test_scale_above_the_worker_ceiling_is_refused_and_changes_nothing(corral):
+    c = corral(stub_args(), workers=1)
+    admin = admin_of(c)
+    ceiling = admin.ok("GET", "/status")["apps"][0]["worker_ceiling"]
+    assert isinstance(ceiling, int) and ceiling >= 1
+    status, doc = admin.call("POST", "/scale?workers=100000")
+    assert status == 400 and doc["ceiling"] == ceiling
+    assert doc["error"].startswith(f"workers must be between 1 and {ceiling} (")
+    assert admin.call("POST", f"/scale?workers={ceiling + 1}")[0] == 400
+    r = cli("scale", "100000", "-p", str(c.port))
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert r.stderr.strip() == f"corral: {doc['error']}" and "Traceback" not in r.stderr
+    (app,) = admin.ok("GET", "/status")["apps"]
+    assert app["desired"] == 1 and len(app["workers"]) == 1
+    assert "scaling" not in c.log()
+
+
+# --- the CLI verbs ---------------------------------------------------------------------------------
+def test_a_bad_admin_address_is_one_line_not_a_traceback():
+    r = cli("status", "--admin", "garbage")
+    assert r.returncode == 2 and r.stderr.strip() == "corral: admin address 'garbage' must be HOST:PORT or unix:/path"
+
+
+def test_the_cli_verbs_do_not_import_the_server_stack():
+    code = (
+        "import corral.control, sys; "
+        "assert 'corral.supervisor' not in sys.modules and 'corral.admin' not in sys.modules "
+        "and 'prometheus_client' not in sys.modules"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_access_log_json_to_file_and_metrics_both_observe(corral, tmp_path):

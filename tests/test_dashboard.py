@@ -65,6 +65,8 @@ def test_dashboard_renders_workers_and_follows_a_scale(corral, tmp_path):
     assert 'id="conn">live<' in html
     assert 'data-route="GET /x" data-class="short"' in html  # the learned route table
     assert re.search(r'<button class="primary" data-act="scale" data-app="[^$"]+">Scale</button>', html)
+    ceiling = AdminClient(f"127.0.0.1:{aport}").ok("GET", "/status")["apps"][0]["worker_ceiling"]
+    assert f'<input type="number" min="1" max="{ceiling}" value="2"' in html  # the browser stops at /scale's bound
     assert re.search(r'<button data-act="reload" data-app="[^$"]+">Reload</button>', html)
 
     r = subprocess.run(

@@ -2,7 +2,8 @@
 
 It listens on a unix socket by default (one per public port, in a 0700 directory of the user's),
 or on `--admin HOST:PORT`; never on the public port. A TCP address other than loopback needs
-`--admin-token`, and then every call carries `Authorization: Bearer TOKEN`. It is not the hot
+`--admin-token`, and then every call carries `Authorization: Bearer TOKEN`; without a token, a TCP
+channel answers only requests whose Host names it (net.host_names), which defeats DNS rebinding. It is not the hot
 path: one asyncio Protocol per connection, httptools for parsing, answers built in memory.
 
     GET  /          the dashboard (one self-contained page that polls /status and /series)
@@ -19,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import ipaddress
 import json
 import os
 import socket
@@ -27,21 +27,21 @@ import stat
 import time
 from collections import deque
 from importlib import resources
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
 
 import httptools
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import __version__, metrics
+from . import __version__, metrics, snapshot
+from .net import TOKEN_ENV, AddressError, default_socket, host_names, host_refusal, is_loopback, parse_address
 from .supervisor import tree_rss
 from .worker import State
 
 if TYPE_CHECKING:
     from .config import Config
-    from .pool import Pool
-    from .server import Corral
+    from .snapshot import AppSnap, WorkerSnap
 
 MAX_REQUEST = 64 * 1024  # an admin request is a line and a few headers
 IDLE_CLOSE = 60.0  # keep-alive connections (the dashboard polls) are closed after this long idle
@@ -56,53 +56,23 @@ ROUTES: dict[str, str] = {
     "/scale": "POST",
     "/stop": "POST",
 }
-TOKEN_ENV = "CORRAL_ADMIN_TOKEN"
-
-ROUTES_SHOWN = 50  # busiest routes listed in /status (the learner keeps up to 512)
 
 
 class AdminError(Exception):
     """The admin channel cannot be opened as asked; the message is one line for the operator."""
 
 
-# --- addresses -----------------------------------------------------------------------------------
-def socket_dirs() -> list[str]:
-    """Where default admin sockets live, in the order a client looks: runtime dir, then /tmp."""
-    out = []
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime and os.path.isdir(runtime):
-        out.append(os.path.join(runtime, "corral"))
-    out.append(f"/tmp/corral-{os.getuid()}")
-    return out
+class Corral(snapshot.Fleet, Protocol):
+    """What the admin channel uses of server.Corral (which sits above it and is not imported)."""
+
+    cfg: Config
+    started: float
+    balance: bool
+
+    def stop(self) -> None: ...
 
 
-def default_socket(port: int) -> str:
-    return os.path.join(socket_dirs()[0], f"{port}.sock")
-
-
-def parse_address(spec: str) -> tuple[str, str, int]:
-    """`unix:/path` -> ("unix", path, 0); `HOST:PORT` / `[v6]:PORT` -> ("tcp", host, port)."""
-    if spec.startswith("unix:"):
-        path = spec[5:]
-        if not path:
-            raise AdminError(f"admin address {spec!r}: give a path after unix:")
-        return "unix", path, 0
-    host, sep, port_s = spec.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise AdminError(f"admin address {spec!r} must be HOST:PORT or unix:/path")
-    return "tcp", host, int(port_s)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
+# --- binding -------------------------------------------------------------------------------------
 def _private_dir(path: str) -> None:
     """Create the socket directory 0700, and refuse one that someone else could have planted."""
     os.makedirs(path, mode=0o700, exist_ok=True)
@@ -169,12 +139,9 @@ class StatusBuilder:
 
     def build(self) -> dict[str, Any]:
         c = self.corral
-        now = time.monotonic()
-        apps = [self._app(pool, now) for pool in c.pools]
-        live = {w["pid"] for a in apps for w in a["workers"]}
-        for pid in [p for p in self._procs if p not in live]:
-            del self._procs[pid]
-        workers = [w for a in apps for w in a["workers"]]
+        snap = snapshot.take(c, time.monotonic())
+        apps = [self._app(app) for app in snap.apps]
+        self._forget_gone({w.pid for a in snap.apps for w in a.workers})
         server = c.cfg.server
         return {
             "corral": {
@@ -185,87 +152,92 @@ class StatusBuilder:
                 "admin": self.address,
             },
             "apps": apps,
-            "totals": {
-                "workers": len(workers),
-                "ready": sum(1 for w in workers if w["state"] in ("ready", "busy")),
-                "busy": sum(1 for w in workers if w["state"] == "busy"),
-                "inflight": sum(w["inflight"] for w in workers),
-                "served": sum(a["served"] for a in apps),
-                "failed": sum(a["failed"] for a in apps),
-                "restarts": sum(a["restarts_total"] for a in apps),
-                "queued": sum(a["queue"]["depth"] for a in apps),
-                "rejected": sum(a["queue"]["rejected"] for a in apps),
-                "timed_out": sum(a["queue"]["timed_out"] for a in apps),
-            },
+            "totals": _totals(snap),
         }
 
-    def _app(self, pool: Pool, now: float) -> dict[str, Any]:
-        c = self.corral
-        sup = c.supervisors.get(pool.name)
-        scaler = c.autoscalers.get(pool.name)
-        restarts = sup.index_restarts if sup else {}
-        workers = []
-        for w in sorted(pool.workers, key=lambda w: (w.index, w.generation)):
-            workers.append(
-                {
-                    "index": w.index,
-                    "pid": w.pid,
-                    "port": w.port,
-                    "state": w.display_state(),
-                    "inflight": w.inflight,
-                    "max_inflight": w.max_inflight,
-                    "served": w.served,
-                    "failed": w.failed,
-                    "restarts": restarts.get(w.index, 0),
-                    "rss_bytes": tree_rss(w.pid) if w.state is not State.STOPPED else 0,
-                    "cpu_percent": round(self._cpu(w.pid), 1),
-                    "uptime_s": round(now - w.born, 1),
-                    "generation": w.generation,
-                    "external": w.external,
-                    "note": w.stop_reason if w.state not in (State.READY, State.STARTING) else None,
-                }
-            )
-        sched = pool.scheduler
-        slots = list(sup.slots.values()) if sup else pool.workers
-        generation = sup.generation if sup else 0
+    def _forget_gone(self, live: set[int | None]) -> None:
+        for pid in [p for p in self._procs if p not in live]:
+            del self._procs[pid]
+
+    def _app(self, app: AppSnap) -> dict[str, Any]:
+        q = app.queue
         return {
-            "name": pool.name,
-            "route": pool.route,
-            "desired": sup.desired if sup else len(pool.workers),
-            "ready": sum(1 for w in slots if w.state is State.READY),
-            "generation": generation,
-            "reloading": bool(sup and (sup.successors or any(w.generation < generation for w in slots))),
-            "reload_note": sup.reload_note if sup else None,
-            "supervised": sup is not None,
-            "autoscale": (
-                {
-                    "min_workers": scaler.policy.min_workers,
-                    "max_workers": scaler.policy.max_workers,
-                    "scale_up_wait": scaler.policy.scale_up_wait,
-                    "idle_timeout": scaler.policy.idle_timeout,
-                    "last_reason": scaler.last_reason,
-                }
-                if scaler
-                else None
-            ),
-            "workers": workers,
+            "name": app.name,
+            "route": app.route,
+            "desired": app.desired,
+            "ready": app.ready,
+            "generation": app.generation,
+            "reloading": app.reloading,
+            "reload_note": app.reload_note,
+            "supervised": app.supervised,
+            "worker_ceiling": app.ceiling,  # most workers /scale accepts
+            "autoscale": _autoscale_doc(app),
+            "workers": [self._worker(w) for w in app.workers],
             "queue": {
-                "depth": sched.depth,
-                "max": sched.max_queue,
-                "rejected": sched.rejected,
-                "timed_out": sched.timed_out,
-                "refused_early": sched.refused_early,  # admission control: predicted wait > queue_timeout
-                "oldest_wait_s": round(sched.oldest_wait(now), 3),
+                "depth": q.depth,
+                "max": q.max,
+                "rejected": q.rejected,
+                "timed_out": q.timed_out,
+                "refused_early": q.refused_early,  # admission control: predicted wait > queue_timeout
+                "oldest_wait_s": round(q.oldest_wait, 3),
             },
-            "served": pool.served,
-            "failed": pool.failed,
-            "pipelined": pool.pipelined,  # requests sent behind the tail of the previous response
-            "dispatch": "cost" if pool.cost_aware else "fifo",
-            "long_inflight": sched.long_inflight,
-            "routes": pool.costs.table()[:ROUTES_SHOWN],  # learned per-route cost and class, busiest first
-            "restarts": dict(sup.restarts) if sup else {},
-            "restarts_total": sum(sup.restarts.values()) if sup else 0,
+            "served": app.served,
+            "failed": app.failed,
+            "dispatch": app.dispatch,
+            "long_inflight": q.long_inflight,
+            "routes": list(app.routes),  # learned per-route cost and class, busiest first
+            "restarts": dict(app.restarts),
+            "restarts_total": app.restarts_total,
         }
+
+    def _worker(self, w: WorkerSnap) -> dict[str, Any]:
+        return {
+            "index": w.index,
+            "pid": w.pid,
+            "port": w.port,
+            "state": w.display,
+            "inflight": w.inflight,
+            "max_inflight": w.max_inflight,
+            "served": w.served,
+            "failed": w.failed,
+            "restarts": w.restarts,
+            "rss_bytes": tree_rss(w.pid) if w.state is not State.STOPPED else 0,
+            "cpu_percent": round(self._cpu(w.pid), 1),
+            "uptime_s": round(w.age, 1),
+            "generation": w.generation,
+            "external": w.external,
+            "note": w.note,
+        }
+
+
+def _autoscale_doc(app: AppSnap) -> dict[str, Any] | None:
+    a = app.autoscale
+    if a is None:
+        return None
+    return {
+        "min_workers": a.min_workers,
+        "max_workers": a.max_workers,
+        "scale_up_wait": a.scale_up_wait,
+        "idle_timeout": a.idle_timeout,
+        "last_reason": a.last_reason,
+    }
+
+
+def _totals(snap: snapshot.Snapshot) -> dict[str, int]:
+    apps = snap.apps
+    workers = [w for a in apps for w in a.workers]
+    return {
+        "workers": len(workers),
+        "ready": sum(1 for w in workers if w.display in ("ready", "busy")),
+        "busy": sum(1 for w in workers if w.display == "busy"),
+        "inflight": sum(w.inflight for w in workers),
+        "served": sum(a.served for a in apps),
+        "failed": sum(a.failed for a in apps),
+        "restarts": sum(a.restarts_total for a in apps),
+        "queued": sum(a.queue.depth for a in apps),
+        "rejected": sum(a.queue.rejected for a in apps),
+        "timed_out": sum(a.queue.timed_out for a in apps),
+    }
 
 
 # --- history for the dashboard ------------------------------------------------------------------
@@ -294,20 +266,19 @@ class Series:
         self.samples: dict[str, deque[tuple[Any, ...]]] = {}
 
     def sample(self) -> None:
-        now = time.time()
-        for pool in self.corral.pools:
-            st = self.stats[pool.name]
-            ready = [w for w in pool.workers if w.state is State.READY]
+        now = time.time()  # the charts' x axis is wall time; the snapshot runs on the scheduler's clock
+        for app in snapshot.take(self.corral, time.monotonic(), routes=0).apps:
+            st = self.stats[app.name]
             row = (
                 now,
-                pool.scheduler.depth,
-                sum(1 for w in ready if w.inflight),
-                len(ready),
+                app.queue.depth,
+                app.busy,
+                app.ready,
                 st.total,
                 list(st.queue_wait.counts),
                 list(st.service.counts),
             )
-            self.samples.setdefault(pool.name, deque(maxlen=SERIES_POINTS)).append(row)
+            self.samples.setdefault(app.name, deque(maxlen=SERIES_POINTS)).append(row)
 
     def document(self) -> dict[str, Any]:
         apps = {}
@@ -343,12 +314,21 @@ class Series:
 class AdminServer:
     """Bound in preflight (so a bad or busy address fails before any worker starts), served in run()."""
 
-    def __init__(self, cfg: Config, sock: socket.socket, address: str, path: str | None, token: str | None) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        sock: socket.socket,
+        address: str,
+        path: str | None,
+        token: str | None,
+        hosts: frozenset[str] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.sock = sock
         self.address = address
         self.path = path
         self.token = token
+        self.hosts = hosts  # Host values accepted; None: no Host rule (unix socket, or the token guards)
         self.tcp = path is None
         self.corral: Corral | None = None
         self.server: asyncio.AbstractServer | None = None
@@ -365,7 +345,10 @@ class AdminServer:
         server = cfg.server
         token = server.admin_token or os.environ.get(TOKEN_ENV) or None
         spec = server.admin or f"unix:{default_socket(server.port)}"
-        kind, host, port = parse_address(spec)
+        try:
+            kind, host, port = parse_address(spec)
+        except AddressError as exc:
+            raise AdminError(str(exc)) from None
         if kind == "unix":
             if server.admin is None:
                 _private_dir(os.path.dirname(host))
@@ -379,7 +362,10 @@ class AdminServer:
                 f"(or ${TOKEN_ENV}) or bind it to 127.0.0.1 or unix:/path"
             )
         sock = _bind_tcp(host, port)
-        return cls(cfg, sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", None, token)
+        # A browser cannot attach the token, so with one a rebound page gets nowhere whatever its Host;
+        # without one (loopback only) the Host header is what tells a rebound page from the operator's.
+        hosts = None if token else host_names(host, port, getattr(server, "admin_hosts", None) or ())
+        return cls(cfg, sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", None, token, hosts)
 
     def _unlink(self) -> None:
         if self.path is not None:
@@ -392,7 +378,7 @@ class AdminServer:
         for pool in corral.pools:
             self.stats[pool.name] = metrics.PoolStats()
             metrics.attach(pool, self.stats[pool.name])
-        self.registry = metrics.registry_for(corral, self.stats)
+        self.registry = metrics.registry_for(self._metrics_snapshot, corral.started, self.stats)
         self.status = StatusBuilder(corral, self.address)
         self.series = Series(corral, self.stats)
         self.sock.listen(64)
@@ -402,6 +388,10 @@ class AdminServer:
         else:
             self.server = await loop.create_unix_server(lambda: AdminConnection(self), sock=self.sock)
         self._sampler = loop.create_task(self._sample())
+
+    def _metrics_snapshot(self) -> snapshot.Snapshot:
+        assert self.corral is not None
+        return snapshot.take(self.corral, time.monotonic(), routes=metrics.ROUTES_EXPORTED)
 
     async def stop(self) -> None:
         if self._sampler is not None:
@@ -427,6 +417,9 @@ class AdminServer:
 
     def handle(self, method: str, path: str, query: str, headers: dict[bytes, bytes]) -> tuple[int, bytes, str]:
         """(status, body, content type) for one request."""
+        misdirected = self._misdirected(headers.get(b"host"))
+        if misdirected:
+            return misdirected
         want = ROUTES.get(path)
         if want is None:
             return _json(404, {"error": f"no such admin endpoint: {path}", "endpoints": sorted(ROUTES)})
@@ -452,6 +445,15 @@ class AdminServer:
         if path == "/scale":
             return self._scale(params.get("workers"), params.get("app"))
         return self._stop()
+
+    def _misdirected(self, host: bytes | None) -> tuple[int, bytes, str] | None:
+        """The Host rule: refused before anything else, so a rebound page learns and changes nothing."""
+        if self.hosts is None:
+            return None
+        refused = host_refusal(None if host is None else host.decode("latin-1"), self.hosts)
+        if refused is None:
+            return None
+        return _json(400 if host is None else 421, {"error": refused})  # RFC 9112: no Host at all is a 400
 
     def page(self) -> bytes:
         if self._page is None:
@@ -480,7 +482,7 @@ class AdminServer:
         return _json(202, {"ok": True, "messages": [self.corral.supervisors[n].reload() for n in names]})
 
     def _scale(self, workers: str | None, app: str | None) -> tuple[int, bytes, str]:
-        if workers is None or not workers.isdigit() or int(workers) < 1:
+        if workers is None or not workers.isascii() or not workers.isdigit() or int(workers) < 1:
             return _json(400, {"error": "give workers=N with N >= 1"})
         names, err = self._pick(app)
         if err:
@@ -488,19 +490,33 @@ class AdminServer:
         if len(names) > 1:
             return _json(400, {"error": "several apps: give app=NAME", "apps": names})
         assert self.corral is not None
-        n = int(workers)
-        scaler = self.corral.autoscalers.get(names[0])
-        note = None
-        if scaler is not None and scaler.policy.clamp(n) != n:
-            n = scaler.policy.clamp(n)
-            note = f"autoscaled app: kept within {scaler.policy.min_workers}..{scaler.policy.max_workers}"
-        messages = [self.corral.supervisors[names[0]].scale(n)]
-        return _json(202, {"ok": True, "workers": n, "messages": messages + ([note] if note else [])})
+        name, n = names[0], int(workers)
+        scaler = self.corral.autoscalers.get(name)
+        if scaler is not None:  # its policy's bounds already lie within the ceiling
+            return self._scale_to(name, scaler.policy.clamp(n), n)
+        sup = self.corral.supervisors[name]
+        top = snapshot.ceiling(sup.app)
+        if n > top:  # each worker is a process and file descriptors: /scale?workers=100000 must not fork them
+            return _json(400, {"error": _range_error(top), "ceiling": top})
+        return self._scale_to(name, n, n)
+
+    def _scale_to(self, name: str, n: int, asked: int) -> tuple[int, bytes, str]:
+        assert self.corral is not None
+        messages = [self.corral.supervisors[name].scale(n)]
+        scaler = self.corral.autoscalers.get(name)
+        if n != asked and scaler is not None:
+            messages.append(f"autoscaled app: kept within {scaler.policy.min_workers}..{scaler.policy.max_workers}")
+        return _json(202, {"ok": True, "workers": n, "messages": messages})
 
     def _stop(self) -> tuple[int, bytes, str]:
         assert self.corral is not None
         asyncio.get_running_loop().call_later(0.05, self.corral.stop)  # after this answer is written
         return _json(202, {"ok": True, "messages": ["stopping: finishing in-flight requests"]})
+
+
+def _range_error(top: int) -> str:
+    why = "worker ceiling: max_workers, else 4 x CPUs and at least 16, within the open-file limit"
+    return f"workers must be between 1 and {top} ({why})"
 
 
 def _json(status: int, doc: Any) -> tuple[int, bytes, str]:
@@ -524,6 +540,7 @@ REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    421: "Misdirected Request",
     431: "Request Header Fields Too Large",
 }
 SECURITY_HEADERS = (

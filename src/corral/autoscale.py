@@ -12,6 +12,7 @@ last time has not arrived yet).
 Down: `memory.last_needed[k]` is the last time at least k workers were busy at once (a queue
 means all were). Levels not needed for `idle_timeout` are surplus: drop to the highest level
 still needed, never below min_workers.
+Never above `ceiling(app)`, the bound `corral scale` and /scale obey too.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from . import snapshot
 from .logs import say
-from .worker import State
+from .snapshot import ceiling
 
 if TYPE_CHECKING:
     from .config import AppConfig
     from .pool import Pool
+    from .snapshot import AppSnap
     from .supervisor import Supervisor
 
 TICK = 0.1
@@ -43,8 +46,8 @@ class Policy:
     @classmethod
     def of(cls, app: AppConfig, cpus: int) -> Policy:
         lo = app.min_workers or 1
-        hi = app.max_workers or max(lo, app.workers or cpus)
-        return cls(lo, max(lo, hi), app.scale_up_wait, app.idle_timeout)
+        hi = min(max(lo, app.max_workers or app.workers or cpus), ceiling(app))
+        return cls(min(lo, hi), hi, app.scale_up_wait, app.idle_timeout)
 
     def clamp(self, n: int) -> int:
         return max(self.min_workers, min(self.max_workers, n))
@@ -81,6 +84,18 @@ def _fresh(now: float, upto: int, size: int, old: tuple[float, ...] | None = Non
     for k in range(1, min(upto, size) + 1):
         base[k] = now
     return tuple(base)
+
+
+def observation(app: AppSnap, now: float) -> Observation:
+    return Observation(
+        now=now,
+        desired=app.desired,
+        starting=app.starting,
+        busy=app.busy,
+        depth=app.queue.depth,
+        oldest_wait=app.queue.oldest_wait,
+        max_inflight=app.max_inflight,
+    )
 
 
 def decide(policy: Policy, obs: Observation, memory: Memory | None) -> Decision:
@@ -123,18 +138,7 @@ class Autoscaler:
         self.last_reason: str | None = None
 
     def observe(self, now: float) -> Observation:
-        sup = self.supervisor
-        current = [*sup.slots.values(), *sup.successors.values()]
-        sched = self.pool.scheduler
-        return Observation(
-            now=now,
-            desired=sup.desired,
-            starting=sum(1 for w in current if w.state is State.STARTING),
-            busy=sum(1 for w in sup.slots.values() if w.state is State.READY and w.inflight),
-            depth=sched.depth,
-            oldest_wait=sched.oldest_wait(now),
-            max_inflight=self.app.max_inflight,
-        )
+        return observation(snapshot.take_app(self.pool, self.supervisor, self, now, routes=0), now)
 
     def step(self, now: float) -> Decision:
         decision = decide(self.policy, self.observe(now), self.memory)

@@ -1,5 +1,8 @@
 """The client side of `corral status | reload | scale | stop`: find a running corral's admin channel,
-call it, and show the answer (a table for people, JSON for scripts)."""
+call it, and show the answer (a table for people, JSON for scripts).
+
+Imports nothing of the server stack (supervisor, admin, prometheus_client): a verb starts fast and
+works where only the client side is installed."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from typing import Any
 
 import click
 
-from .admin import TOKEN_ENV, is_loopback, parse_address, socket_dirs
+from .net import TOKEN_ENV, AddressError, is_loopback, parse_address, socket_dirs
 
 DEFAULT_PORT = 8000
 STATE_STYLE = {
@@ -29,7 +32,11 @@ STATE_STYLE = {
 
 
 class ControlError(Exception):
-    """Shown as one line, exit 1."""
+    """Shown as one line; exit 1, or 2 when the command was asked something it cannot do (usage)."""
+
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -49,7 +56,7 @@ class AdminClient:
         self.address = address
         self.token = token
         self.timeout = timeout
-        self.kind, self.host, self.port = parse_address(address)
+        self.kind, self.host, self.port = _parse(address)
 
     def call(self, method: str, path: str) -> tuple[int, Any]:
         if self.kind == "unix":
@@ -74,11 +81,21 @@ class AdminClient:
         return resp.status, doc
 
     def ok(self, method: str, path: str) -> Any:
-        status, doc = self.call(method, path)
-        if status >= 300:
-            msg = doc.get("error") if isinstance(doc, dict) else doc
-            raise ControlError(f"{method} {path}: {status}: {msg}")
-        return doc
+        return _checked(method, path, *self.call(method, path))
+
+
+def _checked(method: str, path: str, status: int, doc: Any) -> Any:
+    if status >= 300:
+        msg = doc.get("error") if isinstance(doc, dict) else doc
+        raise ControlError(f"{method} {path}: {status}: {msg}")
+    return doc
+
+
+def _parse(address: str) -> tuple[str, str, int]:
+    try:
+        return parse_address(address)
+    except AddressError as exc:
+        raise ControlError(str(exc), exit_code=2) from None
 
 
 def _why(exc: BaseException) -> str:
@@ -92,7 +109,7 @@ def _why(exc: BaseException) -> str:
 def locate(port: int | None, admin: str | None) -> str:
     """The admin address of the corral serving public port P (its default unix socket), or --admin."""
     if admin:
-        parse_address(admin)
+        _parse(admin)
         return admin
     port = port or DEFAULT_PORT
     candidates = [os.path.join(d, f"{port}.sock") for d in socket_dirs()]
@@ -120,7 +137,7 @@ def target_options(fn: Any) -> Any:
 
 def _fail(exc: ControlError) -> None:
     click.echo(f"corral: {exc}", err=True)
-    sys.exit(1)
+    sys.exit(exc.exit_code)
 
 
 # --- status --------------------------------------------------------------------------------------
@@ -287,7 +304,7 @@ def scale(
     """Add workers, or drain and stop surplus ones, until there are WORKERS."""
     try:
         client = _client(port, admin, admin_token)
-        answer = client.ok("POST", f"/scale?workers={workers}" + (f"&app={app}" if app else ""))
+        answer = _scale(client, workers, app)
         for m in answer["messages"]:
             click.echo(f"corral: {m}")
         if no_wait:
@@ -304,6 +321,14 @@ def scale(
     draining = sum(1 for a in _apps(doc, app) for w in a["workers"] if w["state"] == "draining")
     tail = f" ({draining} finishing their requests)" if draining else ""
     click.echo(f"corral: {want} worker{'s' * (want != 1)} ready{tail}")
+
+
+def _scale(client: AdminClient, workers: int, app: str | None) -> Any:
+    path = f"/scale?workers={workers}" + (f"&app={app}" if app else "")
+    status, doc = client.call("POST", path)
+    if status == 400 and isinstance(doc, dict) and "ceiling" in doc:
+        raise ControlError(doc["error"], exit_code=2)  # WORKERS out of range, as click's own check for 0
+    return _checked("POST", path, status, doc)
 
 
 @click.command()

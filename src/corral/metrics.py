@@ -21,9 +21,8 @@ from .supervisor import tree_rss
 from .worker import State
 
 if TYPE_CHECKING:
+    from .exchange import Exchange
     from .pool import Pool
-    from .proxy import Exchange
-    from .server import Corral
 
 # Upper bounds in seconds, shared by queue wait and service time: fine enough below 10 ms for a
 # fast plumber handler, long enough for the slow ones a queue exists for.
@@ -110,105 +109,114 @@ def attach(pool: Pool, stats: PoolStats) -> None:
 
 
 class CorralCollector(Collector):
-    """Reads pools, workers and supervisors of one running corral at scrape time."""
+    """Renders, at scrape time, a fresh snapshot of a running corral and the request counters.
 
-    def __init__(self, corral: Corral, stats: dict[str, PoolStats]) -> None:
-        self.corral = corral
+    `read` returns a snapshot.Snapshot (admin passes `snapshot.take` bound to its corral). It is passed
+    in, not imported: metrics and snapshot are independent siblings in pyproject's import layers, so
+    the apps are read by attribute (`Any` below)."""
+
+    def __init__(self, read: Callable[[], Any], started: float, stats: dict[str, PoolStats]) -> None:
+        self.read = read
+        self.started = started
         self.stats = stats
 
     def collect(self) -> Iterator[Any]:
-        c = self.corral
-        requests = CounterMetricFamily(
-            "corral_requests", "Requests answered, by status class (2xx..5xx)", labels=["app", "code"]
-        )
-        waits = HistogramMetricFamily(
-            "corral_queue_wait_seconds", "Time from arrival to a worker taking the request", labels=["app"]
-        )
-        service = HistogramMetricFamily(
-            "corral_upstream_service_seconds", "Time a worker held the request (dispatch to last byte)", labels=["app"]
-        )
-        depth = GaugeMetricFamily("corral_queue_depth", "Requests waiting in the central queue", labels=["app"])
-        qmax = GaugeMetricFamily("corral_queue_max", "Queue capacity (max_queue)", labels=["app"])
-        oldest = GaugeMetricFamily(
-            "corral_queue_oldest_wait_seconds", "How long the oldest queued request has waited", labels=["app"]
-        )
-        inflight = GaugeMetricFamily("corral_inflight", "Requests held by workers right now", labels=["app"])
-        workers = GaugeMetricFamily(
-            "corral_workers", "Workers by state (busy = ready and holding)", labels=["app", "state"]
-        )
-        desired = GaugeMetricFamily("corral_workers_desired", "Workers the supervisor aims for", labels=["app"])
-        restarts = CounterMetricFamily(
-            "corral_worker_restarts", "Unplanned worker restarts, by reason", labels=["app", "reason"]
-        )
-        rejected = CounterMetricFamily(
-            "corral_rejected", "Requests refused at once with 503 because the queue was full", labels=["app"]
-        )
-        refused = CounterMetricFamily(
+        fams = _families()
+        for app in self.read().apps:
+            _add_traffic(fams, app, self.stats.get(app.name) or PoolStats())
+            _add_fleet(fams, app)
+            _add_routes(fams, app)
+        up = GaugeMetricFamily("corral_start_time_seconds", "Unix time corral started")
+        up.add_metric([], self.started)
+        yield from fams.values()
+        yield up
+
+
+def _families() -> dict[str, Any]:
+    """Every per-app family, in exposition order, keyed by the name the helpers fill."""
+    counter, gauge = CounterMetricFamily, GaugeMetricFamily
+    specs: list[tuple[type, str, str, list[str]]] = [
+        (counter, "corral_requests", "Requests answered, by status class (2xx..5xx)", ["code"]),
+        (HistogramMetricFamily, "corral_queue_wait_seconds", "Time from arrival to a worker taking the request", []),
+        (
+            HistogramMetricFamily,
+            "corral_upstream_service_seconds",
+            "Time a worker held the request (dispatch to last byte)",
+            [],
+        ),
+        (gauge, "corral_queue_depth", "Requests waiting in the central queue", []),
+        (gauge, "corral_queue_max", "Queue capacity (max_queue)", []),
+        (gauge, "corral_queue_oldest_wait_seconds", "How long the oldest queued request has waited", []),
+        (gauge, "corral_inflight", "Requests held by workers right now", []),
+        (gauge, "corral_workers", "Workers by state (busy = ready and holding)", ["state"]),
+        (gauge, "corral_workers_desired", "Workers the supervisor aims for", []),
+        (counter, "corral_worker_restarts", "Unplanned worker restarts, by reason", ["reason"]),
+        (counter, "corral_rejected", "Requests refused at once with 503 because the queue was full", []),
+        (
+            counter,
             "corral_refused_early",
             "Requests refused at once with 503 because their predicted wait exceeded queue_timeout",
-            labels=["app"],
-        )
-        timed_out = CounterMetricFamily(
-            "corral_queue_timeouts", "Requests answered 503 after waiting queue_timeout", labels=["app"]
-        )
-        failed = CounterMetricFamily(
-            "corral_upstream_failures", "Requests a worker failed (502/504: crash, reset, timeout)", labels=["app"]
-        )
-        retried = CounterMetricFamily(
-            "corral_retries", "Requests moved to another worker because theirs refused the connection", labels=["app"]
-        )
-        route_p = GaugeMetricFamily(
+            [],
+        ),
+        (counter, "corral_queue_timeouts", "Requests answered 503 after waiting queue_timeout", []),
+        (counter, "corral_upstream_failures", "Requests a worker failed (502/504: crash, reset, timeout)", []),
+        (counter, "corral_retries", "Requests moved to another worker because theirs refused the connection", []),
+        (
+            gauge,
             "corral_route_service_seconds",
             "Learned service time per route (recent p50/p99) and its class, for cost-aware dispatch",
-            labels=["app", "route", "class", "quantile"],
-        )
-        route_n = CounterMetricFamily("corral_route_requests", "Requests seen per route", labels=["app", "route"])
-        rss = GaugeMetricFamily(
-            "corral_worker_rss_bytes", "Resident memory of a worker's process tree", labels=["app", "index"]
-        )
-        now = time.monotonic()
-        for pool in c.pools:
-            app = pool.name
-            st = self.stats.get(app) or PoolStats()
-            for i, n in enumerate(st.by_class[1:], start=1):
-                requests.add_metric([app, CLASSES[i - 1]], n)
-            waits.add_metric([app], st.queue_wait.cumulative(), st.queue_wait.sum)
-            service.add_metric([app], st.service.cumulative(), st.service.sum)
-            sched = pool.scheduler
-            depth.add_metric([app], sched.depth)
-            qmax.add_metric([app], sched.max_queue)
-            oldest.add_metric([app], sched.oldest_wait(now))
-            inflight.add_metric([app], len(pool.inflight))
-            counts = dict.fromkeys(STATES, 0)
-            for w in pool.workers:
-                counts[w.display_state()] = counts.get(w.display_state(), 0) + 1
-                if w.pid is not None and w.state is not State.STOPPED:
-                    rss.add_metric([app, str(w.index)], tree_rss(w.pid))
-            for state, n in counts.items():
-                workers.add_metric([app, state], n)
-            sup = c.supervisors.get(app)
-            desired.add_metric([app], sup.desired if sup else len(pool.workers))
-            for reason, n in (sup.restarts if sup else {}).items():
-                restarts.add_metric([app, reason], n)
-            rejected.add_metric([app], sched.rejected)
-            timed_out.add_metric([app], sched.timed_out)
-            refused.add_metric([app], sched.refused_early)
-            failed.add_metric([app], pool.failed)
-            retried.add_metric([app], pool.retried)
-            for row in pool.costs.table()[:ROUTES_EXPORTED]:
-                key, cls = str(row["route"]), str(row["class"])
-                route_p.add_metric([app, key, cls, "0.5"], float(row["p50_s"]))  # type: ignore[arg-type]
-                route_p.add_metric([app, key, cls, "0.99"], float(row["p99_s"]))  # type: ignore[arg-type]
-                route_n.add_metric([app, key], float(row["count"]))  # type: ignore[arg-type]
-        up = GaugeMetricFamily("corral_start_time_seconds", "Unix time corral started")
-        up.add_metric([], c.started)
-        yield from (requests, waits, service, depth, qmax, oldest, inflight, workers, desired, restarts)
-        yield from (rejected, refused, timed_out, failed, retried, route_p, route_n, rss, up)
+            ["route", "class", "quantile"],
+        ),
+        (counter, "corral_route_requests", "Requests seen per route", ["route"]),
+        (gauge, "corral_worker_rss_bytes", "Resident memory of a worker's process tree", ["index"]),
+    ]
+    return {name: kind(name, doc, labels=["app", *labels]) for kind, name, doc, labels in specs}
 
 
-def registry_for(corral: Corral, stats: dict[str, PoolStats]) -> CollectorRegistry:
+def _add_traffic(fams: dict[str, Any], app: Any, st: PoolStats) -> None:
+    name = app.name
+    for i, n in enumerate(st.by_class[1:], start=1):
+        fams["corral_requests"].add_metric([name, CLASSES[i - 1]], n)
+    fams["corral_queue_wait_seconds"].add_metric([name], st.queue_wait.cumulative(), st.queue_wait.sum)
+    fams["corral_upstream_service_seconds"].add_metric([name], st.service.cumulative(), st.service.sum)
+    q = app.queue
+    for family, value in (
+        ("corral_queue_depth", q.depth),
+        ("corral_queue_max", q.max),
+        ("corral_queue_oldest_wait_seconds", q.oldest_wait),
+        ("corral_inflight", app.inflight),
+        ("corral_rejected", q.rejected),
+        ("corral_refused_early", q.refused_early),
+        ("corral_queue_timeouts", q.timed_out),
+        ("corral_upstream_failures", app.failed),
+        ("corral_retries", app.retried),
+    ):
+        fams[family].add_metric([name], value)
+
+
+def _add_fleet(fams: dict[str, Any], app: Any) -> None:
+    name = app.name
+    for state, n in (dict.fromkeys(STATES, 0) | app.states()).items():
+        fams["corral_workers"].add_metric([name, state], n)
+    fams["corral_workers_desired"].add_metric([name], app.desired)
+    for reason, n in app.restarts.items():
+        fams["corral_worker_restarts"].add_metric([name, reason], n)
+    for w in app.workers:
+        if w.pid is not None and w.state is not State.STOPPED:
+            fams["corral_worker_rss_bytes"].add_metric([name, str(w.index)], tree_rss(w.pid))
+
+
+def _add_routes(fams: dict[str, Any], app: Any) -> None:
+    for row in app.routes:
+        key, cls = str(row["route"]), str(row["class"])
+        fams["corral_route_service_seconds"].add_metric([app.name, key, cls, "0.5"], float(row["p50_s"]))
+        fams["corral_route_service_seconds"].add_metric([app.name, key, cls, "0.99"], float(row["p99_s"]))
+        fams["corral_route_requests"].add_metric([app.name, key], float(row["count"]))
+
+
+def registry_for(read: Callable[[], Any], started: float, stats: dict[str, PoolStats]) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(CorralCollector(corral, stats))
+    registry.register(CorralCollector(read, started, stats))
     return registry
 
 

@@ -1,0 +1,89 @@
+"""Admin channel addresses and the Host rule, shared by the server (admin.py) and the CLI verbs (control.py).
+
+No corral imports: `corral status` loads this, not the server stack.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Iterable
+
+TOKEN_ENV = "CORRAL_ADMIN_TOKEN"
+LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
+
+
+class AddressError(ValueError):
+    """An admin address that cannot be parsed; the message is one line for the operator."""
+
+
+def socket_dirs() -> list[str]:
+    """Where default admin sockets live, in the order a client looks: runtime dir, then /tmp."""
+    out = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime and os.path.isdir(runtime):
+        out.append(os.path.join(runtime, "corral"))
+    out.append(f"/tmp/corral-{os.getuid()}")
+    return out
+
+
+def default_socket(port: int) -> str:
+    return os.path.join(socket_dirs()[0], f"{port}.sock")
+
+
+def parse_address(spec: str) -> tuple[str, str, int]:
+    """`unix:/path` -> ("unix", path, 0); `HOST:PORT` / `[v6]:PORT` -> ("tcp", host, port)."""
+    if spec.startswith("unix:"):
+        path = spec[5:]
+        if not path:
+            raise AddressError(f"admin address {spec!r}: give a path after unix:")
+        return "unix", path, 0
+    host, sep, port_s = spec.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port_s.isascii() or not port_s.isdigit() or not 0 < int(port_s) < 65536:
+        raise AddressError(f"admin address {spec!r} must be HOST:PORT or unix:/path")
+    return "tcp", host, int(port_s)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# --- the Host rule -------------------------------------------------------------------------------
+# A page from attacker.example whose name is rebound to 127.0.0.1 reaches a loopback port as the
+# same origin, but its requests still say `Host: attacker.example`: only names of this channel pass.
+def host_names(host: str, port: int, extra: Iterable[str] = ()) -> frozenset[str]:
+    """Host header values (lower case) that name a TCP admin channel bound to host:port.
+
+    The loopback names and the bound host, each with or without `:port`; an `extra` entry without a
+    port is accepted the same way, one with a port only as written."""
+    bound = f"[{host}]" if ":" in host else host
+    out: set[str] = set()
+    for name in (*LOOPBACK_NAMES, bound, *extra):
+        name = name.strip().lower()
+        if not name:
+            continue
+        out.add(name)
+        if not _has_port(name):
+            out.add(f"{name}:{port}")
+    return frozenset(out)
+
+
+def _has_port(name: str) -> bool:
+    tail = name.rpartition("]")[2] if name.startswith("[") else name
+    return ":" in tail
+
+
+def host_refusal(value: str | None, allowed: frozenset[str]) -> str | None:
+    """Why a request with this Host header is not for this channel, or None when it is."""
+    if value is None:
+        return "Host header required"
+    if value.strip().lower() in allowed:
+        return None
+    shown = value if len(value) <= 64 else value[:64] + "..."
+    return f"Host {shown!r} does not name this admin channel (DNS rebinding guard; see docs/operations.md)"

@@ -1,0 +1,258 @@
+"""One read of every pool and supervisor, shared by /status, /metrics, the dashboard series and autoscaling.
+
+`take(corral, now)` copies what those four need into frozen dataclasses, so each reads the same
+facts the same way (which workers count as ready, starting or busy) instead of walking pools and
+supervisors itself. Pure: no I/O, no clock (`now` is the scheduler's monotonic clock); per-process
+figures that need a system call (RSS, CPU) are added by the readers that show them.
+
+It sits below admin, autoscale and server (pyproject's import layers), so what it reads of them is
+named by the Protocols here, not imported. `ceiling(app)` lives here for the same reason: /scale
+and the autoscaler both obey it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from . import config
+from .worker import State
+
+if TYPE_CHECKING:
+    from .config import AppConfig
+    from .pool import Pool
+    from .supervisor import Supervisor
+    from .worker import Worker
+
+ROUTES = 50  # busiest learned routes kept (the learner tracks up to 512)
+
+
+class Bounds(Protocol):
+    """An autoscaling policy (autoscale.Policy), as read here and by /scale."""
+
+    @property
+    def min_workers(self) -> int: ...
+    @property
+    def max_workers(self) -> int: ...
+    @property
+    def scale_up_wait(self) -> float: ...
+    @property
+    def idle_timeout(self) -> float: ...
+    def clamp(self, n: int) -> int: ...
+
+
+class Scaler(Protocol):
+    """An app's autoscaler (autoscale.Autoscaler)."""
+
+    @property
+    def policy(self) -> Bounds: ...
+    @property
+    def last_reason(self) -> str | None: ...
+
+
+class Fleet(Protocol):
+    """A running corral (server.Corral): its pools and who runs them."""
+
+    @property
+    def pools(self) -> list[Pool]: ...
+    @property
+    def supervisors(self) -> Mapping[str, Supervisor]: ...
+    @property
+    def autoscalers(self) -> Mapping[str, Scaler]: ...
+
+
+def ceiling(app: AppConfig) -> int:
+    """The most workers this app may ever run: each one costs a process and file descriptors."""
+    bound = getattr(config, "worker_ceiling", None)
+    if bound is not None:
+        return int(bound(app))
+    return app.max_workers or max(4 * (os.cpu_count() or 1), 16)  # until config.worker_ceiling lands
+
+
+# How a worker stands in its app: in service for its index, the replacement starting for it (reload,
+# recycle), or on its way out (draining, stopping). External workers are always "serving".
+SERVING, SUCCESSOR, RETIRING = "serving", "successor", "retiring"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSnap:
+    index: int
+    pid: int | None
+    port: int
+    state: State
+    display: str  # state as shown: "busy" for a ready worker holding a request
+    role: str
+    inflight: int
+    max_inflight: int
+    served: int
+    failed: int
+    restarts: int  # unplanned restarts of this index
+    generation: int
+    age: float  # seconds since spawned (or discovered)
+    external: bool
+    note: str | None  # why it is out of rotation
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSnap:
+    depth: int
+    max: int
+    rejected: int
+    timed_out: int
+    refused_early: int
+    oldest_wait: float
+    long_inflight: int
+
+
+@dataclass(frozen=True, slots=True)
+class AutoscaleSnap:
+    min_workers: int
+    max_workers: int
+    scale_up_wait: float
+    idle_timeout: float
+    last_reason: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AppSnap:
+    name: str
+    route: str
+    supervised: bool
+    desired: int
+    ceiling: int | None  # most workers it may run; None for external upstreams
+    generation: int
+    reloading: bool
+    reload_note: str | None
+    dispatch: str
+    max_inflight: int
+    workers: tuple[WorkerSnap, ...]
+    queue: QueueSnap
+    served: int
+    failed: int
+    retried: int
+    inflight: int  # requests on workers now
+    restarts: dict[str, int] = field(default_factory=dict)  # unplanned restarts by reason
+    routes: tuple[dict[str, Any], ...] = ()
+    autoscale: AutoscaleSnap | None = None
+
+    @property
+    def ready(self) -> int:
+        """Workers in service and in rotation (a reload's successors not yet swapped in do not count)."""
+        return sum(1 for w in self.workers if w.role == SERVING and w.state is State.READY)
+
+    @property
+    def busy(self) -> int:
+        return sum(1 for w in self.workers if w.role == SERVING and w.state is State.READY and w.inflight)
+
+    @property
+    def starting(self) -> int:
+        """Capacity asked for that has not arrived yet: new slots and successors not ready yet."""
+        return sum(1 for w in self.workers if w.role != RETIRING and w.state is State.STARTING)
+
+    @property
+    def restarts_total(self) -> int:
+        return sum(self.restarts.values())
+
+    def states(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for w in self.workers:
+            out[w.display] = out.get(w.display, 0) + 1
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    now: float
+    apps: tuple[AppSnap, ...]
+
+
+def take(corral: Fleet, now: float, routes: int = ROUTES) -> Snapshot:
+    apps = tuple(
+        take_app(pool, corral.supervisors.get(pool.name), corral.autoscalers.get(pool.name), now, routes)
+        for pool in corral.pools
+    )
+    return Snapshot(now, apps)
+
+
+def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: float, routes: int = ROUTES) -> AppSnap:
+    """One app. `routes=0` skips the learned-route table (sorting it is the costly part; autoscaling,
+    sampling ten times a second, does not need it)."""
+    sched = pool.scheduler
+    return AppSnap(
+        name=pool.name,
+        route=pool.route,
+        supervised=sup is not None,
+        desired=sup.desired if sup else len(pool.workers),
+        ceiling=ceiling(sup.app) if sup else None,
+        generation=sup.generation if sup else 0,
+        reloading=_reloading(sup),
+        reload_note=sup.reload_note if sup else None,
+        dispatch="cost" if pool.cost_aware else "fifo",
+        max_inflight=pool.app.max_inflight,
+        workers=_workers(pool, sup, now),
+        queue=QueueSnap(
+            depth=sched.depth,
+            max=sched.max_queue,
+            rejected=sched.rejected,
+            timed_out=sched.timed_out,
+            refused_early=sched.refused_early,
+            oldest_wait=sched.oldest_wait(now),
+            long_inflight=sched.long_inflight,
+        ),
+        served=pool.served,
+        failed=pool.failed,
+        retried=pool.retried,
+        inflight=len(pool.inflight),
+        restarts=dict(sup.restarts) if sup else {},
+        routes=tuple(pool.costs.table()[:routes]) if routes else (),
+        autoscale=_autoscale(scaler),
+    )
+
+
+def _reloading(sup: Supervisor | None) -> bool:
+    if sup is None:
+        return False
+    return bool(sup.successors) or any(w.generation < sup.generation for w in sup.slots.values())
+
+
+def _workers(pool: Pool, sup: Supervisor | None, now: float) -> tuple[WorkerSnap, ...]:
+    restarts = sup.index_restarts if sup else {}
+    ordered = sorted(pool.workers, key=lambda w: (w.index, w.generation))
+    return tuple(_worker(w, _role(w, sup), restarts.get(w.index, 0), now) for w in ordered)
+
+
+def _role(w: Worker, sup: Supervisor | None) -> str:
+    if sup is None or sup.slots.get(w.index) is w:
+        return SERVING
+    if sup.successors.get(w.index) is w:
+        return SUCCESSOR
+    return RETIRING
+
+
+def _worker(w: Worker, role: str, restarts: int, now: float) -> WorkerSnap:
+    return WorkerSnap(
+        index=w.index,
+        pid=w.pid,
+        port=w.port,
+        state=w.state,
+        display=w.display_state(),
+        role=role,
+        inflight=w.inflight,
+        max_inflight=w.max_inflight,
+        served=w.served,
+        failed=w.failed,
+        restarts=restarts,
+        generation=w.generation,
+        age=now - w.born,
+        external=w.external,
+        note=w.stop_reason if w.state not in (State.READY, State.STARTING) else None,
+    )
+
+
+def _autoscale(scaler: Scaler | None) -> AutoscaleSnap | None:
+    if scaler is None:
+        return None
+    p = scaler.policy
+    return AutoscaleSnap(p.min_workers, p.max_workers, p.scale_up_wait, p.idle_timeout, scaler.last_reason)
