@@ -209,7 +209,7 @@ REFUSED = {
     "unknown-method": (b"FOO / HTTP/1.1\r\n" + H + b"\r\n", 400),
     "rtsp-version": (b"GET / RTSP/1.0\r\n" + H + b"\r\n", 400),
     "lowercase-http": (b"GET / http/1.1\r\n" + H + b"\r\n", 400),
-    "version-1.2": (b"GET / HTTP/1.2\r\n" + H + b"\r\n", 400),
+    "version-1.2-no-host": (b"GET / HTTP/1.2\r\n\r\n", 400),  # served as 1.1, so Host is required
     "version-2": (b"GET / HTTP/2.0\r\n" + H + b"\r\n", 505),
     "h2-preface": (b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 505),
     "space-in-target": (b"GET /a b HTTP/1.1\r\n" + H + b"\r\n", 400),
@@ -287,9 +287,10 @@ def test_limits_are_configurable():
 
 
 def test_server_config_defaults_reach_the_edge():
-    e = Edge(ServerConfig())
+    e = Edge(ServerConfig(max_connections=10000))  # server.py sizes the default (None) from the fd limit
     assert (e.limits.max_header_bytes, e.limits.max_headers, e.limits.max_body) == (16384, 100, 100 * 1024 * 1024)
     assert (e.header_timeout, e.body_timeout, e.keepalive_timeout, e.max_connections) == (10, 30, 5, 10000)
+    assert e.send_timeout == 60
     assert e.trusted == [] and not e.is_trusted("127.0.0.1")
     e = Edge(ServerConfig(trusted_proxies="10.0.0.0/8, ::1"))
     assert e.is_trusted("10.1.2.3") and e.is_trusted("::1") and not e.is_trusted("11.0.0.1")
@@ -368,14 +369,25 @@ class ResponseRecorder:
         self.body = b""
         self.ended: bool | None = None
 
-    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        self.head = (status, headers, length)
+        self.surplus = False
+
+    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        self.head = (status, headers, framing)
 
     def on_response_body(self, data: bytes) -> None:
         self.body += data
 
     def on_response_end(self, reusable: bool) -> None:
         self.ended = reusable
+
+    def on_surplus(self) -> None:
+        self.surplus = True
+
+
+def reader_for(rec: ResponseRecorder, method: bytes = b"GET") -> ResponseReader:
+    reader = ResponseReader(rec)
+    reader.start(method)
+    return reader
 
 
 @pytest.mark.parametrize(
@@ -390,11 +402,11 @@ class ResponseRecorder:
 )
 def test_malformed_response_raises_upstream_error(raw):
     with pytest.raises(UpstreamError):
-        ResponseReader(ResponseRecorder()).feed(raw)
+        reader_for(ResponseRecorder()).feed(raw)
 
 
 def test_endless_response_head_is_bounded():
-    reader = ResponseReader(ResponseRecorder())
+    reader = reader_for(ResponseRecorder())
     reader.feed(b"HTTP/1.1 200 OK\r\n")
     with pytest.raises(UpstreamError):
         for _ in range(300):
@@ -403,7 +415,7 @@ def test_endless_response_head_is_bounded():
 
 def test_response_hop_by_hop_fields_are_stripped():
     rec = ResponseRecorder()
-    ResponseReader(rec).feed(
+    reader_for(rec).feed(
         b"HTTP/1.1 200 OK\r\nConnection: X-Secret\r\nX-Secret: 1\r\nKeep-Alive: timeout=5\r\n"
         b"Content-Length: 2\r\nX-Kept: y\r\n\r\n{}"
     )
@@ -414,21 +426,21 @@ def test_response_hop_by_hop_fields_are_stripped():
 
 def test_close_delimited_response_has_no_length_and_ends_at_eof():
     rec = ResponseRecorder()
-    reader = ResponseReader(rec)
+    reader = reader_for(rec)
     reader.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nuntil-")
     reader.feed(b"close")
-    assert rec.head is not None and rec.head[2] is None and rec.ended is None
-    assert reader.eof() and rec.body == b"until-close"
+    assert rec.head is not None and rec.head[2] == edge.UNTIL_CLOSE and rec.ended is None
+    assert reader.eof() and rec.body == b"until-close" and rec.ended is False
 
 
 def test_interim_responses_are_not_relayed():
     rec = ResponseRecorder()
-    ResponseReader(rec).feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
+    reader_for(rec).feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n")
     assert rec.head is not None and rec.head[0] == 204
 
 
 def test_response_head_appends_via_and_request_id():
-    out = edge.response_head(200, [(b"via", b"1.1 up")], None, b"rid", chunked=True, close=True)
+    out = edge.response_head(200, [(b"via", b"1.1 up")], b"rid", chunked=True, connection=b"close")
     assert out.startswith(b"HTTP/1.1 200 OK\r\n")
     assert b"via: 1.1 up, 1.1 corral\r\n" in out and out.count(b"via:") == 1
     assert b"x-request-id: rid\r\n" in out and b"transfer-encoding: chunked\r\n" in out
@@ -439,7 +451,7 @@ def test_response_head_appends_via_and_request_id():
 def test_error_pages_are_short_and_leak_nothing(name):
     _, err = parse(REFUSED[name][0])
     assert err is not None
-    page = edge.error_response(err.status, err.reason, close=True)
+    page = edge.error_response(err.status, err.reason)
     head, _, body = page.partition(b"\r\n\r\n")
     assert len(body) < 100 and body.startswith(b"%d " % err.status)
     lowered = page.lower()
@@ -455,7 +467,7 @@ def test_truncated_chunked_or_sized_response_is_not_a_clean_eof():
         b"HTTP/1.1 200 OK\r\nContent-Le",
     ):
         rec = ResponseRecorder()
-        reader = ResponseReader(rec)
+        reader = reader_for(rec)
         reader.feed(raw)
         assert not reader.eof(), raw
 
@@ -463,3 +475,98 @@ def test_truncated_chunked_or_sized_response_is_not_a_clean_eof():
 def test_an_empty_chunk_never_ends_a_body():
     assert edge.chunk(b"") == b""
     assert edge.chunk(b"abc") == b"3\r\nabc\r\n"
+
+
+# --- framing: one decision, and surplus bytes (issue 11) ---------------------------------------
+@pytest.mark.parametrize(
+    ("method", "status", "chunked", "length", "want"),
+    [
+        (b"HEAD", 200, False, 5, edge.NO_BODY),
+        (b"GET", 204, False, 5, edge.NO_BODY),
+        (b"GET", 304, False, 5, edge.NO_BODY),
+        (b"GET", 101, False, None, edge.NO_BODY),
+        (b"GET", 200, True, None, edge.CHUNKED),
+        (b"GET", 200, False, 5, edge.LENGTH),
+        (b"GET", 200, False, 0, edge.NO_BODY),
+        (b"GET", 200, False, None, edge.UNTIL_CLOSE),
+        (b"POST", None, False, None, edge.NO_BODY),
+        (b"POST", None, False, 3, edge.LENGTH),
+        (b"POST", None, True, None, edge.CHUNKED),
+    ],
+)
+def test_body_framing_is_decided_in_one_place(method, status, chunked, length, want):
+    assert edge.body_framing(method, status, chunked, length) == want
+
+
+def test_client_framing_and_connection_token():
+    assert edge.client_framing(edge.LENGTH, b"1.0") == (False, False)
+    assert edge.client_framing(edge.CHUNKED, b"1.1") == (True, False)
+    assert edge.client_framing(edge.UNTIL_CLOSE, b"1.0") == (False, True)
+    assert edge.connection_token(b"1.0", True) == b"keep-alive"
+    assert edge.connection_token(b"1.1", True) is None
+    assert edge.connection_token(b"1.1", False) == b"close"
+
+
+@pytest.mark.parametrize(
+    ("method", "raw"),
+    [
+        (b"GET", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhelloHTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nx"),
+        (b"GET", b"HTTP/1.1 204 No Content\r\nContent-Length: 5\r\n\r\nXXXXX"),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\n\r\nHTTP/1.1 200 OK\r\n\r\n"),
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"),
+        (b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\n\r\nEXTRA"),
+    ],
+)
+def test_surplus_bytes_end_the_response_and_the_connection(method, raw):
+    rec = ResponseRecorder()
+    reader_for(rec, method).feed(raw)
+    assert rec.surplus and rec.ended is False  # the response is delivered; the connection is not reused
+
+
+def test_bytes_before_any_request_are_surplus():
+    reader = ResponseReader(ResponseRecorder())
+    with pytest.raises(UpstreamError, match="more data than specified"):
+        reader.feed(b"HTTP/1.1 200 OK\r\n")
+
+
+def test_head_answer_split_over_reads_ends_at_its_head():
+    rec = ResponseRecorder()
+    reader = reader_for(rec, b"HEAD")
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Len")
+    reader.feed(b"gth: 5\r\n\r\n")
+    assert rec.ended is True and not rec.surplus and rec.head[2] == edge.NO_BODY
+    reader.start(b"GET")  # the connection is reused: the next answer parses afresh
+    reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert rec.body == b"ok"
+
+
+def test_exact_response_leaves_the_connection_reusable():
+    rec = ResponseRecorder()
+    reader_for(rec).feed(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
+    assert rec.ended is True and not rec.surplus
+
+
+@pytest.mark.parametrize("split", [None, 1, 7])
+@pytest.mark.parametrize("lead", [b"", b"\r\n"])
+def test_higher_http1_minor_version_is_served_as_11(split, lead):
+    data = lead + b"GET /v HTTP/1.2\r\nHost: a\r\n\r\n" + GET
+    rec, err = parse(data, split)
+    assert err is None
+    assert [e[:3] for e in rec.events if e[0] == "head"] == [("head", b"GET", b"/v"), ("head", b"GET", b"/x")]
+
+
+def test_http09_line_is_refused_before_its_head_would_end():
+    rec, err = parse(b"GET /v\r\n")  # no blank line follows: nothing to wait for
+    assert err is not None and err.status == 400 and rec.events == []
+
+
+def test_expect_continue_is_ignored_for_http10():
+    rec, err = parse(b"POST / HTTP/1.0\r\nContent-Length: 1\r\nExpect: 100-continue\r\n\r\nx")
+    assert err is None and not rec.heads[0].expect_continue
+
+
+def test_connection_cannot_strip_host_or_headers_corral_vouches_for():
+    rec, err = parse(b"GET / HTTP/1.1\r\nHost: a\r\nConnection: host, via, x-forwarded-for, x-a\r\nX-A: 1\r\n\r\n")
+    assert err is None
+    names = [k for k, _ in rec.heads[0].headers]
+    assert b"host" in names and b"x-a" not in names

@@ -145,3 +145,28 @@ def test_every_state_change_is_logged_in_one_format(corral):
     names = {s for _, s, _ in states}
     assert {"starting", "ready", "draining", "stopping", "stopped"} <= names
     assert all(reason.strip() for _, _, reason in states)
+
+
+def test_worker_failing_probes_under_steady_load_is_taken_out(corral, tmp_path):
+    # Issue 11 #5: a worker that never idles for a whole interval must still be probed every interval.
+    sick = tmp_path / "sick"
+    sick.mkdir()
+    c = corral(stub_args("--health-path", "/health", "--health-interval", "0.5", "--health-timeout", "1",
+                         "--health-fails", "2"), workers=2, env={"STUB_SICK_DIR": str(sick)})
+    victim = c.worker_pids()[0]
+    stop = time.monotonic() + 30  # bounded: the load ends by itself
+    statuses: list[int] = []
+
+    def hammer() -> None:
+        while time.monotonic() < stop and "unhealthy" not in c.log():
+            statuses.append(get(c.port, "/sleep?s=0.05").status)
+
+    with cf.ThreadPoolExecutor(4) as pool:
+        loads = [pool.submit(hammer) for _ in range(4)]  # 4 clients on 2 workers: never an idle interval
+        time.sleep(1.0)
+        (sick / str(victim)).write_text("0")
+        c.wait_for(r"worker \S+:0 unhealthy: 2 failed probes", timeout=30)
+        for f in loads:
+            f.result()
+    c.wait_for(r"worker \S+:0 ready: pid ", count=2)
+    assert statuses and set(statuses) == {200}

@@ -121,6 +121,10 @@ _SPECIAL = {name: _F_HOP for name in HOP_BY_HOP} | {
     b"expect": _F_EXPECT,
 }
 _VERSIONS = {"1.1": b"1.1", "1.0": b"1.0"}
+# Fields a client's Connection header may not strip: corral sets, regenerates or vouches for them.
+_PROTECTED = frozenset({b"host", b"content-length", b"via", b"forwarded", b"x-request-id"})
+_LLHTTP_BAD_VERSION = "Invalid HTTP version"
+_REQUEST_LINE_END = re.compile(rb" HTTP/[0-9]\.[0-9]\r?\Z")
 # RFC 9110 7.2 / RFC 3986 authority: reg-name or IP-literal, optional port.
 _HOST = re.compile(rb"(?:\[[0-9A-Za-z:._~!$&'()*+,;=%-]+\]|[0-9A-Za-z._~!$&'()*+,;=%-]*)(?::[0-9]*)?\Z")
 
@@ -254,6 +258,8 @@ class RequestReader:
             end = -1 if end == -1 else end + 4
         n = len(data)
         stop = n if end == -1 else end
+        if end == -1:
+            self._check_first_line(bytes(buf) + data[pos:])
         room = self.limits.max_header_bytes - len(buf)
         if stop - pos > room:
             cut = pos + max(room, 0)
@@ -268,8 +274,36 @@ class RequestReader:
             # so a stream of CRLFs cannot hold a connection forever; on_headers_complete empties it.
             buf += view[pos:stop]
             self._src = None
-        self._parse(data if pos == 0 and stop == n else view[pos:stop])
+        try:
+            self._parse(data if pos == 0 and stop == n else view[pos:stop])
+        except EdgeError as exc:
+            if exc.reason != _LLHTTP_BAD_VERSION or not self._respell(data, pos, stop):
+                raise
         return stop
+
+    def _respell(self, data: bytes, pos: int, stop: int) -> bool:
+        # RFC 9110 2.5: HTTP/1.x with x > 1 is served as 1.1, the highest minor version corral speaks.
+        # llhttp refuses it, so the head so far is respelled and parsed again (only on that error: the
+        # common path pays nothing).
+        head = bytes(self._hbuf) if self._src is None else data[pos:stop]
+        fixed = _as_http11(head)
+        if fixed == head:
+            return False
+        self._parser = httptools.HttpRequestParser(self)
+        if self._src is None:
+            self._hbuf[:] = fixed
+        else:
+            self._src, self._src_pos = fixed, 0
+        self._parse(fixed)
+        return True
+
+    @staticmethod
+    def _check_first_line(partial: bytes) -> None:
+        # An HTTP/0.9 line (`GET /v`) has no head to wait for: refuse it now, not at the header timeout.
+        partial = partial.lstrip(b"\r\n")
+        nl = partial.find(b"\n")
+        if nl != -1 and not _REQUEST_LINE_END.search(partial[:nl]):
+            raise EdgeError(400, "malformed request line")
 
     def _head_too_large(self) -> None:
         # 414 when even the request line has not ended within the bound.
@@ -429,7 +463,8 @@ class RequestReader:
         version = parser.get_http_version()
         head.method = parser.get_method()
         self._check_request_line(head.method, version)
-        vbytes = _VERSIONS.get(version)
+        # RFC 9110 2.5: a higher minor version is processed as the highest this server speaks.
+        vbytes = _VERSIONS.get(version) or (b"1.1" if version[:2] == "1." else None)
         if vbytes is None:
             raise EdgeError(505, "HTTP version not supported")
         head.version = vbytes
@@ -452,14 +487,17 @@ class RequestReader:
             # llhttp would skip the body of an upgrade and parse it as the next request.
             raise EdgeError(501, "protocol upgrade with a request body is not supported")
         head.keep_alive = bool(parser.should_keep_alive())
+        if vbytes == b"1.0":
+            head.expect_continue = False  # RFC 9110 10.1.1: no 1xx to an HTTP/1.0 client; ignore it
         if self._conn_tokens:
-            drop = set(self._conn_tokens)
-            head.headers = [(k, v) for k, v in head.headers if k not in drop]
-        if head.chunked:
+            drop = set(self._conn_tokens) - _PROTECTED
+            head.headers = [(k, v) for k, v in head.headers if k not in drop or k[:12] == b"x-forwarded-"]
+        framing = body_framing(head.method, None, head.chunked, head.content_length)
+        if framing == CHUNKED:
             self._state, self._cstate = _CHUNKED, _C_SIZE
             self._cline.clear()
-        elif head.content_length:
-            self._state, self._remaining = _FIXED, head.content_length
+        elif framing == LENGTH:
+            self._state, self._remaining = _FIXED, head.content_length or 0
         if self._hbuf:
             self._hbuf.clear()
         self._events.append((_EV_HEAD, head))
@@ -521,6 +559,19 @@ def _check_codings(te: bytes) -> None:
         raise EdgeError(400, "transfer coding must end in chunked")
     if len(codings) > 1:
         raise EdgeError(501, "unsupported transfer coding")
+
+
+def _as_http11(head: bytes) -> bytes:
+    """The head so far with an HTTP/1.x (x > 1) request line respelled as HTTP/1.1, else unchanged."""
+    start = 0
+    while start < len(head) and head[start] in (13, 10):
+        start += 1
+    nl = head.find(b"\n", start)
+    end = len(head) if nl == -1 else nl - (head[nl - 1 : nl] == b"\r")
+    line = head[start:end]
+    if len(line) > 9 and line[-8:-1] == b"HTTP/1." and 50 <= line[-1] <= 57:
+        return head[: end - 1] + b"1" + head[end:]
+    return head
 
 
 def _describe(exc: Exception) -> str:
@@ -606,61 +657,146 @@ def chunk(data: bytes) -> bytes:
 LAST_CHUNK = b"0\r\n\r\n"
 
 
+# --- framing: the one decision ---------------------------------------------------------------
+# How a message body is delimited (RFC 9112 6.3). Every reader and writer asks body_framing, so no
+# part of corral holds its own idea of "has a body" (h11's _body_framing).
+NO_BODY, LENGTH, CHUNKED, UNTIL_CLOSE = 0, 1, 2, 3
+
+
+def body_framing(method: bytes, status: int | None, chunked: bool, length: int | None) -> int:
+    """The framing of a request (status None) or of the response to `method` with `status`."""
+    if status is not None and (method == b"HEAD" or status < 200 or status in (204, 304)):
+        return NO_BODY  # whatever Content-Length says: it describes a body that is not sent
+    if chunked:
+        return CHUNKED
+    if length is not None:
+        return LENGTH if length else NO_BODY
+    return NO_BODY if status is None else UNTIL_CLOSE
+
+
+def client_framing(framing: int, version: bytes) -> tuple[bool, bool]:
+    """How a response with `framing` goes to a client speaking `version`: (re-chunk it, close to end it).
+
+    A length-delimited or bodyless response goes as it is; a chunked or close-delimited one is chunked
+    for HTTP/1.1 clients and delimited by closing the connection for HTTP/1.0 ones (which know no chunks).
+    """
+    if framing in (NO_BODY, LENGTH):
+        return False, False
+    return (True, False) if version == b"1.1" else (False, True)
+
+
+def connection_token(version: bytes, keep_alive: bool) -> bytes | None:
+    """The Connection field a response needs (RFC 9112 9.3): HTTP/1.1 persists unless told, 1.0 the opposite."""
+    if not keep_alive:
+        return b"close"
+    return b"keep-alive" if version == b"1.0" else None
+
+
 # --- responses from the worker -------------------------------------------------------------
 class ResponseHandler(Protocol):
-    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None: ...
+    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None: ...
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, reusable: bool) -> None: ...
+    def on_surplus(self) -> None: ...
 
 
 RESPONSE_HEAD_MAX = 1 << 20  # bytes of one worker response head (counted per read, so generous)
+SURPLUS = "upstream sent more data than specified"
 
 
 class ResponseReader:
-    """Parses one worker response at a time; anything malformed raises UpstreamError."""
+    """Parses the response to one request at a time; anything malformed raises UpstreamError.
+
+    Where a response ends is body_framing's decision. Any byte after that end and before corral sends
+    the next request is surplus: the response itself is delivered, the connection is not reused, and
+    the bytes are never read as another exchange's response (nginx: "upstream sent more data than
+    specified"). `on_response_end` is called only after the whole read was parsed, so no next request
+    can be sent on this connection while surplus bytes of the same read are still unparsed.
+    """
 
     __slots__ = (
+        "_done",
+        "_finals",
+        "_hbuf",
         "_head_bytes",
         "_headers",
         "_in_head",
+        "_keep",
         "_length",
         "_parser",
-        "_status",
         "_te",
         "_tokens",
-        "bodyless",
+        "framing",
         "handler",
+        "method",
     )
 
     def __init__(self, handler: ResponseHandler) -> None:
         self.handler = handler
         self._parser = httptools.HttpResponseParser(self)
+        self.method = b"GET"
+        self.framing = NO_BODY
         self._headers: list[tuple[bytes, bytes]] = []
         self._length: int | None = None
         self._te = False
         self._tokens: list[bytes] = []
-        self._in_head = True  # counted from the first byte; reset per message
+        self._in_head = True
         self._head_bytes = 0
-        self.bodyless = False  # set for a HEAD request: llhttp cannot be told, so we end at the head
+        self._hbuf = bytearray()  # a HEAD answer's bytes: llhttp cannot be told where it ends
+        self._finals = 0  # heads completed for the current request (interim ones included)
+        self._keep = False
+        self._done = True  # no request outstanding: any byte is surplus
+
+    def start(self, method: bytes) -> None:
+        """A request was sent on this connection: its response comes next."""
+        self.method = method
+        self._done = False
+        self._in_head = True
+        self._head_bytes = 0
+        self._finals = 0
+        self._hbuf.clear()
 
     def feed(self, data: bytes) -> None:
+        if self._done:
+            raise UpstreamError(SURPLUS)
         if self._in_head:
             # A worker is trusted with bodies, not with an endless head: that would grow without bound.
             self._head_bytes += len(data)
             if self._head_bytes > RESPONSE_HEAD_MAX:
                 raise UpstreamError("response head too large")
+            if self.method == b"HEAD":
+                self._hbuf += data
+        surplus = False
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
             raise UpstreamError("worker switched protocols") from None
         except httptools.HttpParserError as exc:
-            if isinstance(exc.__context__, _HeadDone):
-                return
-            raise UpstreamError(_describe(exc)) from None
+            cause = exc.__context__
+            if isinstance(cause, _HeadDone):
+                surplus = self._head_answer_surplus()
+                self._parser = httptools.HttpResponseParser(self)  # llhttp still expects the body
+            elif isinstance(cause, _Surplus):
+                surplus = True
+            else:
+                raise UpstreamError(_describe(exc)) from None
+        if self._done:
+            if surplus:
+                self.handler.on_surplus()
+            self.handler.on_response_end(self._keep and not surplus)
+
+    def _head_answer_surplus(self) -> bool:
+        end = -1
+        for _ in range(self._finals):
+            end = self._hbuf.find(b"\r\n\r\n", end + 1)
+            if end == -1:
+                return True  # not framed the way llhttp read it: do not trust the rest
+        return len(self._hbuf) > end + 4
 
     def on_message_begin(self) -> None:
+        if self._done:
+            raise _Surplus  # a second message where one response was due
         self._in_head = True
-        self._head_bytes = 0
         self._headers = []
         self._length = None
         self._te = False
@@ -680,54 +816,56 @@ class ResponseReader:
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        status = self._parser.get_status_code()
+        self._finals += 1
+        parser = self._parser
+        status = parser.get_status_code()
         if 100 <= status < 200:
             return  # interim responses are not relayed (Expect is answered by corral itself)
         headers = self._headers
         if self._tokens:
             drop = set(self._tokens)
             headers = [(k, v) for k, v in headers if k not in drop]
-        bodyless = self.bodyless or status in (204, 304)
-        length = self._length if not self._te else None
-        if bodyless:
-            length = 0 if length is None else length
-        self.handler.on_response(status, headers, length)
-        if self.bodyless:
-            self.handler.on_response_end(False)
+        self.framing = body_framing(self.method, status, self._te, self._length)
+        self._keep = bool(parser.should_keep_alive()) and self.framing != UNTIL_CLOSE
+        self.handler.on_response(status, headers, self.framing)
+        if self.method == b"HEAD":
+            self._done = True
             raise _HeadDone
-
-    def keep_alive(self) -> bool:
-        """Whether the worker keeps the connection open after the current response (known from its head)."""
-        return bool(self._parser.should_keep_alive())
 
     def on_body(self, data: bytes) -> None:
         if data:
             self.handler.on_response_body(data)
 
     def on_message_complete(self) -> None:
-        if self._parser.get_status_code() < 200:
-            return
-        self.handler.on_response_end(bool(self._parser.should_keep_alive()))
+        if self._parser.get_status_code() >= 200:
+            self._done = True
 
     def eof(self) -> bool:
-        """The worker closed; True when that ends a close-delimited body (no length, not chunked) cleanly.
+        """The worker closed; True when that ends a close-delimited body cleanly (then the response ends).
 
         A chunked or Content-Length body cut short by EOF is a truncation, never a clean end.
         """
-        return not self._in_head and not self._te and self._length is None
+        if self._done or self._in_head or self.framing != UNTIL_CLOSE:
+            return False
+        self._done = True
+        self.handler.on_response_end(False)
+        return True
 
 
 class _HeadDone(Exception):
     pass
 
 
+class _Surplus(Exception):
+    pass
+
+
 def response_head(
     status: int,
     headers: list[tuple[bytes, bytes]],
-    length: int | None,
     request_id: bytes,
     chunked: bool,
-    close: bool,
+    connection: bytes | None,
 ) -> bytes:
     parts = [b"HTTP/1.1 ", _status_line(status)]
     has_rid = False
@@ -746,8 +884,8 @@ def response_head(
         parts.append(b"via: 1.1 corral\r\n")
     if chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
-    if close:
-        parts.append(b"connection: close\r\n")
+    if connection is not None:
+        parts += [b"connection: ", connection, b"\r\n"]
     parts.append(b"\r\n")
     return b"".join(parts)
 
@@ -770,7 +908,7 @@ def error_response(
     status: int,
     message: str,
     request_id: bytes = b"",
-    close: bool = False,
+    connection: bytes | None = b"close",
     retry_after: int | None = None,
     json: bool = False,
 ) -> bytes:
@@ -795,8 +933,8 @@ def error_response(
         parts += [b"retry-after: ", str(retry_after).encode(), b"\r\n"]
     if request_id:
         parts += [b"x-request-id: ", request_id, b"\r\n"]
-    if close:
-        parts.append(b"connection: close\r\n")
+    if connection is not None:
+        parts += [b"connection: ", connection, b"\r\n"]
     parts += [b"\r\n", body]
     return b"".join(parts)
 

@@ -1,15 +1,17 @@
 """Health checks that do not lie about single-threaded workers.
 
-A busy worker cannot answer a probe, so it is never probed: it is judged by its process being alive
-(the supervisor) and its request deadline (the pool). Only idle workers are probed, and only those
-that have not proved themselves with a real request within the interval; a probe gives way the
-moment a real request needs the worker (pool._preempt_probe). External workers (`upstreams`) are
-found and dropped by the same probes.
+A busy single-threaded worker cannot answer a probe, so a probe never goes to a worker that holds a
+request: a probe that falls due while the worker is busy waits for it to free (the worker takes no new
+request meanwhile) and then goes first, so every worker is probed at least once per interval, under
+load too. A busy worker is also judged by its process being alive (the supervisor) and its request
+deadline (the pool). A probe gives way to a real request that has waited PROBE_GRACE
+(pool._preempt_probe). External workers (`upstreams`) are found and dropped by the same probes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,7 @@ if TYPE_CHECKING:
 
 
 REFUSED = "connection refused"  # nothing listens there: certain, unlike a timeout
+OUT_OF_FDS = "corral is out of file descriptors"
 
 
 async def probe(host: str, port: int, path: str | None, timeout: float) -> tuple[bool, str]:
@@ -41,6 +44,8 @@ async def probe(host: str, port: int, path: str | None, timeout: float) -> tuple
     except ConnectionRefusedError:
         return False, REFUSED
     except OSError as exc:
+        if exc.errno in (errno.EMFILE, errno.ENFILE):
+            return False, OUT_OF_FDS
         return False, exc.strerror or str(exc)
     finally:
         if writer is not None:
@@ -70,28 +75,37 @@ class HealthChecker:
                 event(worker, worker.state.value, f"{worker.address} {why}; out of rotation until a probe answers")
 
         pool.on_unreachable = unreachable
+        pool.on_probe_due = self.start_probe
 
     async def run(self) -> None:
         while not self.stopping:
             now = time.monotonic()
             for worker in list(self.pool.workers):
+                if worker.probing or worker.probe_due:
+                    continue
                 if self._due(worker, now):
-                    worker.probing = True
-                    worker.probe_started = now
-                    asyncio.get_running_loop().create_task(self._check(worker))
+                    if worker.inflight:
+                        # Busy workers are probed too, or a worker under steady load would never be:
+                        # it takes no new request until it frees, then the probe goes first.
+                        worker.probe_due = True
+                    else:
+                        self.start_probe(worker)
             await asyncio.sleep(self._tick())
 
     def _tick(self) -> float:
         return max(0.05, min(self.app.health_interval / 4, 1.0))
 
     def _due(self, worker: Worker, now: float) -> bool:
-        if worker.probing:
-            return False
-        since = now - worker.last_used
+        since = now - worker.last_probe
         if worker.external and worker.state is not State.READY:
             return since >= min(self.app.health_interval, 1.0)  # absent workers are looked for often
-        # A worker that answered a real request within the interval has proved itself already.
-        return worker.state is State.READY and worker.inflight == 0 and since >= self.app.health_interval
+        return worker.state is State.READY and since >= self.app.health_interval
+
+    def start_probe(self, worker: Worker) -> None:
+        worker.probe_due = False
+        worker.probing = True
+        worker.probe_started = time.monotonic()
+        asyncio.get_running_loop().create_task(self._check(worker))
 
     async def _check(self, worker: Worker) -> None:
         # A server that serves one connection at a time would never see a probe behind our idle
@@ -99,14 +113,20 @@ class HealthChecker:
         self.pool.close_idle(worker)
         try:
             ok, detail = await probe(worker.host, worker.port, self.app.health_path, self.app.health_timeout)
-        finally:
             preempted = not worker.probing
             worker.probing = False
+            worker.last_probe = time.monotonic()
+            # The verdict comes before the queue moves: a worker found failing is out before it takes a
+            # request, so replacing it costs no request. Two cases say nothing about the worker: corral's
+            # own fd shortage, and a failure after a real request took the worker mid-probe (that
+            # request is the better probe).
+            if detail == OUT_OF_FDS:
+                self.pool.out_of_descriptors("health probes skipped")
+            elif ok or not preempted:
+                self._verdict(worker, ok, detail)
+        finally:
+            worker.probing = False
             self.pool.pump()  # a request may have queued rather than wait on this worker
-        worker.last_used = time.monotonic()
-        if preempted and not ok:
-            return  # a real request took the worker mid-probe; that request is the better probe
-        self._verdict(worker, ok, detail)
 
     def _verdict(self, worker: Worker, ok: bool, detail: str) -> None:
         pool = self.pool
@@ -142,7 +162,7 @@ def external_workers(app: AppConfig) -> list[Worker]:
     for spec in app.upstreams:
         for host, port in parse_upstream(spec):
             w = Worker(app.name, index, host, port, app.max_inflight, external=True)
-            w.last_used = -1e9  # probe at once
+            w.last_probe = -1e9  # probe at once
             out.append(w)
             index += 1
     return out

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import socket
 import time
 from collections.abc import Callable
@@ -19,20 +20,22 @@ from typing import TYPE_CHECKING
 from . import edge
 from .config import effective_workers
 from .costs import SHORT, RouteCosts, route_key
-from .proxy import PAUSE_UPSTREAM
-from .scheduler import DISPATCHED, Scheduler
+from .exchange import PAUSE_UPSTREAM
+from .logs import say
+from .scheduler import Scheduler
 from .worker import State, Worker
 
 if TYPE_CHECKING:
     from .config import AppConfig
-    from .proxy import Exchange
+    from .exchange import Exchange
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 # setsockopt through libc on the raw fd: uvloop's socket proxy builds a socket object per call
-# (~4 us), and QUICKACK is re-armed three times per request.
+# (~4 us), and QUICKACK is re-armed twice per request.
 _setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt
 _ONE = ctypes.byref(ctypes.c_int(1))
-EARLY_RELEASE_MAX = 64 * 1024  # bytes: a framed response this small is already written when its head arrives
+_OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
+FD_WARN_EVERY = 10.0  # seconds between two "out of file descriptors" lines
 QUARANTINE = 0.2  # seconds a supervised worker that dropped a request is passed over
 PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before taking its worker
 
@@ -59,21 +62,23 @@ class Pool:
         self.on_hung: Callable[[Worker, str], None] = lambda w, why: None  # set by the supervisor
         self.on_observe: Callable[[Exchange], None] = lambda ex: None  # metrics / access log
         self.on_unreachable: Callable[[Worker, str], None] = self._mark_unreachable
+        self.on_probe_due: Callable[[Worker], None] = lambda w: None  # set by the health checker
         self.served = 0
         self.failed = 0
         self.retried = 0
-        self.pipelined = 0  # requests sent to a worker behind the tail of an early-released response
+        self._fd_warned = -FD_WARN_EVERY
         self._preempt_timer: asyncio.TimerHandle | None = None
 
     # --- worker membership (supervisor, discovery and health call these) ---------------------
-    def add(self, worker: Worker) -> None:
+    def join(self, worker: Worker) -> None:
+        """A new worker (starting, or an upstream to discover): known, not yet routable."""
         if worker not in self.workers:
             self.workers.append(worker)
-        self.scheduler.add_worker(worker)
 
     def set_state(self, worker: Worker, state: State) -> None:
         worker.state = state
         if state is State.READY:
+            worker.probe_due = False
             self.scheduler.add_worker(worker)
             self.pump()
         elif state is not State.DRAINING:
@@ -86,12 +91,8 @@ class Pool:
             self.workers.remove(worker)
 
     def close_idle(self, worker: Worker) -> None:
-        # A connection still carrying the tail of an early-released response is not idle yet.
-        busy = [c for c in worker.idle if c.exchange is not None]
-        for conn in worker.idle:
-            if conn.exchange is None:
-                conn.close()
-        worker.idle[:] = busy
+        for conn in list(worker.idle):
+            conn.close()
 
     def routable(self) -> list[Worker]:
         return [w for w in self.workers if w.routable]
@@ -161,55 +162,63 @@ class Pool:
                 lambda: UpstreamConnection(self, worker), worker.host, worker.port
             )
         except OSError as exc:
-            self._unreached(ex, worker, f"connect failed: {exc.strerror or exc}")
+            self._unreached(ex, worker, exc)
             return
-        if ex.sched_state != DISPATCHED or ex.worker is not worker:
-            conn.finish_exchange(True)  # timed out while we connected: keep the connection
-            return
-        if ex.client_gone and not ex.request_done:
-            self.release(ex, conn, reusable=True)  # the client left mid-request: nothing whole to send
+        if ex.worker is not worker:
+            conn.finish(True)  # the exchange ended (timed out, client left) while we connected: keep it
             return
         conn.send(ex)
 
-    def _unreached(self, ex: Exchange, worker: Worker, why: str) -> None:
+    def _unreached(self, ex: Exchange, worker: Worker, exc: OSError) -> None:
         # Nothing reached the worker, so the request may go elsewhere: first in line, not last.
-        self.inflight.discard(ex)
-        self.scheduler.release(worker, time.monotonic(), cls=ex.cls)
-        ex.worker = None
-        self.on_unreachable(worker, why)
-        if ex.client_gone:
+        self._free_slot(ex, worker, served=False)
+        if exc.errno in _OUT_OF_FDS:
+            # Our shortage, not the worker's fault: it stays in rotation and the client hears why.
+            ex.respond_error(503, self.out_of_descriptors("requests answered 503"), retry_after=1)
+            self.pump()
+            return
+        self.on_unreachable(worker, f"connect failed: {exc.strerror or exc}")
+        if ex.ended:
             return
         self.retried += 1
         worker2 = self.scheduler.requeue_front(ex, time.monotonic())
         if worker2 is not None:
             self.connect(ex, worker2)
 
+    def out_of_descriptors(self, what: str) -> str:
+        """Say it once per FD_WARN_EVERY: at the limit, every request would otherwise log a line."""
+        now = time.monotonic()
+        if now - self._fd_warned > FD_WARN_EVERY:
+            self._fd_warned = now
+            say(f"corral: out of file descriptors: {what} (raise the open-file limit, or lower max_connections)")
+        return "corral is out of file descriptors"
+
     def _mark_unreachable(self, worker: Worker, why: str) -> None:
         if worker.state is State.READY:
             worker.stop_reason = why
             self.set_state(worker, State.UNHEALTHY)
 
-    def release(
-        self, ex: Exchange, conn: UpstreamConnection | None, reusable: bool, served: bool = False
-    ) -> None:
-        """The exchange is over: free its slot (unless released early), settle the connection, feed the queue."""
-        worker = ex.worker
-        if worker is not None:
-            self._free_slot(ex, worker, served)
-        if conn is not None:
-            conn.finish_exchange(reusable)
-        self.pump()
+    def worker_failed(self, worker: Worker, why: str) -> None:
+        """A worker dropped or garbled a request it had received."""
+        worker.failed += 1
+        self.failed += 1
+        # A worker that drops a request may be dying, its kernel still accepting for a moment: the
+        # queue must not follow it there. An upstream stays out until a probe answers; a supervised
+        # worker sits out a moment, long enough for its exit to be seen.
+        if worker.external:
+            self.on_unreachable(worker, why)
+        else:
+            self.quarantine(worker)
 
-    def release_early(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        """The worker has sent the head of a short, framed response: it has finished computing and only
-        bytes already written remain. Free its slot now and let the next request ride the same
-        connection right behind the response (HTTP pipelining to the worker), so a single-threaded
-        worker never idles for the proxy's round trip between two requests."""
+    def release(self, ex: Exchange, conn: UpstreamConnection | None, reusable: bool) -> None:
+        """Exchange._release_worker's other half: free the slot, settle the connection, feed the queue."""
         worker = ex.worker
-        if worker is None:
-            return
-        self._free_slot(ex, worker, served=True)
-        worker.idle.append(conn)
+        if conn is not None:
+            conn.finish(reusable)
+        if worker is not None:
+            self._free_slot(ex, worker, served=ex.response_complete)
+            if worker.probe_due and worker.inflight == 0:
+                self.on_probe_due(worker)  # a due probe goes before the next request
         self.pump()
 
     def _free_slot(self, ex: Exchange, worker: Worker, served: bool) -> None:
@@ -230,26 +239,26 @@ class Pool:
                     self.costs.running_long(ex.route, now - ex.dispatched_at)
         for ex in self.scheduler.expire(now):
             ex.queue_timed_out(self.scheduler.retry_after())  # type: ignore[attr-defined]
-        if self.request_timeout is not None:
+        if self.request_timeout:
             limit = now - self.request_timeout
             for ex in [e for e in self.inflight if e.dispatched_at <= limit and e.worker is not None]:
                 worker = ex.worker
                 assert worker is not None
                 # Out of rotation first, so the freed slot is not handed straight back to it.
                 self.on_hung(worker, f"request exceeded request_timeout ({self.request_timeout:g}s)")
-                ex.request_timed_out()
+                ex.timed_out()
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to a worker. Carries one exchange at a time."""
+    """One TCP connection to a worker. Carries one exchange at a time: no request is ever sent on it
+    before the previous response has fully arrived and been checked for surplus bytes."""
 
-    __slots__ = ("closed", "exchange", "fd", "next", "paused", "pool", "reader", "transport", "worker")
+    __slots__ = ("closed", "exchange", "fd", "pool", "reader", "transport", "worker")
 
     def __init__(self, pool: Pool, worker: Worker) -> None:
         self.pool = pool
         self.worker = worker
-        self.exchange: Exchange | None = None  # the exchange whose response is being read
-        self.next: Exchange | None = None  # one request pipelined behind an early-released response
+        self.exchange: Exchange | None = None
         self.transport: asyncio.Transport | None = None
         self.reader = edge.ResponseReader(self)
         self.closed = False
@@ -270,88 +279,76 @@ class UpstreamConnection(asyncio.Protocol):
             _setsockopt(self.fd, socket.IPPROTO_TCP, _QUICKACK, _ONE, 4)
 
     def send(self, ex: Exchange) -> None:
-        if self.exchange is None:
-            self.exchange = ex
-            self.reader.bodyless = ex.head.method == b"HEAD"
-        else:
-            self.next = ex  # behind the tail of an early-released response
-            self.pool.pipelined += 1
+        self.exchange = ex
         ex.upstream = self
+        self.reader.start(ex.head.method)
         assert self.transport is not None
         self.transport.write(ex.upstream_head())
         ex.flush_body(self)
         self._quickack()
 
     def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    def pause_reading(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.resume_reading()
 
     def data_received(self, data: bytes) -> None:
         self._quickack()
         ex = self.exchange
-        if ex is None:
-            self.close()  # a worker talking out of turn is not to be trusted with the next request
-            return
         try:
             self.reader.feed(data)
         except edge.UpstreamError as exc:
-            ex.upstream_failed(f"malformed response: {exc}")
             self.close()
+            if ex is None:
+                self.on_surplus()  # bytes on an idle connection: never the answer to a future request
+            elif self.exchange is ex:
+                ex.upstream_failed(f"malformed response: {exc}")
 
     # Response parser callbacks, relayed to the exchange.
-    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], length: int | None) -> None:
-        ex = self.exchange
-        assert ex is not None
-        ex.on_response(status, headers, length)
-        if (
-            length is not None
-            and 0 < length <= EARLY_RELEASE_MAX
-            and ex.request_done
-            and self.reader.keep_alive()
-            and self.worker.state is State.READY
-        ):
-            self.pool.release_early(ex, self)
+    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        assert self.exchange is not None
+        self.exchange.on_response(status, headers, framing)
 
     def on_response_body(self, data: bytes) -> None:
         assert self.exchange is not None
         self.exchange.on_response_body(data)
 
     def on_response_end(self, reusable: bool) -> None:
-        ex = self.exchange
-        assert ex is not None
-        if self.reader.bodyless:
-            reusable = False  # llhttp still expects a body after a HEAD answer: start afresh
-            self.reader = edge.ResponseReader(self)
-        ex.on_response_end(self, reusable)
+        assert self.exchange is not None
+        self.exchange.on_response_end(reusable)
+
+    def on_surplus(self) -> None:
+        say(f"corral: worker {self.worker.name}: {edge.SURPLUS}; its connection is closed, not reused")
 
     def eof_received(self) -> bool:
-        ex = self.exchange
-        if ex is not None and ex.response_started and ex.response_length is None and self.reader.eof():
-            ex.on_response_end(self, False)  # a close-delimited body ends here
+        if self.exchange is not None:
+            self.reader.eof()  # a close-delimited body ends here; anything else is a truncation
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         if self in self.worker.idle:
             self.worker.idle.remove(self)
-        lost = [e for e in (self.exchange, self.next) if e is not None]
-        self.exchange = self.next = None
-        for ex in lost:
+        ex, self.exchange = self.exchange, None
+        if ex is not None:
             ex.upstream_failed("worker closed the connection")
 
-    def finish_exchange(self, reusable: bool) -> None:
-        """The current exchange is over: the pipelined one (if any) takes over, or the connection idles."""
-        nxt, self.next = self.next, None
-        self.exchange = nxt
+    def finish(self, reusable: bool) -> None:
+        """The exchange is over: keep the connection for the next one, or close it."""
+        self.exchange = None
         worker = self.worker
         if not reusable or self.closed or worker.state not in (State.READY, State.DRAINING):
-            if self in worker.idle:
-                worker.idle.remove(self)
-            self.close()  # a pipelined request behind it fails with the connection (502)
+            self.close()
             return
-        if nxt is not None:
-            self.reader.bodyless = nxt.head.method == b"HEAD"
-        elif self not in worker.idle:
+        self.resume_reading()
+        if self not in worker.idle:
             worker.idle.append(self)
 
     def pause_writing(self) -> None:
@@ -367,4 +364,6 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed and self.transport is not None:
             self.closed = True
+            if self in self.worker.idle:
+                self.worker.idle.remove(self)
             self.transport.close()

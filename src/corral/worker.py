@@ -36,11 +36,13 @@ class Worker:
         "idle",
         "index",
         "inflight",
+        "last_probe",
         "last_used",
         "logs",
         "max_inflight",
         "max_requests",
         "port",
+        "probe_due",
         "probe_fails",
         "probe_started",
         "probing",
@@ -83,6 +85,8 @@ class Worker:
         self.draining_since: float | None = None
         self.probe_fails = 0
         self.probing = False
+        self.last_probe = time.monotonic()  # a new worker has just passed its readiness probe
+        self.probe_due = False  # a health probe waits for this busy worker to free up
         self.quarantined = False  # briefly passed over after it dropped a request (pool.quarantine)
         self.probe_started = 0.0
         self.retire_reason: str | None = None  # set when the supervisor wants it replaced
@@ -103,14 +107,14 @@ class Worker:
             self.state is State.READY
             and self.inflight < self.max_inflight
             and not self.probing
+            and not self.probe_due
             and not self.quarantined
         )
 
     @property
     def holding(self) -> bool:
-        """Still owes a response: a request in flight, or the tail of an early-released one (pool.release_early)
-        still arriving. A worker is stopped only when this is False."""
-        return self.inflight > 0 or any(conn.exchange is not None for conn in self.idle)
+        """Still owes a response. A worker is stopped only when this is False."""
+        return self.inflight > 0
 
     @property
     def pid(self) -> int | None:
