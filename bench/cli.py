@@ -14,6 +14,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import baseline
 import environment
 import report
 from scenarios import SCENARIOS, Context
@@ -33,6 +34,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--quick", action="store_true", help="1 run, shorter durations")
     ap.add_argument("--only", default="", help="comma-separated scenarios, e.g. T1,T4")
     ap.add_argument("--corral-args", default="", help="extra args appended to `corral run`")
+    ap.add_argument(
+        "--baseline", metavar="REV", default=None,
+        help="also run corral built from git revision REV (git archive, PYTHONPATH) next to the current tree's",
+    )  # fmt: skip
+    ap.add_argument(
+        "--corral-rev", metavar="REV", default=None,
+        help="run the corral column from git revision REV (extracted the same way) instead of the working tree",
+    )  # fmt: skip
     ap.add_argument("--no-install", action="store_true", help="never apt-get / pip install")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
@@ -58,7 +67,13 @@ def command_line(argv: list[str] | None) -> str:
     return " ".join(["bench/compare", *(shlex.quote(a) for a in args)])
 
 
-def build_meta(args: argparse.Namespace, argv: list[str] | None, started: dt.datetime) -> dict[str, Any]:
+def build_meta(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    started: dt.datetime,
+    current: baseline.Revision | None,
+    base: baseline.Revision | None,
+) -> dict[str, Any]:
     return {
         "command": command_line(argv),
         "date": started.strftime("%Y-%m-%d %H:%M %Z").strip(),
@@ -66,6 +81,8 @@ def build_meta(args: argparse.Namespace, argv: list[str] | None, started: dt.dat
         "quick": args.quick,
         "scenarios": args.only,
         "corral_args": args.corral_args,
+        "corral_tree": baseline.current_tree() if current is None else current.describe(),
+        "baseline": None if base is None else {"rev": base.rev, "commit": base.commit, "name": base.name},
         "machine": environment.machine(),
         "loadavg_at_end": os.getloadavg(),
         "versions": environment.versions(),
@@ -82,6 +99,14 @@ def run_scenarios(ctx: Context, names: list[str]) -> None:
             log(f"{name} aborted: {exc}")
             ctx.results.error(name, "scenario", str(exc))
         log(f"=== {name} done in {time.monotonic() - t0:.0f}s ===")
+
+
+def prepare_revision(role: str, rev: str | None, tmp: Path) -> baseline.Revision | None:
+    if rev is None:
+        return None
+    got = baseline.prepare(rev, tmp)
+    log(f"{role}: {got.commit} extracted to {got.build.pythonpath}")
+    return got
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -105,6 +130,13 @@ def main(argv: list[str] | None = None) -> int:
     # nginx workers drop root privileges and still need to reach their temp dirs.
     os.chmod(tmp, 0o755)
     log(f"configs and logs in {tmp}")
+    try:
+        current = prepare_revision("corral", args.corral_rev, tmp)
+        base = prepare_revision("baseline", args.baseline, tmp)
+    except baseline.BaselineError as exc:
+        _remove_tree(tmp)
+        log(str(exc))
+        return 2
     ctx = Context(
         runs=args.runs,
         quick=args.quick,
@@ -114,11 +146,13 @@ def main(argv: list[str] | None = None) -> int:
         corral_cmd=corral_cmd,
         corral_error=corral_error,
         corral_args=shlex.split(args.corral_args),
+        baseline=base,
+        corral_build=None if current is None else current.build,
     )
     try:
         run_scenarios(ctx, args.only)
     finally:
-        meta = build_meta(args, argv, started)
+        meta = build_meta(args, argv, started, current, base)
         out = OUT_DIR / f"compare-{started.strftime('%Y%m%d-%H%M%S')}.json"
         report.write_json(out, results, {**meta, "loadavg_at_start": load1, "tmp": str(tmp)})
         if not args.keep_tmp:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from baseline import CorralBuild
 from procs import HOST, Child, Usage, require_free, tree_usage, wait_http
 from workers import upstream_spec
 
@@ -35,6 +36,7 @@ class ProxySpec:
     port: int
     template: str | None = None
     corral_args: tuple[str, ...] = ()
+    build: CorralBuild | None = None  # corral only: None = the current tree's corral (the harness's command)
 
 
 CORRAL = ProxySpec("corral", "corral", CORRAL_PORT)
@@ -108,16 +110,16 @@ def _corral_child(
     spec: ProxySpec,
     upstream_ports: Sequence[int],
     workdir: Path,
-    corral_cmd: Sequence[str],
+    build: CorralBuild,
     health_path: str,
     user_args: Sequence[str],
 ) -> Child:
     argv = [
-        *corral_cmd, "run", "--host", HOST, "--port", str(spec.port),
+        *build.argv, "run", "--host", HOST, "--port", str(spec.port),
         "--upstream", upstream_spec(upstream_ports), "--health-path", health_path,
         *spec.corral_args, *user_args,
     ]  # fmt: skip
-    return Child(spec.name, argv, workdir / "corral.log")
+    return Child(spec.name, argv, workdir / "corral.log", env=build.env())
 
 
 @contextmanager
@@ -133,9 +135,10 @@ def running_proxy(
     workdir.mkdir(parents=True, exist_ok=True)
     require_free([spec.port])
     if spec.kind == "corral":
-        if not corral_cmd:
+        build = spec.build or (CorralBuild(tuple(corral_cmd)) if corral_cmd else None)
+        if build is None:
             raise RuntimeError("corral is not installed/importable")
-        child = _corral_child(spec, upstream_ports, workdir, corral_cmd, ready_path, corral_user_args)
+        child = _corral_child(spec, upstream_ports, workdir, build, ready_path, corral_user_args)
     else:
         child = _peer_child(spec, upstream_ports, workdir, ready_path)
     try:

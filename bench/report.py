@@ -1,7 +1,9 @@
 """Collect per-run figures, judge them against the scenario targets, render the table.
 
 Every figure is kept per run; the table shows the median and the spread
-(min..max) across runs, plus corral's ratio to the best peer.
+(min..max) across runs, plus corral's ratio to the best peer and, with a
+baseline (corral@REV), the current/baseline ratio of medians with the spread
+of the per-run ratios (the two ran next to each other in every run).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from baseline import is_baseline
 from stats import median
 
 CORRAL = "corral"
@@ -33,6 +36,10 @@ direct = straight to a worker (T2: one connection per request; T3: the nginx bac
 T5: N x one worker loaded alone); direct-ka = one kept-alive connection to a worker (httpuv's
 delayed-ACK stall); ideal = T4 zero-overhead central FIFO replay (bench/ggc.py), T5 N/0.05 s.
 Ratios use medians; "best peer" excludes direct/ideal."""
+BASELINE_LEGEND = """\
+corral@REV = corral built from git revision REV (`--baseline`), run right next to the current tree's corral
+in every run, the two alternating who goes first; never a peer. corral / corral@REV = ratio of the medians
+(per-run ratios min..max)."""
 BEGIN = "<!-- compare:begin -->"
 END = "<!-- compare:end -->"
 
@@ -70,7 +77,7 @@ class Metric:
         return median(vs) if vs else None
 
     def best_peer(self) -> str | None:
-        peers = [t for t in self.values if t != CORRAL and t not in REFERENCES and self.med(t) is not None]
+        peers = [t for t in self.values if t != CORRAL and not is_reference(t) and self.med(t) is not None]
         if not peers or not self.better:
             return None
         pick = max if self.better == "higher" else min
@@ -82,6 +89,14 @@ class Metric:
         if mine is None or other is None or other == 0:
             return None
         return mine / other
+
+    def paired_ratios(self, ref: str) -> list[float]:
+        """corral / ref run by run; empty unless both have a value for every run."""
+        mine, other = self.values.get(CORRAL, []), self.values.get(ref, [])
+        if not mine or len(mine) != len(other):
+            return []
+        pairs = zip(mine, other, strict=True)
+        return [a / b for a, b in pairs if b != 0 and not math.isnan(a) and not math.isnan(b)]
 
     def goal_value(self, g: Goal) -> float | None:
         """The number `g` bounds: corral's median, or its ratio to the reference."""
@@ -100,6 +115,11 @@ class Metric:
                 return None
             oks.append(lhs >= g.value if g.op == ">=" else lhs <= g.value)
         return all(oks)
+
+
+def is_reference(target: str) -> bool:
+    """Shown for comparison, never the "best peer": direct/ideal, corral variants, baselines."""
+    return target in REFERENCES or is_baseline(target)
 
 
 class Results:
@@ -162,12 +182,29 @@ def _columns(results: Results) -> list[str]:
             if t not in seen:
                 seen.append(t)
     known = [c for c in COLUMNS if c in seen or c == CORRAL]
-    return known + [c for c in seen if c not in COLUMNS]
+    bases = [c for c in seen if is_baseline(c)]
+    known[1:1] = bases  # right after corral
+    return known + [c for c in seen if c not in COLUMNS and c not in bases]
+
+
+def baseline_columns(results: Results) -> list[str]:
+    return [c for c in _columns(results) if is_baseline(c)]
+
+
+def ratio_cell(m: Metric, ref: str) -> str:
+    """corral / ref: ratio of medians, then the spread of the per-run ratios."""
+    ratio = m.ratio_to(ref)
+    if ratio is None:
+        return ""
+    runs = m.paired_ratios(ref)
+    spread = f" ({min(runs):.3f}..{max(runs):.3f})" if len(runs) > 1 else ""
+    return f"{ratio:.3f}{spread}"
 
 
 def table(results: Results) -> str:
     cols = _columns(results)
-    head = ["test", "metric", *cols, "corral / best peer", "target", "ok"]
+    bases = baseline_columns(results)
+    head = ["test", "metric", *cols, *(f"{CORRAL} / {b}" for b in bases), "corral / best peer", "target", "ok"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in results.metrics.values():
         failed = results.failed_targets(m.scenario)
@@ -183,7 +220,8 @@ def table(results: Results) -> str:
         goal_txt = "; ".join(g.text() for g in m.goals)
         verdict = m.verdict()
         ok = "" if not m.goals else {True: "PASS", False: "FAIL", None: "n/a"}[verdict]
-        lines.append("| " + " | ".join([m.scenario, m.name, *cells, ratio_txt, goal_txt, ok]) + " |")
+        vs_base = [ratio_cell(m, b) for b in bases]
+        lines.append("| " + " | ".join([m.scenario, m.name, *cells, *vs_base, ratio_txt, goal_txt, ok]) + " |")
     return "\n".join(lines)
 
 
@@ -208,14 +246,27 @@ def markdown_block(results: Results, meta: dict[str, Any]) -> str:
         "",
         "Versions: " + ", ".join(f"{k} {val}" for k, val in v.items()) + ".",
         "",
+        *_trees_lines(meta),
         table(results),
         "",
         LEGEND,
+        *([BASELINE_LEGEND] if baseline_columns(results) else []),
     ]
     errs = errors_text(results)
     if errs:
         parts += ["", errs]
     return "\n".join(parts)
+
+
+def _trees_lines(meta: dict[str, Any]) -> list[str]:
+    """Which code the corral columns ran."""
+    if "corral_tree" not in meta:
+        return []
+    line = f"corral = {meta['corral_tree']}"
+    base = meta.get("baseline")
+    if base:
+        line += f"; {base['name']} = git revision {base['commit']} (extracted)"
+    return [line + ".", ""]
 
 
 def update_results_md(path: Path, block: str) -> None:

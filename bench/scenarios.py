@@ -3,6 +3,9 @@
 Each scenario starts its own backend once, then for every run measures each
 proxy in turn over those same backend processes.  The proxy order rotates from
 run to run so that no proxy always goes first (or last) on a noisy machine.
+With a baseline (`--baseline REV`), corral built from REV runs right next to the
+current tree's corral, the two swapping places from run to run.  With
+`--corral-rev REV`, the `corral` column itself runs REV instead of the working tree.
 A proxy that fails (typically corral while it is being written) is recorded as
 an error for that scenario and skipped; the other proxies still get measured.
 """
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import ggc
 import loadgen
+from baseline import CorralBuild, Revision
 from procs import HOST, Usage, http_get
 from proxies import (
     BACKEND_PORT_BASE,
@@ -53,6 +57,8 @@ class Context:
     corral_cmd: list[str] | None
     corral_error: str | None = None
     corral_args: list[str] = field(default_factory=list)
+    baseline: Revision | None = None
+    corral_build: CorralBuild | None = None  # None: the working tree's corral (corral_cmd)
 
     def dur(self, full: float, quick: float) -> float:
         return quick if self.quick else full
@@ -81,14 +87,14 @@ def each_proxy(
 ) -> None:
     """For each run, for each proxy (rotated): start it, `measure(proxy, run)`, stop it."""
     broken: set[str] = set()
-    if ctx.corral_cmd is None and any(s.kind == "corral" for s in specs):
+    if ctx.corral_cmd is None and ctx.corral_build is None and any(s.kind == "corral" for s in specs):
         ctx.results.error(scenario, CORRAL.name, ctx.corral_error or "corral not available")
         broken.add(CORRAL.name)
+    units = rotation_units(ctx.corral_build, ctx.baseline, specs)
     for run in range(ctx.runs):
         if per_run is not None:
             per_run(run)
-        k = run % len(specs)
-        for spec in [*specs[k:], *specs[:k]]:
+        for spec in run_order(units, run):
             if spec.name in broken:
                 continue
             ctx.log(f"{scenario} run {run + 1}/{ctx.runs}: {spec.name}")
@@ -100,6 +106,30 @@ def each_proxy(
                 ctx.log(f"{scenario} {spec.name} FAILED: {exc}")
                 ctx.results.error(scenario, spec.name, f"run {run}: {exc}")
                 broken.add(spec.name)
+
+
+def rotation_units(
+    current: CorralBuild | None, baseline: Revision | None, specs: Sequence[ProxySpec]
+) -> list[list[ProxySpec]]:
+    """What rotates: one proxy, or the current corral together with its baseline twin (same corral args)."""
+    units: list[list[ProxySpec]] = []
+    for spec in specs:
+        if spec.kind == "corral" and spec.build is None and current is not None:
+            spec = replace(spec, build=current)
+        if baseline is not None and spec.kind == "corral" and spec.name == CORRAL.name:
+            units.append([spec, replace(spec, name=baseline.name, build=baseline.build)])
+        else:
+            units.append([spec])
+    return units
+
+
+def run_order(units: Sequence[Sequence[ProxySpec]], run: int) -> list[ProxySpec]:
+    """Rotate the units from run to run; inside a unit, who goes first alternates (odd runs reversed)."""
+    k = run % len(units)
+    order: list[ProxySpec] = []
+    for unit in [*units[k:], *units[:k]]:
+        order.extend(unit if run % 2 == 0 else reversed(unit))
+    return order
 
 
 def warm(ctx: Context, port: int, path: str, connections: int) -> None:

@@ -216,6 +216,8 @@ class SimJob:
     error: str = ""
     started: float = math.nan
     deadline: float = math.inf  # when it may take the reserve regardless (fifo_slack / tail_slack)
+    session: bool = False
+    pin: object = None
 
     @property
     def latency(self) -> float:

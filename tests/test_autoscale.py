@@ -29,15 +29,14 @@ def ceiling_of(monkeypatch):
     """Stand in for config.worker_ceiling with a fixed value."""
 
     def install(n: int) -> None:
-        monkeypatch.setattr(config, "worker_ceiling", lambda app, nofile=None: n, raising=False)
+        monkeypatch.setattr(config, "worker_ceiling", lambda app, nofile=None: n)
 
     return install
 
 
-def test_ceiling_falls_back_until_config_provides_it(monkeypatch):
-    monkeypatch.delattr(config, "worker_ceiling", raising=False)
-    assert snapshot.ceiling(AppConfig()) == max(4 * (os.cpu_count() or 1), 16)
+def test_ceiling_is_max_workers_when_set_else_from_cpus():
     assert snapshot.ceiling(AppConfig(max_workers=7)) == 7
+    assert snapshot.ceiling(AppConfig()) >= min(max(4 * (os.cpu_count() or 1), 16), 64)
 
 
 def test_ceiling_is_config_worker_ceiling_when_there(ceiling_of):
@@ -147,6 +146,8 @@ def fake_pool(workers: list[Worker], depth: int = 0, oldest: float = 0.0, max_in
         served=0,
         failed=0,
         retried=0,
+        sessions_opened=0,
+        sessions_rejected=0,
         inflight=set(),
         costs=RouteCosts(1.0),
     )

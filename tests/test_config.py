@@ -170,7 +170,7 @@ base_port = 70000
         "app 'legacy': upstreams: '10.0.0.5' must be HOST:PORT or HOST:LO-HI",
         "app 'legacy': upstreams: 10.0.0.6:7001 is listed twice",
         "app 'two sources': name: use letters, digits, '-', '_' or '.' (got 'two sources')",
-        "app 'two sources': give exactly one of plumber, command, upstreams (got plumber, command)",
+        "app 'two sources': give exactly one of plumber, shiny, command, upstreams (got plumber, command)",
         "app 'web': health_interval: must be >= 0.05 (got 0.0)",
         "app 'web': health_path: must start with / (got 'health')",
         "app 'web': name: used by another app; names must be unique",
@@ -187,7 +187,7 @@ base_port = 70000
     [
         ("[[app]]\nname = 'a'\ncommand = ['x'\n", "not valid TOML: "),
         ("[server]\nport = 0\n[[app]]\nname='a'\n" + STUB_CMD, "server: port: must be >= 1 (got 0)"),
-        ("[[app]]\nname = 'a'\n", "app 'a': give exactly one of plumber, command, upstreams (got none)"),
+        ("[[app]]\nname = 'a'\n", "app 'a': give exactly one of plumber, shiny, command, upstreams (got none)"),
         ("app = 3\n", "app: must be [[app]] tables (got 3)"),
         ("server = 3\n[[app]]\nname='a'\n" + STUB_CMD, "server: must be a table"),
         ("port = 8000\n[[app]]\nname='a'\n" + STUB_CMD, "port: belongs in [server]"),

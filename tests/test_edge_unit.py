@@ -28,6 +28,9 @@ class Recorder:
         else:
             self.events.append(("body", data))
 
+    def on_tunnel_data(self, data: bytes) -> None:
+        self.events.append(("tunnel", data))
+
     def on_request_end(self) -> None:
         self.events.append(("end",))
 
@@ -120,11 +123,36 @@ def test_absolute_form_target_becomes_origin_form_and_replaces_host():
     assert head.header(b"host") == b"example.com:8080"
 
 
-def test_upgrade_offer_is_declined_and_parsing_continues():
-    rec, err = parse(b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n" + GET)
+def test_upgrade_offer_other_than_websocket_is_declined_and_parsing_continues():
+    rec, err = parse(b"GET /h HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\r\n" + GET)
     assert err is None
-    assert rec.events == [("head", b"GET", b"/ws"), ("end",), ("head", b"GET", b"/x"), ("end",)]
-    assert rec.heads[0].header(b"upgrade") is None
+    assert rec.events == [("head", b"GET", b"/h"), ("end",), ("head", b"GET", b"/x"), ("end",)]
+    assert rec.heads[0].header(b"upgrade") is None and not rec.heads[0].websocket
+
+
+@pytest.mark.parametrize("split", [None, 1])
+def test_websocket_upgrade_is_accepted_and_what_follows_is_tunnel_data(split):
+    ws = b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"
+    rec, err = parse(ws + GET, split)  # after the head, even HTTP-looking bytes belong to the tunnel
+    assert err is None
+    assert rec.events[:2] == [("head", b"GET", b"/ws"), ("end",)]
+    assert b"".join(e[1] for e in rec.events[2:] if e[0] == "tunnel") == GET
+    assert rec.heads[0].websocket and len(rec.heads) == 1
+    forwarded = edge.forward_head(rec.heads[0], b"1.2.3.4", b"rid", trusted=False)
+    assert b"upgrade: websocket\r\nconnection: upgrade\r\n" in forwarded
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",  # not GET
+        b"GET /ws HTTP/1.0\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",  # not 1.1
+        b"GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n",  # Connection does not say upgrade
+    ],
+)
+def test_not_quite_websocket_is_declined(head):
+    rec, err = parse(head + GET)
+    assert err is None and not rec.heads[0].websocket and len(rec.heads) == 2
 
 
 def test_http10_needs_no_host_and_closes_by_default():
@@ -533,7 +561,7 @@ def test_head_answer_split_over_reads_ends_at_its_head():
     rec = ResponseRecorder()
     reader = reader_for(rec, b"HEAD")
     reader.feed(b"HTTP/1.1 200 OK\r\nContent-Len")
-    reader.feed(b"gth: 5\r\n\r\n")
+    reader.feed(b"gth: 0\r\n\r\n")
     assert rec.ended is True and not rec.surplus and rec.head[2] == edge.NO_BODY
     reader.start(b"GET")  # the connection is reused: the next answer parses afresh
     reader.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -570,3 +598,19 @@ def test_connection_cannot_strip_host_or_headers_corral_vouches_for():
     assert err is None
     names = [k for k, _ in rec.heads[0].headers]
     assert b"host" in names and b"x-a" not in names
+
+
+@pytest.mark.parametrize(
+    ("method", "raw", "reusable"),
+    [
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", False),  # its body may still come, late
+        (b"HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", True),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", False),
+        (b"GET", b"HTTP/1.1 304 Not Modified\r\n\r\n", True),
+        (b"GET", b"HTTP/1.1 204 No Content\r\n\r\n", True),
+    ],
+)
+def test_bodyless_answer_declaring_a_body_is_not_reused(method, raw, reusable):
+    rec = ResponseRecorder()
+    reader_for(rec, method).feed(raw)
+    assert rec.ended is reusable and not rec.surplus

@@ -141,7 +141,7 @@ def test_every_state_change_is_logged_in_one_format(corral):
     _load(c.port, 4, threads=1)
     c.wait_for("draining")
     c.stop()
-    states = re.findall(r"^corral: worker (\S+) (\w+): (.+)$", c.log(), re.M)
+    states = re.findall(r"^\S+Z corral: worker (\S+) (\w+): (.+)$", c.log(), re.M)  # after the timestamp
     names = {s for _, s, _ in states}
     assert {"starting", "ready", "draining", "stopping", "stopped"} <= names
     assert all(reason.strip() for _, _, reason in states)

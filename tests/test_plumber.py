@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import EXAMPLE_R, HAVE_R, HERE, free_ports, get, read_response
@@ -102,3 +103,28 @@ def test_app_that_cannot_start_exits_nonzero_showing_the_r_error():
     assert r.returncode != 0
     assert "cannot start" in r.stderr
     assert "unexpected" in r.stderr.lower() or "error" in r.stderr.lower()
+
+
+def test_head_answer_does_not_break_the_request_queued_behind_it(corral):
+    # Issue 11 #1, the exact reproduction: one plumber worker; GET /slow, HEAD /whoami, POST /sum.
+    # The POST must run once and be reported as it ran (it used to get a 502 after reaching the worker).
+    c = corral([EXAMPLE_R], workers=1)
+    raws = [
+        b"GET /slow?s=1 HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"HEAD /whoami HTTP/1.1\r\nHost: t\r\n\r\n",
+        b"POST /sum?a=1&b=2 HTTP/1.1\r\nHost: t\r\nContent-Length: 0\r\n\r\n",
+    ]
+    socks = []
+    for raw in raws:
+        s = socket.create_connection(("127.0.0.1", c.port), timeout=30)
+        s.sendall(raw)
+        socks.append(s)
+        time.sleep(0.05)  # the issue's 50 ms spacing: all three are queued behind /slow in this order
+    try:
+        assert read_response(socks[0]).status == 200
+        assert read_response(socks[1], head_only=True).status in (200, 405)  # plumber 1.2 has no HEAD for @get
+        r = read_response(socks[2])
+        assert r.status == 200 and r.json()["sum"] == [3]
+    finally:
+        for s in socks:
+            s.close()

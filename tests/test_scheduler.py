@@ -16,6 +16,8 @@ class J:
         self.cost = cost
         self.queued_at = 0.0
         self.sched_state = 0
+        self.session = False
+        self.pin: object = None
 
     def __repr__(self) -> str:
         return self.name

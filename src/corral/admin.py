@@ -13,6 +13,10 @@ path: one asyncio Protocol per connection, httptools for parsing, answers built 
     POST /reload    rolling replacement of every worker (?app=NAME for one app)
     POST /scale     ?workers=N (&app=NAME when there are several apps)
     POST /stop      graceful stop, as SIGTERM
+    GET  /logs      recent worker output and corral's own lines (?after=SEQ&n=N&worker=I|APP:I&app=NAME), as
+                    JSON lines, oldest first, each with a sequence number (`corral logs -f` asks after the last)
+    GET  /livez     200 while the event loop runs (probes.py; no token needed, no data)
+    GET  /readyz    200 while every app has ready_min ready workers and corral is not stopping, else 503
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import httptools
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import __version__, metrics, snapshot
+from . import __version__, logs, metrics, probes, snapshot
 from .net import TOKEN_ENV, AddressError, default_socket, host_names, host_refusal, is_loopback, parse_address
 from .supervisor import tree_rss
 from .worker import State
@@ -44,6 +48,7 @@ if TYPE_CHECKING:
     from .snapshot import AppSnap, WorkerSnap
 
 MAX_REQUEST = 64 * 1024  # an admin request is a line and a few headers
+LOGS_PAGE = 10_000  # most log lines one GET /logs returns: an answer is built in memory (lines are <= 4 KiB)
 IDLE_CLOSE = 60.0  # keep-alive connections (the dashboard polls) are closed after this long idle
 SERIES_POINTS = 300  # one a second: five minutes of history for the dashboard
 QUANTILE_WINDOW = 10  # seconds of history behind each p50/p99 point
@@ -55,6 +60,9 @@ ROUTES: dict[str, str] = {
     "/reload": "POST",
     "/scale": "POST",
     "/stop": "POST",
+    "/logs": "GET",
+    "/livez": "GET",
+    "/readyz": "GET",
 }
 
 
@@ -68,6 +76,7 @@ class Corral(snapshot.Fleet, Protocol):
     cfg: Config
     started: float
     balance: bool
+    draining: bool
 
     def stop(self) -> None: ...
 
@@ -150,6 +159,7 @@ class StatusBuilder:
                 "uptime_s": round(time.time() - c.started, 1),
                 "listen": f"http://{server.host}:{server.port}" if c.balance else None,
                 "admin": self.address,
+                "draining": c.draining,  # a stop has begun (/readyz answers 503)
             },
             "apps": apps,
             "totals": _totals(snap),
@@ -188,6 +198,9 @@ class StatusBuilder:
             "routes": list(app.routes),  # learned per-route cost and class, busiest first
             "restarts": dict(app.restarts),
             "restarts_total": app.restarts_total,
+            "crash_loop": _crash_loop_doc(app),
+            "sticky": app.sticky,
+            "sessions": _sessions_doc(app),
         }
 
     def _worker(self, w: WorkerSnap) -> dict[str, Any]:
@@ -195,6 +208,7 @@ class StatusBuilder:
             "index": w.index,
             "pid": w.pid,
             "port": w.port,
+            "socket": w.socket,  # worker_transport unix: where corral reaches it (port is 0 then)
             "state": w.display,
             "inflight": w.inflight,
             "max_inflight": w.max_inflight,
@@ -207,7 +221,35 @@ class StatusBuilder:
             "generation": w.generation,
             "external": w.external,
             "note": w.note,
+            "sessions": w.sessions,  # open WebSocket sessions; they never count in inflight
         }
+
+
+def _crash_loop_doc(app: AppSnap) -> dict[str, Any] | None:
+    c = app.crash_loop
+    if c is None:
+        return None
+    return {
+        "for_s": round(c.for_s, 1),
+        "exits": c.exits,
+        "limit": c.limit,
+        "window_s": c.window,
+        "worker": c.worker,
+        "last_lines": list(c.last_lines),
+    }
+
+
+def _logs(params: dict[str, str]) -> tuple[int, bytes, str]:
+    """GET /logs: the ring's entries after `after`, the newest `n` of them (default 100), one JSON per line."""
+    try:
+        after = int(params.get("after", "0"))
+        n = int(params.get("n", "100"))
+    except ValueError:
+        return _json(400, {"error": "after and n must be integers"})
+    n = min(max(n, 0), LOGS_PAGE)
+    entries = logs.RING.read(after, n, params.get("worker") or None, params.get("app") or None)
+    body = "".join(json.dumps(e, separators=(",", ":")) + "\n" for e in entries)
+    return 200, body.encode(), "application/x-ndjson"
 
 
 def _autoscale_doc(app: AppSnap) -> dict[str, Any] | None:
@@ -237,6 +279,17 @@ def _totals(snap: snapshot.Snapshot) -> dict[str, int]:
         "queued": sum(a.queue.depth for a in apps),
         "rejected": sum(a.queue.rejected for a in apps),
         "timed_out": sum(a.queue.timed_out for a in apps),
+        "sessions": sum(a.sessions for a in apps),
+    }
+
+
+def _sessions_doc(app: AppSnap) -> dict[str, int]:
+    """WebSocket sessions: open now, the per-worker limit, ever opened, refused with 503."""
+    return {
+        "open": app.sessions,
+        "max_per_worker": app.max_sessions,
+        "opened": app.sessions_opened,
+        "rejected": app.sessions_rejected,
     }
 
 
@@ -364,7 +417,7 @@ class AdminServer:
         sock = _bind_tcp(host, port)
         # A browser cannot attach the token, so with one a rebound page gets nowhere whatever its Host;
         # without one (loopback only) the Host header is what tells a rebound page from the operator's.
-        hosts = None if token else host_names(host, port, getattr(server, "admin_hosts", None) or ())
+        hosts = None if token else host_names(host, port, server.admin_hosts)
         return cls(cfg, sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", None, token, hosts)
 
     def _unlink(self) -> None:
@@ -427,6 +480,10 @@ class AdminServer:
             return _json(405, {"error": f"{path} takes {want}, not {method}"})
         if path == "/" and method == "GET":
             return 200, self.page(), "text/html; charset=utf-8"  # static shell: it sends the token itself
+        if path in probes.PATHS:  # a status code and a fixed word: no token, as on --health-listen
+            assert self.corral is not None
+            status, body = probes.answer(path, self.corral)
+            return status, body, "text/plain; charset=utf-8"
         if not self.authorized(headers):
             return _json(401, {"error": "admin token required: Authorization: Bearer TOKEN"})
         if self.tcp and method == "POST" and _cross_site(headers):
@@ -440,6 +497,8 @@ class AdminServer:
             return _json(200, self.series.document())
         if path == "/metrics":
             return 200, metrics.render(self.registry), CONTENT_TYPE_LATEST
+        if path == "/logs":
+            return _logs(params)
         if path == "/reload":
             return self._reload(params.get("app"))
         if path == "/scale":
@@ -510,6 +569,7 @@ class AdminServer:
 
     def _stop(self) -> tuple[int, bytes, str]:
         assert self.corral is not None
+        self.corral.draining = True  # /readyz turns 503 now, as on SIGTERM (a preStop hook relies on it)
         asyncio.get_running_loop().call_later(0.05, self.corral.stop)  # after this answer is written
         return _json(202, {"ok": True, "messages": ["stopping: finishing in-flight requests"]})
 
@@ -541,6 +601,7 @@ REASONS = {
     404: "Not Found",
     405: "Method Not Allowed",
     421: "Misdirected Request",
+    503: "Service Unavailable",
     431: "Request Header Fields Too Large",
 }
 SECURITY_HEADERS = (

@@ -72,13 +72,25 @@ class AppConfig:
         False, "remove the route prefix before forwarding (X-Forwarded-Prefix tells the worker)", cli=False
     )
     plumber: str | None = knob(None, "plumber API file or directory (plumber.R / entrypoint.R)", cli=False)
-    command: list[str] = knob([], "command run per worker; {port}, {index} and {host} are replaced", cli=False)
+    shiny: str | None = knob(
+        None, "Shiny app directory (app.R calling shinyApp(), or ui.R + server.R)", cli=False
+    )
+    command: list[str] = knob(
+        [], "command run per worker; {port}, {index}, {host} and {socket} (worker_transport unix) are replaced",
+        cli=False,
+    )
     upstreams: list[str] = knob(
         [],
         "HOST:PORT or HOST:LO-HI of workers corral does not start; probed and joined when they answer",
         cli=False,
     )
     env: dict[str, str] = knob({}, "extra environment for every worker", cli=False)
+    env_file: str | None = knob(
+        None,
+        "dotenv file (NAME=value lines) whose variables every worker gets, read at each worker start; "
+        "`env` wins over it. Relative paths: to corral.toml, or on the command line to where corral runs",
+        breach="a bad line is a config error naming the file and line",
+    )
     workers: int | None = knob(
         None, "number of workers (default: one per CPU)", short="-w", minimum=1, maximum=WORKERS_MAX, breach="n/a"
     )
@@ -95,8 +107,40 @@ class AppConfig:
         "address workers listen on (plumber's host; {host} and $CORRAL_WORKER_HOST for commands); "
         "0.0.0.0 lets other hosts reach them",
     )
+    worker_transport: str = knob(
+        "tcp",
+        "how corral reaches the workers it starts: tcp (a port each, from base_port) or unix (a Unix socket each, "
+        "in a private 0700 directory of corral's: no other local user can reach a worker behind the edge). "
+        "unix runs plumber with httpuv's startPipeServer; a command gets the path as {socket} and "
+        "$CORRAL_WORKER_SOCKET (uvicorn --uds {socket}, gunicorn -b unix:{socket})",
+        choices=("tcp", "unix"),
+        breach="n/a",
+    )
     max_inflight: int = knob(
         1, "requests one worker may hold at once", minimum=1, maximum=1024, breach="further requests wait in the queue"
+    )
+    max_sessions: int = knob(
+        20,
+        "WebSocket sessions one worker may hold at once (Posit Connect's max connections per process); "
+        "a session does not hold the worker's request slot",
+        minimum=1,
+        maximum=100000,
+        breach="a new session waits in the queue (503 + Retry-After at the queue's limits)",
+    )
+    sticky: str = knob(
+        "auto",
+        "send a client back to the same worker: cookie (corral sets an opaque cookie naming the worker), "
+        "ip (hash of the client address), none; auto is cookie for Shiny apps, none otherwise",
+        choices=("auto", "none", "cookie", "ip"),
+        breach="a sticky request waits for its own worker; if that worker is gone it goes to another",
+    )
+    ws_idle_timeout: float = knob(
+        3600.0,
+        "a WebSocket tunnel with no bytes either way for this long is closed",
+        unit="s",
+        minimum=1,
+        maximum=30 * 86400,
+        breach="both sides closed",
     )
     max_queue: int = knob(
         1000,
@@ -187,7 +231,29 @@ class AppConfig:
         breach="SIGTERM regardless",
     )
     kill_timeout: float = knob(5.0, "SIGTERM to SIGKILL grace", unit="s", minimum=0, maximum=DAY, breach="SIGKILL")
+    crash_limit: str = knob(
+        "5/60",
+        "K/T: workers exiting K times within T seconds mark the app crash-looping (status, metrics, logs, "
+        "dashboard, with the last lines a worker printed); K from 1 to 10000, T from 1 s to 1 d",
+        breach="the app is shown crash-looping until T seconds pass without an exit; restarts go on with backoff",
+    )
     docs: bool = knob(False, "serve plumber's API docs (off by default)", flag=True)
+    engine: str = knob(
+        "auto",
+        "how a plumber app is run: plumber (plumb(APP)$run), plumber2 (plumber2::api(APP) |> api_run()); auto "
+        "is plumber2 for a directory with _server.yml or an R file that attaches plumber2, else plumber",
+        choices=("auto", "plumber", "plumber2"),
+    )
+    watch: bool = knob(
+        False,
+        "development: a rolling reload when the app's files change (R sources, _server.yml, .Renviron, "
+        "env_file; for a command, the files under the directory corral runs in)",
+        flag=True,
+        breach="a change whose workers fail to start is not rolled out; the old workers keep serving",
+    )
+    watch_paths: list[str] = knob(
+        [], "files or directories --watch watches instead of the default; any file under them counts", cli=False
+    )
     dispatch: str = knob(
         "cost",
         "queue policy: cost (learn route costs, keep a reserve for short requests) or fifo",
@@ -252,6 +318,33 @@ class ServerConfig:
     port: int = knob(8000, "public listen port", short="-p", minimum=1, maximum=PORT_MAX)
     admin: str | None = knob(None, "admin channel: HOST:PORT or unix:/path (default: a unix socket per public port)")
     admin_token: str | None = knob(None, "bearer token every admin call must carry")
+    admin_hosts: list[str] = knob(
+        [],
+        "extra Host names a token-less TCP admin channel answers to (besides its address, localhost, 127.0.0.1)",
+        breach="421 Misdirected Request; nothing else happens (DNS-rebinding defence)",
+        cli=False,
+    )
+    health_listen: str | None = knob(
+        None,
+        "HOST:PORT of a health listener for outer balancers and Kubernetes probes: GET /livez and GET /readyz "
+        "only, no token, no data (off by default; the admin channel has both endpoints too)",
+    )
+    ready_min: int = knob(
+        1,
+        "workers that must be ready, in every app, for /readyz to answer 200",
+        minimum=0,
+        maximum=WORKERS_MAX,
+        breach="/readyz answers 503, so outer balancers stop sending",
+    )
+    shutdown_delay: float = knob(
+        0.0,
+        "on SIGTERM or stop, /readyz turns 503 at once and the public port keeps serving this long before the "
+        "drain begins: time for outer balancers and Kubernetes endpoints to stop sending (a few seconds there)",
+        unit="s",
+        minimum=0,
+        maximum=3600,
+        breach="then the graceful drain: no new connections, in-flight requests finish within graceful_timeout",
+    )
     max_header_bytes: int = knob(
         16384,
         "request line + headers",
@@ -300,11 +393,29 @@ class ServerConfig:
         breach="new connections get 503 and close",
     )
     trusted_proxies: str = knob(
-        "", "CIDR,... whose X-Forwarded-*/Forwarded are kept and appended to", breach="headers replaced"
+        "",
+        "CIDR,... whose X-Forwarded-*/Forwarded are kept and appended to, and whose W3C traceparent is continued",
+        breach="headers replaced; a new trace is started",
+    )
+    trace_sample: float = knob(
+        1.0,
+        "share of the traces corral starts that carry the W3C sampled flag, so the app's (parent-based) "
+        "OpenTelemetry sampler records them; 1 keeps what the app would do with no corral in front",
+        minimum=0,
+        maximum=1,
+        breach="n/a",
     )
     access_log: str | None = knob(None, "access log path, or - for stdout")
     log_format: str = knob("text", "access log format", choices=("text", "json"))
     log_dir: str | None = knob(None, "directory for one output file per worker")
+    log_buffer: int = knob(
+        2000,
+        "lines of worker output and corral's own events kept in memory for `corral logs` (0: none)",
+        unit="lines",
+        minimum=0,
+        maximum=1_000_000,
+        breach="the oldest lines are dropped",
+    )
 
 
 @dataclass
@@ -373,6 +484,11 @@ def load_toml(path: str | Path, strict: bool = True) -> Config:
     for app in cfg.apps:
         if app.plumber and not os.path.isabs(app.plumber):
             app.plumber = os.path.normpath(base / app.plumber)  # relative to the file, not to the cwd
+        if app.shiny and not os.path.isabs(app.shiny):
+            app.shiny = os.path.normpath(base / app.shiny)
+        if app.env_file and not os.path.isabs(app.env_file):
+            app.env_file = os.path.normpath(base / app.env_file)
+        app.watch_paths = [p if os.path.isabs(p) else os.path.normpath(base / p) for p in app.watch_paths]
         if app.route.startswith("/"):
             app.route = normalize_route(app.route)
     if problems and strict:
@@ -446,6 +562,21 @@ def _type_word(t: type) -> str:
     }.get(t, t.__name__)
 
 
+def near_file(path: str) -> str:
+    """' (did you mean 'plumber.R'?)' when a file or directory next to a missing `path` is a near miss."""
+    p = Path(path)
+    parent = p.parent
+    try:
+        names = [e.name for e in parent.iterdir()] if parent.is_dir() else []
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(p.name, names, n=1, cutoff=0.7)
+    if not close:
+        return ""
+    shown = close[0] if str(parent) in (".", "") else str(parent / close[0])
+    return f" (did you mean '{shown}'?)"
+
+
 def _did_you_mean(key: str, names: list[str]) -> str:
     close = difflib.get_close_matches(key, names, n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
@@ -476,6 +607,7 @@ def _validate(cfg: Config, problems: list[str]) -> None:
                     f"{where}: server: admin: port {admin_port} is the public port; the admin channel is never "
                     "served there: choose another port or unix:/path"
                 )
+    _check_health(cfg, problems)
     if not cfg.apps:
         problems.append(f"{where}: no app: give a plumber file, a command after --, --upstream, or [[app]]")
     seen_names: dict[str, int] = {}
@@ -503,6 +635,49 @@ def _validate(cfg: Config, problems: list[str]) -> None:
     _check_ports(cfg, problems)
 
 
+def _check_health(cfg: Config, problems: list[str]) -> None:
+    """health_listen: a HOST:PORT of its own (never the public or admin port); ready_min: reachable by
+    every app, else /readyz would never answer 200 (or, autoscaled, would stop the traffic that scales up)."""
+    server = cfg.server
+    label = f"{cfg.source}: server"
+    if server.health_listen is not None:
+        try:
+            _, port = parse_health(server.health_listen)
+        except ValueError as exc:
+            problems.append(f"{label}: health_listen: {exc}")
+        else:
+            if port == server.port:
+                problems.append(
+                    f"{label}: health_listen: port {port} is the public port; the health listener needs its own port"
+                )
+            with contextlib.suppress(ValueError):
+                if server.admin is not None and parse_admin(server.admin)[::2] == ("tcp", port):
+                    problems.append(f"{label}: health_listen: port {port} is also the admin channel's")
+    if not _in_range(server, "ready_min"):
+        return
+    for app in cfg.apps:
+        least, why = least_workers(app)
+        if least is not None and server.ready_min > least:
+            problems.append(
+                f"{label}: ready_min: app '{app.name}' may run only {least} worker{'s' * (least != 1)} ({why}): "
+                f"/readyz would answer 503 then; lower ready_min to {least} or run more workers"
+            )
+
+
+def least_workers(app: AppConfig) -> tuple[int | None, str]:
+    """The fewest workers an app may have in rotation by design, and what sets it (None: not known)."""
+    if app.upstreams:
+        try:
+            return sum(len(parse_upstream(s)) for s in app.upstreams), "upstream addresses"
+        except ValueError:
+            return None, ""
+    if not _in_range(app, "workers", "min_workers", "max_workers"):
+        return None, ""
+    if autoscaled(app):
+        return min(app.min_workers or 1, app.max_workers or WORKERS_MAX), "autoscaling's min_workers"
+    return effective_workers(app), "workers"
+
+
 def _check_ranges(obj: Any, label: str, problems: list[str]) -> None:
     for f in fields_of(type(obj)):
         why = range_problem(f, getattr(obj, f.name))
@@ -518,6 +693,11 @@ def _check_ranges(obj: Any, label: str, problems: list[str]) -> None:
                 ipaddress.ip_network(cidr, strict=False)
             except ValueError:
                 problems.append(f"{label}: trusted_proxies: {cidr!r} is not an address or CIDR")
+    if isinstance(obj, AppConfig):
+        try:
+            parse_crash_limit(obj.crash_limit)
+        except ValueError as exc:
+            problems.append(f"{label}: crash_limit: {exc}")
     if isinstance(obj, AppConfig) and obj.health_path is not None and not obj.health_path.startswith("/"):
         problems.append(f"{label}: health_path: must start with / (got {obj.health_path!r})")
     if isinstance(obj, AppConfig) and obj.min_workers and obj.max_workers and obj.min_workers > obj.max_workers:
@@ -549,21 +729,34 @@ def _num(x: float) -> str:
 
 
 def _check_source(app: AppConfig, label: str, problems: list[str]) -> None:
-    sources = [s for s in ("plumber", "command", "upstreams") if getattr(app, s)]
+    sources = [s for s in ("plumber", "shiny", "command", "upstreams") if getattr(app, s)]
     if len(sources) != 1:
         problems.append(
-            f"{label}: give exactly one of plumber, command, upstreams (got {', '.join(sources) or 'none'})"
+            f"{label}: give exactly one of plumber, shiny, command, upstreams (got {', '.join(sources) or 'none'})"
         )
         return
     if app.plumber and not Path(app.plumber).exists():
-        problems.append(f"{label}: plumber: {app.plumber!r} does not exist")
+        problems.append(f"{label}: plumber: {app.plumber!r} does not exist{near_file(app.plumber)}")
     elif app.plumber and resolve_plumber(app.plumber) is None:
-        problems.append(f"{label}: plumber: {app.plumber!r} is not a .R file or a directory with plumber.R")
+        problems.append(
+            f"{label}: plumber: {app.plumber!r} is not a .R file, a _server.yml or a directory with plumber.R "
+            "(or a Shiny app directory: app.R calling shinyApp(), or ui.R + server.R)"
+        )
+    if app.shiny and not Path(app.shiny).exists():
+        problems.append(f"{label}: shiny: {app.shiny!r} does not exist")
+    elif app.shiny and resolve_shiny(app.shiny) is None:
+        problems.append(
+            f"{label}: shiny: {app.shiny!r} is not a directory with app.R calling shinyApp(), or ui.R + server.R"
+        )
     if not _is_ip(app.worker_host):
         problems.append(f"{label}: worker_host: must be an IP address such as 0.0.0.0 (got {app.worker_host!r})")
+    if app.engine != "auto" and (app.shiny or app.command):
+        problems.append(f"{label}: engine: applies to plumber apps only (this one is a {sources[0]})")
+    _check_transport(app, label, problems)
     if app.upstreams:
         defaults = AppConfig()
-        for key in ("workers", "base_port", "worker_host", "env", "max_requests", "max_memory", "docs"):
+        for key in ("workers", "base_port", "worker_host", "env", "max_requests", "max_memory", "docs", "env_file",
+                    "watch", "watch_paths", "engine", "worker_transport"):
             if getattr(app, key) != getattr(defaults, key):
                 problems.append(f"{label}: {key}: has no effect with upstreams (workers corral does not start)")
     seen: set[tuple[str, int]] = set()
@@ -579,10 +772,28 @@ def _check_source(app: AppConfig, label: str, problems: list[str]) -> None:
         seen.update(addresses)
 
 
+def _check_transport(app: AppConfig, label: str, problems: list[str]) -> None:
+    """{socket} and worker_transport go together: a unix worker must be told its socket (a command that
+    binds {port} instead would never be reached), and {socket} means nothing on tcp."""
+    args = " ".join(app.command)
+    if app.worker_transport == "unix":
+        if app.shiny:
+            problems.append(f"{label}: worker_transport: unix is for plumber apps and commands; Shiny apps run on tcp")
+        elif app.command and "{port}" in args and "{socket}" not in args:
+            problems.append(
+                f"{label}: worker_transport: unix, but the command passes {{port}}, so the worker would listen on "
+                "TCP where corral never connects: pass {socket} instead (uvicorn --uds {socket}, gunicorn -b "
+                "unix:{socket}) or have it read $CORRAL_WORKER_SOCKET"
+            )
+    elif "{socket}" in args:
+        problems.append(f"{label}: command: {{socket}} is replaced only with worker_transport unix")
+
+
 def _check_ports(cfg: Config, problems: list[str]) -> None:
     """Worker ranges: within 1..65535 with room above for replacements, and clear of each other, the
-    public port and the admin port. An app whose port or worker count is itself out of range is skipped
-    (already reported; a range of 10**20 workers is not walked), and so are default ranges after it."""
+    public port, the admin port and the health listener's port. An app whose port or worker count is
+    itself out of range is skipped (already reported; a range of 10**20 workers is not walked), and so
+    are default ranges after it."""
     public_ok = _in_range(cfg.server, "port")
     owner: dict[int, str] = {cfg.server.port: "the public listener"} if public_ok else {}
     with contextlib.suppress(ValueError):
@@ -590,9 +801,12 @@ def _check_ports(cfg: Config, problems: list[str]) -> None:
             kind, _, admin_port = parse_admin(cfg.server.admin)
             if kind == "tcp":
                 owner.setdefault(admin_port, "the admin channel")
+    with contextlib.suppress(ValueError):
+        if cfg.server.health_listen is not None:
+            owner.setdefault(parse_health(cfg.server.health_listen)[1], "the health listener")
     defaults_ok = public_ok  # a default base_port follows the public port and every earlier app's range
     for app in cfg.apps:
-        if app.upstreams:
+        if app.upstreams or app.worker_transport == "unix":  # unix workers take no port
             continue
         if not _in_range(app, "base_port") or port_span(app) > WORKERS_MAX:
             defaults_ok = False
@@ -670,6 +884,13 @@ def effective_workers(app: AppConfig) -> int:
     return max(n, app.min_workers or 1)
 
 
+def sticky_mode(app: AppConfig) -> str:
+    """The stickiness in force: `auto` is cookie for a Shiny app (its sessions live in one process)."""
+    if app.sticky == "auto":
+        return "cookie" if app.shiny else "none"
+    return app.sticky
+
+
 def autoscaled(app: AppConfig) -> bool:
     return app.min_workers is not None or app.max_workers is not None
 
@@ -712,12 +933,50 @@ def default_base_port(cfg: Config, app: AppConfig) -> int:
 
 
 def resolve_plumber(path: str) -> Path | None:
+    """A .R file, a plumber2 `_server.yml`, or a directory with plumber.R, entrypoint.R or _server.yml."""
     p = Path(path)
-    if p.is_file() and p.suffix.lower() == ".r":
+    if p.is_file() and (p.suffix.lower() == ".r" or p.name in SERVER_YML):
         return p.resolve()
-    if p.is_dir() and ((p / "plumber.R").is_file() or (p / "entrypoint.R").is_file()):
+    if p.is_dir() and any((p / name).is_file() for name in ("plumber.R", "entrypoint.R", *SERVER_YML)):
         return p.resolve()
     return None
+
+
+SERVER_YML = ("_server.yml", "_server.yaml")  # the R server description plumber2 reads (its `engine:` names it)
+
+
+def resolve_shiny(path: str) -> Path | None:
+    """A Shiny app directory, as shiny::runApp reads one: app.R that builds a shinyApp(...) (its last
+    value), or the older ui.R + server.R pair. None for anything else, plumber directories included."""
+    p = Path(path)
+    if not p.is_dir():
+        return None
+    if (p / "ui.R").is_file() and (p / "server.R").is_file():
+        return p.resolve()
+    app = p / "app.R"
+    if app.is_file():
+        try:
+            text = app.read_text(errors="replace")
+        except OSError:
+            return None
+        if _SHINY_CALL.search(text):
+            return p.resolve()
+    return None
+
+
+_SHINY_CALL = re.compile(r"\bshinyApp\s*\(")  # also shiny::shinyApp(
+
+
+def parse_crash_limit(spec: str) -> tuple[int, float]:
+    """'5/60' -> (5, 60.0): K worker exits within T seconds. Raises ValueError naming the form."""
+    k_s, sep, t_s = str(spec).partition("/")
+    try:
+        k, t = int(k_s), float(t_s)
+    except ValueError:
+        k, t = 0, 0.0
+    if not sep or not 1 <= k <= 10000 or not 1 <= t <= DAY:
+        raise ValueError(f"must be K/T: K exits (1..10000) within T seconds (1..{DAY}), e.g. 5/60 (got {spec!r})")
+    return k, t
 
 
 def parse_upstream(spec: str) -> list[tuple[str, int]]:
@@ -746,6 +1005,17 @@ def parse_admin(spec: str) -> tuple[str, str, int]:
     if spec.startswith("unix:") or not sep or not host or not port_s.isdigit() or not 0 < int(port_s) <= PORT_MAX:
         raise ValueError(f"must be HOST:PORT with a port in 1..{PORT_MAX}, or unix:/path (got {spec!r})")
     return "tcp", host, int(port_s)
+
+
+def parse_health(spec: str) -> tuple[str, int]:
+    """`HOST:PORT` / `[v6]:PORT` of the health listener -> (host, port). Raises ValueError naming the form."""
+    host, sep, port_s = spec.rpartition(":")
+    host = host.strip("[]")
+    ok = sep and (host == "localhost" or _is_ip(host)) and port_s.isascii() and port_s.isdigit()
+    if not ok or not 0 < int(port_s) <= PORT_MAX:
+        raise ValueError(f"must be HOST:PORT with an IP address and a port in 1..{PORT_MAX}, e.g. 0.0.0.0:9000 "
+                         f"(got {spec!r})")
+    return host, int(port_s)
 
 
 # --- file descriptors: how many connections and workers a machine can hold ---------------------------

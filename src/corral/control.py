@@ -9,10 +9,12 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 import click
@@ -127,10 +129,27 @@ def _client(port: int | None, admin: str | None, token: str | None) -> AdminClie
 
 
 def target_options(fn: Any) -> Any:
-    fn = click.option("--admin-token", default=None, help=f"bearer token (default: ${TOKEN_ENV})")(fn)
-    fn = click.option("--admin", default=None, metavar="ADDR", help="admin address: HOST:PORT or unix:/path")(fn)
+    # The same CORRAL_* variables `corral run` reads: in a container, one environment serves both.
     fn = click.option(
-        "-p", "--port", type=int, default=None, help=f"public port of the corral to talk to (default {DEFAULT_PORT})"
+        "--admin-token", default=None, envvar=TOKEN_ENV, show_envvar=True, metavar="TOKEN", help="bearer token"
+    )(fn)
+    fn = click.option(
+        "--admin",
+        default=None,
+        envvar="CORRAL_ADMIN",
+        show_envvar=True,
+        metavar="ADDR",
+        help="admin address: HOST:PORT or unix:/path",
+    )(fn)
+    fn = click.option(
+        "-p",
+        "--port",
+        type=int,
+        default=None,
+        envvar="CORRAL_PORT",
+        show_envvar=True,
+        metavar="PORT",
+        help=f"public port of the corral to talk to (default {DEFAULT_PORT})",
     )(fn)
     return fn
 
@@ -180,20 +199,35 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
             line += f"  autoscale {a['min_workers']}..{a['max_workers']}"
         if app["reloading"]:
             line += "  [reloading]"
+        if app.get("crash_loop"):
+            line += "  [crash-looping]"
+        sessions = _sessions_shown(app)
+        if sessions:
+            line += (
+                f"  sessions {sessions['open']} open ({sessions['opened']} opened, {sessions['rejected']} rejected)"
+                f"  sticky {app.get('sticky', 'none')}"
+            )
         console.print(line)
         if app["reload_note"]:
             console.print(f"  {app['reload_note']}", style="red")
+        _print_crash_loop(console, app.get("crash_loop"))
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
-        for col in ("#", "PID", "PORT", "STATE", "INFLIGHT", "SERVED", "FAILED", "RESTARTS", "RSS", "CPU%", "UPTIME"):
+        columns = ["#", "PID", "PORT", "STATE", "INFLIGHT", "SERVED", "FAILED", "RESTARTS", "RSS", "CPU%", "UPTIME"]
+        if any(w.get("socket") for w in app["workers"]):
+            columns[2] = "SOCKET"
+        if sessions:
+            columns.insert(5, "SESSIONS")
+        for col in columns:
             table.add_column(col, justify="left" if col in ("STATE",) else "right", no_wrap=True)
         for w in app["workers"]:
             state = w["state"]
             table.add_row(
                 str(w["index"]),
                 str(w["pid"] or "-"),
-                str(w["port"]),
+                w.get("socket") or str(w["port"]),  # a unix worker has a socket, not a port
                 f"[{STATE_STYLE.get(state, '')}]{state}[/]" if color and state in STATE_STYLE else state,
                 f"{w['inflight']}/{w['max_inflight']}",
+                *([f"{w.get('sessions', 0)}/{sessions['max_per_worker']}"] if sessions else []),
                 str(w["served"]),
                 str(w["failed"]),
                 str(w["restarts"]),
@@ -203,6 +237,29 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
             )
         console.print(table)
         _print_routes(console, app.get("routes") or [])
+
+
+def _sessions_shown(app: dict[str, Any]) -> dict[str, Any] | None:
+    """The app's WebSocket session counts, when it has any to show: a sticky app (Shiny) or one that
+    has opened sessions. A plain API's table keeps its columns (and an older corral has no counts)."""
+    sessions = app.get("sessions")
+    if not sessions or (app.get("sticky", "none") == "none" and not sessions["opened"] and not sessions["open"]):
+        return None
+    return sessions
+
+
+def _print_crash_loop(console: Any, loop: dict[str, Any] | None) -> None:
+    if not loop:
+        return
+    console.print(
+        f"  crash-looping: {loop['exits']} worker exits in the last {loop['window_s']:g}s "
+        f"(crash_limit {loop['limit']}/{loop['window_s']:g}s); restarts go on with backoff. "
+        f"Last lines of {loop['worker']}:",
+        style="bold red",
+        markup=False,
+    )
+    for line in loop["last_lines"] or ["(the worker printed nothing)"]:
+        console.print(f"    {line}", markup=False)
 
 
 def _print_routes(console: Any, routes: list[dict[str, Any]], shown: int = 10) -> None:
@@ -237,7 +294,7 @@ def status(port: int | None, admin: str | None, admin_token: str | None, as_json
     if as_json:
         click.echo(json.dumps(doc, indent=2))
     else:
-        render_status(doc, color=sys.stdout.isatty())
+        render_status(doc, color=sys.stdout.isatty() and not os.environ.get("NO_COLOR"))
 
 
 # --- reload / scale / stop ------------------------------------------------------------------------
@@ -286,14 +343,14 @@ def reload(
     click.echo(f"corral: reload done: {fresh} new workers ready ({', '.join(str(w['pid']) for w in now)})")
 
 
-@click.command()
-@click.argument("workers", type=click.IntRange(min=1))
+@click.command(context_settings={"ignore_unknown_options": True})  # so that `scale -2` is a count, not an option
+@click.argument("workers", metavar="[+|-]WORKERS")
 @target_options
 @click.option("--app", default=None, help="the app to scale (needed when there are several)")
 @click.option("--no-wait", is_flag=True, help="return once the change has started")
 @click.option("--timeout", type=float, default=300.0, show_default=True, help="longest wait [s]")
 def scale(
-    workers: int,
+    workers: str,
     port: int | None,
     admin: str | None,
     admin_token: str | None,
@@ -301,10 +358,14 @@ def scale(
     no_wait: bool,
     timeout: float,
 ) -> None:
-    """Add workers, or drain and stop surplus ones, until there are WORKERS."""
+    """Add workers, or drain and stop surplus ones, until there are WORKERS; +N and -N are relative
+    to the workers asked for now."""
+    if not re.fullmatch(r"[+-]?\d{1,9}", workers) or (workers.isdigit() and int(workers) < 1):
+        raise click.BadParameter(f"{workers!r}: give N (1 or more), +N or -N", param_hint="WORKERS")
     try:
         client = _client(port, admin, admin_token)
-        answer = _scale(client, workers, app)
+        target = _relative(client, workers, app) if workers[0] in "+-" else int(workers)
+        answer = _scale(client, target, app)
         for m in answer["messages"]:
             click.echo(f"corral: {m}")
         if no_wait:
@@ -321,6 +382,22 @@ def scale(
     draining = sum(1 for a in _apps(doc, app) for w in a["workers"] if w["state"] == "draining")
     tail = f" ({draining} finishing their requests)" if draining else ""
     click.echo(f"corral: {want} worker{'s' * (want != 1)} ready{tail}")
+
+
+def _relative(client: AdminClient, delta: str, app: str | None) -> int:
+    """+N / -N: from the workers the app asks for now (its `desired`)."""
+    apps = _apps(client.ok("GET", "/status"), app)
+    if len(apps) != 1:
+        names = ", ".join(a["name"] for a in apps) or "none"
+        raise ControlError(f"scale {delta}: give --app (apps corral runs: {names})", exit_code=2)
+    now = apps[0]["desired"]
+    target = now + int(delta)
+    if target < 1:
+        raise ControlError(
+            f"scale {delta}: would leave {max(target, 0)} workers (app {apps[0]['name']} has {now}); the least is 1",
+            exit_code=2,
+        )
+    return target
 
 
 def _scale(client: AdminClient, workers: int, app: str | None) -> Any:
@@ -372,4 +449,137 @@ def _alive(pid: int) -> bool:
         return False
 
 
-COMMANDS = (status, reload, scale, stop)
+# --- logs ---------------------------------------------------------------------------------------------
+FOLLOW_EVERY = 0.25  # seconds between two polls of GET /logs while following
+LOGS_PAGE = 10_000  # the most lines GET /logs returns at once (admin.LOGS_PAGE)
+
+
+def _log_query(after: int, n: int, worker: str | None = None, app: str | None = None) -> str:
+    q = {"after": after, "n": n, "worker": worker, "app": app}
+    return "/logs?" + urllib.parse.urlencode({k: v for k, v in q.items() if v is not None})
+
+
+def _entries(client: AdminClient, path: str) -> list[dict[str, Any]]:
+    doc = client.ok("GET", path)
+    text = doc.decode("utf-8", "replace") if isinstance(doc, bytes) else json.dumps(doc)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _show(entries: list[dict[str, Any]], as_json: bool, colour: bool) -> None:
+    from .logring import render
+
+    for e in entries:
+        click.echo(json.dumps(e) if as_json else render(e, colour))
+
+
+@click.command()
+@target_options
+@click.option("-f", "--follow", is_flag=True, help="keep printing lines as they come (Ctrl-C to stop)")
+@click.option(
+    "-n", "--lines", "n", type=click.IntRange(min=0), default=100, show_default=True, metavar="N", help="the last N"
+)
+@click.option("--worker", default=None, metavar="I|APP:I", help="only this worker: its output and its state changes")
+@click.option("--app", default=None, metavar="NAME", help="only this app")
+@click.option(
+    "--json", "as_json", is_flag=True, help="one JSON object a line: seq, time, source, app, worker, stream, line"
+)
+def logs(
+    port: int | None,
+    admin: str | None,
+    admin_token: str | None,
+    follow: bool,
+    n: int,
+    worker: str | None,
+    app: str | None,
+    as_json: bool,
+) -> None:
+    """Worker output and corral's own lines from a running corral (as `pm2 logs`).
+
+    The running corral keeps the last log_buffer lines (default 2000) in memory; the access log is
+    not among them (it has --access-log).
+    """
+    from .logring import matches
+
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    try:
+        client = _client(port, admin, admin_token)
+        shown = _entries(client, _log_query(0, n, worker, app))
+        _show(shown, as_json, colour)
+        if not follow:
+            return
+        # Follow unfiltered from the newest line there is, and filter here: the cursor then moves even
+        # while the chosen worker says nothing, so no poll re-reads old lines.
+        newest = _entries(client, _log_query(0, 1))
+        cursor = max([e["seq"] for e in shown + newest], default=0)
+        fresh: list[dict[str, Any]] = []
+        while True:
+            if len(fresh) < LOGS_PAGE:  # a full page: more are waiting, ask again at once
+                time.sleep(FOLLOW_EVERY)
+            fresh = _entries(client, _log_query(cursor, LOGS_PAGE))
+            if fresh:
+                cursor = fresh[-1]["seq"]
+                _show([e for e in fresh if matches(e, worker, app)], as_json, colour)
+    except ControlError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        pass
+
+
+# --- ls --------------------------------------------------------------------------------------------------
+@click.command(name="ls")
+@click.option("--json", "as_json", is_flag=True, help="print a JSON list")
+def ls(as_json: bool) -> None:
+    """Running corrals of this user: one line per admin socket in the default directories.
+
+    A corral started with --admin elsewhere is not listed (`corral status --admin ADDR` reaches it).
+    """
+    found, stale = _instances()
+    if as_json:
+        click.echo(json.dumps(found, indent=2))
+        return
+    if not found:
+        click.echo("corral: no running corral found in " + " or ".join(socket_dirs()), err=True)
+    else:
+        rows = [("PORT", "PID", "UPTIME", "LISTEN", "APPS (ready/desired)", "ADMIN")]
+        for i in found:
+            rows.append((str(i["port"]), str(i["pid"]), _age(i["uptime_s"]), i["listen"] or "(supervise only)",
+                         ", ".join(i["apps"]), i["admin"]))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
+        for r in rows:
+            click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+    for path in stale:
+        click.echo(f"corral: {path}: no corral answers (left by one that was killed?)", err=True)
+
+
+def _instances() -> tuple[list[dict[str, Any]], list[str]]:
+    found: list[dict[str, Any]] = []
+    stale: list[str] = []
+    for d in socket_dirs():
+        try:
+            names = sorted(os.listdir(d))
+        except OSError:
+            continue
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext != ".sock" or not stem.isdigit():
+                continue
+            path = os.path.join(d, name)
+            try:
+                doc = AdminClient(f"unix:{path}", os.environ.get(TOKEN_ENV), timeout=3).ok("GET", "/status")
+            except ControlError:
+                stale.append(path)
+                continue
+            head = doc["corral"]
+            apps = [
+                f"{a['name']} {a['ready']}/{a['desired']}" + (" (crash-looping)" if a.get("crash_loop") else "")
+                for a in doc["apps"]
+            ]
+            found.append(
+                {"port": int(stem), "pid": head["pid"], "uptime_s": head["uptime_s"], "listen": head["listen"],
+                 "apps": apps, "admin": head["admin"]}
+            )
+    found.sort(key=lambda i: i["port"])
+    return found, stale
+
+
+COMMANDS = (status, reload, scale, stop, logs, ls)

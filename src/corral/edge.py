@@ -59,6 +59,7 @@ class RequestHead:
         "method",
         "target",
         "version",
+        "websocket",
     )
 
     def __init__(self) -> None:
@@ -71,6 +72,7 @@ class RequestHead:
         self.chunked = False
         self.keep_alive = True
         self.expect_continue = False
+        self.websocket = False  # an RFC 6455 upgrade request: after the worker's 101, a tunnel
 
     @property
     def has_body(self) -> bool:
@@ -87,6 +89,7 @@ class RequestHandler(Protocol):
     def on_request(self, head: RequestHead) -> None: ...
     def on_request_body(self, data: bytes) -> None: ...
     def on_request_end(self) -> None: ...
+    def on_tunnel_data(self, data: bytes) -> None: ...
 
 
 class EdgeLimits:
@@ -111,7 +114,9 @@ class EdgeLimits:
 # line carries, so RequestReader frames the stream itself and hands llhttp exact slices.
 _HEAD, _FIXED, _CHUNKED = 0, 1, 2
 _C_SIZE, _C_DATA, _C_CRLF, _C_TRAILER = 0, 1, 2, 3
-_EV_HEAD, _EV_BODY, _EV_END = 0, 1, 2
+_EV_HEAD, _EV_BODY, _EV_END, _EV_TUNNEL = 0, 1, 2, 3
+_TUNNEL = 3  # after an accepted WebSocket upgrade: the bytes are no longer HTTP
+_ACCEPTED = b"\0websocket"  # RequestReader._upgrade once the head's upgrade is accepted
 _HEX = re.compile(rb"[0-9A-Fa-f]+\Z")
 _F_HOP, _F_HOST, _F_LENGTH, _F_EXPECT = 0, 1, 2, 3
 # Field names on_header must look at; everything else is appended as it is.
@@ -163,6 +168,7 @@ class RequestReader:
         "_te",
         "_tfirst",
         "_tline",
+        "_upgrade",
         "_url",
         "handler",
         "limits",
@@ -180,6 +186,7 @@ class RequestReader:
         self._head: RequestHead | None = None
         self._url = b""
         self._te: bytes | None = None
+        self._upgrade: bytes | None = None
         self._conn_tokens: list[bytes] = []
         self._nfields = 0
         self._host_seen = False
@@ -218,8 +225,10 @@ class RequestReader:
                 handler.on_request_body(arg)  # type: ignore[arg-type]
             elif kind == _EV_HEAD:
                 handler.on_request(arg)  # type: ignore[arg-type]
-            else:
+            elif kind == _EV_END:
                 handler.on_request_end()
+            else:
+                handler.on_tunnel_data(arg)  # type: ignore[arg-type]
 
     def _feed(self, data: bytes) -> None:
         view = memoryview(data)
@@ -228,6 +237,9 @@ class RequestReader:
             state = self._state
             if state == _HEAD:
                 pos = self._feed_head(data, view, pos)
+            elif state == _TUNNEL:
+                self._events.append((_EV_TUNNEL, data[pos:]))
+                pos = n
             elif state == _FIXED:
                 end = min(n, pos + self._remaining)
                 self._remaining -= end - pos
@@ -395,13 +407,18 @@ class RequestReader:
 
     def _after_upgrade(self) -> None:
         # llhttp stops after a head offering Upgrade (and at CONNECT, refused in on_headers_complete).
-        # The offer is declined (RFC 9110 7.8 lets a server ignore it): the request is forwarded
-        # without Upgrade and parsing resumes on a fresh parser.
+        # A WebSocket upgrade is accepted: what follows its head is the tunnel's, never HTTP again.
+        # Any other offer (h2c, unknown) is declined, as RFC 9110 7.8 lets a server: the request is
+        # forwarded without Upgrade and parsing resumes on a fresh parser.
+        websocket = self._upgrade == _ACCEPTED
         if not self._complete:
             self.on_message_complete()
+        self._hbuf.clear()
+        if websocket:
+            self._state = _TUNNEL
+            return
         self._parser = httptools.HttpRequestParser(self)
         self._state = _HEAD
-        self._hbuf.clear()
 
     # --- llhttp callbacks -------------------------------------------------------------------
     def on_message_begin(self) -> None:
@@ -414,6 +431,7 @@ class RequestReader:
         self._nfields = 0
         self._host_seen = False
         self._body_seen = 0
+        self._upgrade = None
 
     def on_url(self, url: bytes) -> None:
         self._url += url
@@ -436,6 +454,8 @@ class RequestReader:
                 self._te = value if self._te is None else self._te + b"," + value
             elif lname == b"connection":
                 self._conn_tokens.extend(t.strip().lower() for t in value.split(b","))
+            elif lname == b"upgrade":
+                self._upgrade = value if self._upgrade is None else self._upgrade + b"," + value
             return
         if kind == _F_HOST:
             if self._host_seen:
@@ -483,9 +503,13 @@ class RequestReader:
             raise EdgeError(400, "missing Host header")
         if head.target[:1] != b"/":
             self._absolute_to_origin(head)
-        if head.has_body and parser.should_upgrade():
-            # llhttp would skip the body of an upgrade and parse it as the next request.
-            raise EdgeError(501, "protocol upgrade with a request body is not supported")
+        if parser.should_upgrade():
+            if head.has_body:
+                # llhttp would skip the body of an upgrade and parse it as the next request.
+                raise EdgeError(501, "protocol upgrade with a request body is not supported")
+            head.websocket = _is_websocket(head.method, vbytes, self._upgrade)
+            if head.websocket:
+                self._upgrade = _ACCEPTED
         head.keep_alive = bool(parser.should_keep_alive())
         if vbytes == b"1.0":
             head.expect_continue = False  # RFC 9110 10.1.1: no 1xx to an HTTP/1.0 client; ignore it
@@ -546,6 +570,13 @@ class RequestReader:
         self._mark = len(self._events)
 
 
+def _is_websocket(method: bytes, version: bytes, upgrade: bytes | None) -> bool:
+    # RFC 6455 4.1: a GET over HTTP/1.1 whose Upgrade names websocket (llhttp has checked Connection).
+    if method != b"GET" or version != b"1.1" or upgrade is None:
+        return False
+    return b"websocket" in (t.strip().lower().split(b"/", 1)[0] for t in upgrade.split(b","))
+
+
 _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
 
 
@@ -587,11 +618,14 @@ def forward_head(
     trusted: bool,
     proto: bytes = b"http",
     prefix: bytes = b"",
+    traceparent: bytes = b"",
 ) -> bytes:
     """The request head corral sends a worker: regenerated framing, forwarding headers, no hop-by-hop.
 
     X-Forwarded-* and Forwarded from an untrusted peer are dropped (a client must not be able to pick
     the address an app logs or rate-limits); from a trusted proxy they are kept and appended to.
+    `traceparent` (tracing.py) replaces the client's; its tracestate goes along only when the
+    traceparent is the client's own, unchanged (W3C: a restarted trace drops the old tracestate).
     """
     parts = [head.method, b" ", head.target, b" HTTP/1.1\r\n"]
     xff: list[bytes] = []
@@ -599,6 +633,8 @@ def forward_head(
     xfp = xfh = xfprefix = b""
     has_rid = False
     via = -1
+    tracestate: list[bytes] = []
+    continued = False
     for name, value in head.headers:
         if name in _REGENERATED:
             continue
@@ -624,6 +660,12 @@ def forward_head(
             has_rid = True
         elif name == b"via":
             via = len(parts) + 2  # RFC 9110 7.6.3: corral's entry goes after the last one
+        elif traceparent and (name == b"traceparent" or name == b"tracestate"):
+            if name == b"tracestate":
+                tracestate.append(value)
+            else:
+                continued = continued or value == traceparent
+            continue
         parts += [name, b": ", value, b"\r\n"]
     if via >= 0:
         parts[via] += b", 1.1 corral"
@@ -631,6 +673,10 @@ def forward_head(
         parts.append(b"via: 1.1 corral\r\n")
     if not has_rid:
         parts += [b"x-request-id: ", request_id, b"\r\n"]
+    if traceparent:
+        parts += [b"traceparent: ", traceparent, b"\r\n"]
+        if continued and tracestate:
+            parts += [b"tracestate: ", b",".join(tracestate), b"\r\n"]
     xff.append(client_ip)
     parts += [b"x-forwarded-for: ", b", ".join(xff), b"\r\nx-forwarded-proto: ", xfp or proto, b"\r\n"]
     if xfh or head.host:
@@ -641,6 +687,8 @@ def forward_head(
         node = b'"[%s]"' % client_ip if b":" in client_ip else client_ip
         fwd.append(b"for=%s;proto=%s" % (node, proto))
         parts += [b"forwarded: ", b", ".join(fwd), b"\r\n"]
+    if head.websocket:
+        parts.append(b"upgrade: websocket\r\nconnection: upgrade\r\n")
     if head.chunked:
         parts.append(b"transfer-encoding: chunked\r\n")
     elif head.content_length is not None:
@@ -698,6 +746,7 @@ class ResponseHandler(Protocol):
     def on_response_body(self, data: bytes) -> None: ...
     def on_response_end(self, reusable: bool) -> None: ...
     def on_surplus(self) -> None: ...
+    def on_upgrade(self, headers: list[tuple[bytes, bytes]], rest: bytes) -> None: ...
 
 
 RESPONSE_HEAD_MAX = 1 << 20  # bytes of one worker response head (counted per read, so generous)
@@ -724,11 +773,13 @@ class ResponseReader:
         "_keep",
         "_length",
         "_parser",
+        "_switched",
         "_te",
         "_tokens",
         "framing",
         "handler",
         "method",
+        "upgrade",
     )
 
     def __init__(self, handler: ResponseHandler) -> None:
@@ -746,10 +797,13 @@ class ResponseReader:
         self._finals = 0  # heads completed for the current request (interim ones included)
         self._keep = False
         self._done = True  # no request outstanding: any byte is surplus
+        self.upgrade = False  # the request asked for a WebSocket: a 101 switches the connection
+        self._switched: list[tuple[bytes, bytes]] | None = None
 
-    def start(self, method: bytes) -> None:
+    def start(self, method: bytes, upgrade: bool = False) -> None:
         """A request was sent on this connection: its response comes next."""
         self.method = method
+        self.upgrade = upgrade
         self._done = False
         self._in_head = True
         self._head_bytes = 0
@@ -769,8 +823,14 @@ class ResponseReader:
         surplus = False
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            raise UpstreamError("worker switched protocols") from None
+        except httptools.HttpParserUpgrade as exc:
+            headers = self._switched
+            if headers is None:
+                raise UpstreamError("worker switched protocols") from None
+            self._switched = None
+            self._done = True
+            self.handler.on_upgrade(headers, data[int(exc.args[0]) :])  # the rest is the tunnel's
+            return
         except httptools.HttpParserError as exc:
             cause = exc.__context__
             if isinstance(cause, _HeadDone):
@@ -819,14 +879,22 @@ class ResponseReader:
         self._finals += 1
         parser = self._parser
         status = parser.get_status_code()
-        if 100 <= status < 200:
-            return  # interim responses are not relayed (Expect is answered by corral itself)
         headers = self._headers
         if self._tokens:
             drop = set(self._tokens)
             headers = [(k, v) for k, v in headers if k not in drop]
+        if 100 <= status < 200:
+            if status == 101 and self.upgrade:
+                self._switched = headers  # llhttp stops at the switch; feed() hands over the rest
+            return  # interim responses are not relayed (Expect is answered by corral itself)
         self.framing = body_framing(self.method, status, self._te, self._length)
+        # A bodyless answer that still declares a body (a HEAD answer's Content-Length, a 304 with one)
+        # may be followed by that body from a server that sends it anyway, maybe in a later segment
+        # (httpuv writes head and body separately): too late to tell from the next response. Such a
+        # connection is not reused; only then can no late byte ever be read as another answer.
+        declared = self._te or bool(self._length)
         self._keep = bool(parser.should_keep_alive()) and self.framing != UNTIL_CLOSE
+        self._keep = self._keep and not (self.framing == NO_BODY and declared)
         self.handler.on_response(status, headers, self.framing)
         if self.method == b"HEAD":
             self._done = True

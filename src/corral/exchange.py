@@ -16,15 +16,15 @@ exchange exactly once, and tells the client connection whether it may carry anot
 
 from __future__ import annotations
 
-import itertools
 import os
 import tempfile
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from . import edge
+from . import edge, tracing
 from .costs import SHORT
 from .scheduler import QUEUED
+from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .worker import Worker
@@ -35,12 +35,6 @@ BODY_BUFFER_LIMIT = 256 * 1024  # request body held while queued before reading 
 SPILL_READ = 256 * 1024  # bytes moved from the spill file to the client per write
 CLIENT_CLOSED = 499  # logged when the client left before its response was complete (nginx's code)
 
-_rid_prefix = os.urandom(4).hex().encode()
-_rid_counter = itertools.count(1)
-
-
-def new_request_id() -> bytes:
-    return b"%s-%x" % (_rid_prefix, next(_rid_counter))
 
 
 class Client(Protocol):
@@ -55,6 +49,10 @@ class Client(Protocol):
     def pause(self, why: int) -> None: ...
     def resume(self, why: int) -> None: ...
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None: ...
+    def switch(self, tunnel: Tunnel) -> None: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
 
 
 class Upstream(Protocol):
@@ -63,6 +61,8 @@ class Upstream(Protocol):
     def write(self, data: bytes) -> None: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def switch(self, tunnel: Tunnel) -> None: ...
 
 
 class Dispatcher(Protocol):
@@ -70,8 +70,11 @@ class Dispatcher(Protocol):
 
     served: int
     failed: int
+    sessions_rejected: int
+    ws_idle_timeout: float
 
     def release(self, ex: Exchange, conn: Upstream | None, reusable: bool) -> None: ...
+    def session_closed(self, worker: Worker) -> None: ...
     def cancel(self, ex: Exchange) -> None: ...
     def worker_failed(self, worker: Worker, why: str) -> None: ...
     def on_observe(self, ex: Exchange) -> None: ...
@@ -118,10 +121,13 @@ class Exchange:
         "created",
         "dispatched_at",
         "ended",
+        "extra_headers",
         "head",
         "head_sent",
+        "held_back",
         "keep",
         "out_head",
+        "pin",
         "pool",
         "prefix",
         "queued_at",
@@ -132,9 +138,13 @@ class Exchange:
         "route",
         "sched_state",
         "served_by",
+        "session",
         "spill",
         "spill_limit",
         "status",
+        "sticky_token",
+        "switched",
+        "traceparent",
         "upstream",
         "upstream_paused",
         "worker",
@@ -152,7 +162,11 @@ class Exchange:
         self.head = head
         self.pool = pool
         self.prefix = prefix
-        self.request_id = head.header(b"x-request-id") or new_request_id()
+        # W3C trace context: a trusted proxy's valid traceparent is continued, anything else restarts the
+        # trace. A request id corral makes up is the trace id, so one id finds the request everywhere.
+        tp = tracing.accept(head.header(b"traceparent")) if client.trusted else None
+        self.traceparent = tp or tracing.start()
+        self.request_id = head.header(b"x-request-id") or tracing.trace_id(self.traceparent)
         self.worker: Worker | None = None  # set while this exchange holds one of the worker's slots
         self.served_by: Worker | None = None
         self.upstream: Upstream | None = None
@@ -176,16 +190,26 @@ class Exchange:
         self.spill: Spill | None = None
         self.spill_limit = spill_limit  # response_buffer_file: bytes past the client buffer, on disk
         self.upstream_paused = False
+        # Seconds corral itself kept the worker from writing (back-pressure for a slow client): the
+        # request deadline does not count them against the worker.
+        self.held_back = 0.0
         self.client_gone = False
         self.ended = False
         self.status = 0
         self.bytes_out = 0
+        self.session = head.websocket  # counted against the worker's max_sessions, not its request slots
+        self.switched = False  # the worker answered 101: this exchange became a tunnel
+        self.pin: object = None  # sticky: the worker (or worker index) this request must wait for
+        self.sticky_token: bytes | None = None  # the client's sticky cookie, if any
+        self.extra_headers: list[tuple[bytes, bytes]] = []  # added to the response (Set-Cookie)
 
     # --- the request, toward the worker ------------------------------------------------------
     def upstream_head(self) -> bytes:
         self.served_by = self.worker
         client = self.client
-        return edge.forward_head(self.head, client.peer, self.request_id, client.trusted, prefix=self.prefix)
+        return edge.forward_head(
+            self.head, client.peer, self.request_id, client.trusted, prefix=self.prefix, traceparent=self.traceparent
+        )
 
     def flush_body(self, conn: Upstream) -> None:
         """Called once the worker connection is ours: 100-continue, then whatever body is buffered."""
@@ -225,8 +249,12 @@ class Exchange:
         self.status = status
         head = self.head
         self.relay_chunked, close_delimited = edge.client_framing(framing, head.version)
-        self.keep = head.keep_alive and self.request_done and not self.client.closing and not close_delimited
+        self.keep = (
+            head.keep_alive and self.request_done and not self.client.closing and not close_delimited
+        ) and not head.websocket  # a refused upgrade: the client's next bytes may not be HTTP
         conn = edge.connection_token(head.version, self.keep)
+        if self.extra_headers:
+            headers = headers + self.extra_headers
         self.out_head = edge.response_head(status, headers, self.request_id, self.relay_chunked, conn)
 
     def on_response_body(self, data: bytes) -> None:
@@ -244,6 +272,28 @@ class Exchange:
         if self.spill is None:
             self.end()
         # else: client_writable() ends it once the client has taken the spilled bytes
+
+    def on_upgrade(self, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
+        """The worker answered 101 to a WebSocket request: the two connections become one tunnel."""
+        conn, worker, pool = self.upstream, self.worker, self.pool
+        assert conn is not None and worker is not None and pool is not None
+        self.status = 101
+        self.switched = True
+        self.response_complete = True
+        head = [*headers, *self.extra_headers, (b"upgrade", b"websocket")]
+        self.client.write(edge.response_head(101, head, self.request_id, False, b"upgrade"))
+        tunnel = Tunnel(self.client, conn, pool.ws_idle_timeout, lambda: pool.session_closed(worker))
+        self.client.switch(tunnel)
+        conn.switch(tunnel)
+        self.upstream = None  # the connection is the tunnel's now: releasing the slot must not reuse it
+        self._release_worker(False)
+        if rest:
+            tunnel.from_worker(rest)
+        self.end()
+
+    def tunnel_data(self, data: bytes) -> None:
+        """Frames a client sent right behind its upgrade request, before the worker's 101."""
+        self.request_body(data)
 
     def _deliver(self, data: bytes) -> None:
         if self.out_head:
@@ -267,6 +317,7 @@ class Exchange:
         conn = self.upstream
         if full and conn is not None and not self.upstream_paused:
             self.upstream_paused = True
+            self.held_back -= time.monotonic()
             conn.pause_reading()
 
     def client_writable(self) -> None:
@@ -282,6 +333,7 @@ class Exchange:
             self.spill = None
         if self.upstream_paused and self.upstream is not None:
             self.upstream_paused = False
+            self.held_back += time.monotonic()
             self.upstream.resume_reading()
         if self.response_complete:
             self.end()
@@ -325,7 +377,8 @@ class Exchange:
         self.end()
 
     # --- corral's own answers -------------------------------------------------------------------
-    def respond_error(self, status: int, message: str, retry_after: int | None = None, json: bool = False) -> None:
+    def respond_error(self, status: int, message: str, retry_after: int | None = None, json: bool = True) -> None:
+        # JSON like plumber's own errors (a client of the API parses one format); edge refusals stay plain text.
         self.status = status
         self.head_sent = True
         self.keep = self.request_done and self.head.keep_alive and not self.client.closing
@@ -344,6 +397,8 @@ class Exchange:
     def _release_worker(self, reusable: bool) -> None:
         """The only place a worker's slot is given back (and its connection kept or closed)."""
         conn, self.upstream = self.upstream, None
+        if conn is not None:
+            self.client.resume(PAUSE_UPSTREAM)  # a worker that stopped taking our body no longer holds the client
         if self.worker is not None or conn is not None:
             self.upstream_paused = False
             assert self.pool is not None
@@ -361,6 +416,8 @@ class Exchange:
             self.spill.close()
             self.spill = None
         if pool is not None:
+            if self.session and not self.switched and self.status == 503:
+                pool.sessions_rejected += 1
             pool.on_observe(self)
         keep = self.keep and self.request_done and self.response_complete and not self.client_gone
         self.client.exchange_done(self, keep)

@@ -27,15 +27,23 @@ REFUSED = "connection refused"  # nothing listens there: certain, unlike a timeo
 OUT_OF_FDS = "corral is out of file descriptors"
 
 
-async def probe(host: str, port: int, path: str | None, timeout: float) -> tuple[bool, str]:
-    """GET the health path (any HTTP answer on / when there is none). True when it passes."""
+async def probe(
+    host: str, port: int, path: str | None, timeout: float, unix: str | None = None
+) -> tuple[bool, str]:
+    """GET the health path (any HTTP answer on / when there is none). True when it passes.
+    `unix`: the worker's Unix socket, probed instead of host:port."""
     writer = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            if unix is not None:
+                reader, writer = await asyncio.open_unix_connection(unix)
+                authority = "localhost"
+            else:
+                reader, writer = await asyncio.open_connection(host, port)
+                authority = f"{host}:{port}"
             target = path or "/"
             writer.write(
-                f"GET {target} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: corral-health\r\n"
+                f"GET {target} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: corral-health\r\n"
                 "Connection: close\r\n\r\n".encode()
             )
             line = await reader.readline()
@@ -112,7 +120,9 @@ class HealthChecker:
         # keep-alive connection: hand that connection back first.
         self.pool.close_idle(worker)
         try:
-            ok, detail = await probe(worker.host, worker.port, self.app.health_path, self.app.health_timeout)
+            ok, detail = await probe(
+                worker.host, worker.port, self.app.health_path, self.app.health_timeout, unix=worker.socket
+            )
             preempted = not worker.probing
             worker.probing = False
             worker.last_probe = time.monotonic()

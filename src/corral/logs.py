@@ -7,25 +7,45 @@ must go on serving, so a dead stdout or stderr is pointed at /dev/null and log f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import os
 import sys
 import time
 from typing import IO, TYPE_CHECKING, Any
 
+from . import logring
+
 if TYPE_CHECKING:
     from .worker import Worker
 
 TAIL_LINES = 30
 MAX_LINE = 64 * 1024
+RING = logring.Ring()  # what `corral logs` reads (GET /logs); sized from log_buffer by the server
 
 
-def say(line: str) -> None:
-    write(sys.stdout, line + "\n")
+def say(line: str, *, app: str | None = None, worker: int | None = None) -> None:
+    """One of corral's own lines on stdout, timestamped, and into the ring. `app`/`worker` tag a line
+    about one worker, so `corral logs --worker I` shows it next to that worker's output."""
+    _own(sys.stdout, "stdout", line, app, worker, "")
 
 
-def warn(line: str) -> None:
-    write(sys.stderr, line + "\n")
+def warn(line: str, *, app: str | None = None, worker: int | None = None) -> None:
+    _own(sys.stderr, "stderr", line, app, worker, logring.YELLOW)
+
+
+def _own(
+    stream: IO[str], name: str, text: str, app: str | None, worker: int | None, colour: str, shown: str | None = None
+) -> None:
+    now = time.time()
+    on = logring.coloured(stream)
+    ts = logring.paint(logring.stamp(now), logring.DIM, on)
+    out = []
+    for line in text.split("\n"):  # a multi-line message (a trace, a worker's last lines): each line stamped
+        RING.add("corral", line, app=app, worker=worker, stream=name, when=now)
+        out.append(f"{ts} {shown if on and shown else logring.paint(line, colour, on)}\n")
+    write(stream, "".join(out))
 
 
 def write(stream: IO[str], text: str) -> None:
@@ -60,8 +80,12 @@ def _discard(stream: IO[str], exc: Exception) -> None:
 
 
 def event(worker: Worker, state: str, reason: str) -> None:
-    """Every worker state change, one format: `corral: worker APP:I STATE: reason`."""
-    say(f"corral: worker {worker.name} {state}: {reason}")
+    """Every worker state change, one format: `corral: worker APP:I STATE: reason` (the state coloured
+    on a terminal)."""
+    line = f"corral: worker {worker.name} {state}: {reason}"
+    word = logring.paint(state, logring.STATE_COLOURS.get(state, ""), True)
+    shown = f"corral: worker {worker.name} {word}: {reason}"
+    _own(sys.stdout, "stdout", line, worker.app, worker.index, "", shown=shown)
 
 
 class WorkerOutput(asyncio.Protocol):
@@ -71,19 +95,20 @@ class WorkerOutput(asyncio.Protocol):
     cut into pieces rather than held.
     """
 
-    def __init__(self, worker: Worker, sink: IO[str] | None) -> None:
+    def __init__(self, worker: Worker, sink: IO[str] | None, stream: str = "stdout") -> None:
         self.worker = worker
         self.prefix = f"[{worker.name}] "
         self.partial = b""
-        self.sink = sink
+        self.sink = sink  # not None: the worker writes worker.logs (read per line: SIGUSR1 may reopen it)
+        self.stream = stream
 
     @classmethod
     def attach(cls, loop: asyncio.AbstractEventLoop, worker: Worker, log_dir: str | None) -> None:
         proc = worker.proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         sink = cls._log_file(worker, log_dir) if log_dir else None
-        for pipe in (proc.stdout, proc.stderr):
-            loop.create_task(loop.connect_read_pipe(lambda: cls(worker, sink), pipe))
+        for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
+            loop.create_task(loop.connect_read_pipe(functools.partial(cls, worker, sink, name), pipe))
 
     @staticmethod
     def _log_file(worker: Worker, log_dir: str) -> IO[str] | None:
@@ -114,21 +139,62 @@ class WorkerOutput(asyncio.Protocol):
         if not lines:
             return
         texts = [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
-        tail = self.worker.tail
+        worker = self.worker
+        tail = worker.tail
         tail.extend(texts)
         del tail[:-TAIL_LINES]
-        out = "".join(f"{self.prefix}{t}\n" for t in texts)
-        write(sys.stdout, out)
-        if self.sink is not None:
-            write(self.sink, out)
+        now = time.time()
+        for t in texts:
+            RING.add(worker.name, t, app=worker.app, worker=worker.index, stream=self.stream, when=now)
+        ts = logring.stamp(now)
+        plain = "".join(f"{ts} {self.prefix}{t}\n" for t in texts)
+        if logring.coloured(sys.stdout):
+            dim_ts = logring.paint(ts, logring.DIM, True)
+            prefix = logring.paint(self.prefix[:-1], logring.worker_colour(worker.index), True)
+            write(sys.stdout, "".join(f"{dim_ts} {prefix} {t}\n" for t in texts))
+        else:
+            write(sys.stdout, plain)
+        if self.sink is not None and worker.logs is not None:
+            write(worker.logs, plain)
+
+
+def reopen_worker_log(worker: Worker, log_dir: str) -> bool:
+    """SIGUSR1 (logrotate): close the worker's --log-dir file and open its path afresh. True when reopened."""
+    old = worker.logs
+    if old is None:
+        return False
+    try:
+        worker.logs = open(os.path.join(log_dir, f"{worker.app}-{worker.index}.log"), "a")  # noqa: SIM115
+    except OSError as exc:  # keep writing the old (renamed) file rather than lose the output
+        warn(f"corral: cannot reopen worker {worker.name}'s log in {log_dir}: {exc.strerror or exc}")
+        return False
+    with contextlib.suppress(OSError):
+        old.close()
+    return True
 
 
 class AccessLog:
-    """One line per request: time, method, path, status, bytes, queue wait, service time, worker, client, id."""
+    """One line per request: time, method, path, status, bytes, queue wait, service time, worker, client, id,
+    trace id."""
 
     def __init__(self, target: str, fmt: str) -> None:
         self.json = fmt == "json"
+        self.target = target
         self.out: IO[str] = sys.stdout if target == "-" else open(target, "a", buffering=1)  # noqa: SIM115
+
+    def reopen(self) -> bool:
+        """SIGUSR1 (logrotate): open the path afresh, so lines go to the new file, not the renamed one."""
+        if self.target == "-":
+            return False
+        try:
+            new = open(self.target, "a", buffering=1)  # noqa: SIM115
+        except OSError as exc:  # keep the old file rather than lose lines
+            warn(f"corral: cannot reopen the access log {self.target}: {exc.strerror or exc}")
+            return False
+        old, self.out = self.out, new
+        with contextlib.suppress(OSError):
+            old.close()
+        return True
 
     def __call__(self, ex: Any) -> None:  # an exchange.Exchange: logs sits below it, so no import
         now = time.time()
@@ -146,6 +212,7 @@ class AccessLog:
             "worker": worker.index if worker is not None else None,
             "client": ex.client.peer.decode(),
             "request_id": ex.request_id.decode("latin-1"),
+            "trace_id": ex.traceparent[3:35].decode("latin-1"),  # W3C trace id (tracing.trace_id)
         }
         if self.json:
             line = json.dumps(rec) + "\n"
@@ -153,6 +220,6 @@ class AccessLog:
             line = (
                 f'{rec["time"]} {rec["client"]} "{rec["method"]} {rec["path"]}" {rec["status"]} {rec["bytes"]} '
                 f"wait={rec['queue_wait_ms']}ms service={rec['service_ms']}ms worker={rec['worker']} "
-                f"id={rec['request_id']}\n"
+                f"id={rec['request_id']} trace={rec['trace_id']}\n"
             )
         write(self.out, line)

@@ -169,6 +169,10 @@ def _families() -> dict[str, Any]:
         ),
         (counter, "corral_route_requests", "Requests seen per route", ["route"]),
         (gauge, "corral_worker_rss_bytes", "Resident memory of a worker's process tree", ["index"]),
+        (gauge, "corral_crash_looping", "1 while the app's workers exit crash_limit times within its window", []),
+        (gauge, "corral_sessions", "WebSocket sessions open now (they do not count in corral_inflight)", []),
+        (counter, "corral_sessions_opened", "WebSocket sessions opened (tunnels after a worker's 101)", []),
+        (counter, "corral_sessions_rejected", "New WebSocket sessions answered 503 at the queue's limits", []),
     ]
     return {name: kind(name, doc, labels=["app", *labels]) for kind, name, doc, labels in specs}
 
@@ -190,6 +194,9 @@ def _add_traffic(fams: dict[str, Any], app: Any, st: PoolStats) -> None:
         ("corral_queue_timeouts", q.timed_out),
         ("corral_upstream_failures", app.failed),
         ("corral_retries", app.retried),
+        ("corral_sessions", app.sessions),
+        ("corral_sessions_opened", app.sessions_opened),
+        ("corral_sessions_rejected", app.sessions_rejected),
     ):
         fams[family].add_metric([name], value)
 
@@ -199,6 +206,8 @@ def _add_fleet(fams: dict[str, Any], app: Any) -> None:
     for state, n in (dict.fromkeys(STATES, 0) | app.states()).items():
         fams["corral_workers"].add_metric([name, state], n)
     fams["corral_workers_desired"].add_metric([name], app.desired)
+    if app.supervised:
+        fams["corral_crash_looping"].add_metric([name], 1 if getattr(app, "crash_loop", None) else 0)
     for reason, n in app.restarts.items():
         fams["corral_worker_restarts"].add_metric([name, reason], n)
     for w in app.workers:

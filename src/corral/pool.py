@@ -14,11 +14,11 @@ import ctypes
 import errno
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from . import edge
-from .config import effective_workers
+from . import edge, sticky
+from .config import effective_workers, sticky_mode
 from .costs import SHORT, RouteCosts, route_key
 from .exchange import PAUSE_UPSTREAM
 from .logs import say
@@ -28,6 +28,7 @@ from .worker import State, Worker
 if TYPE_CHECKING:
     from .config import AppConfig
     from .exchange import Exchange
+    from .tunnel import Tunnel
 
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 # setsockopt through libc on the raw fd: uvloop's socket proxy builds a socket object per call
@@ -63,9 +64,17 @@ class Pool:
         self.on_observe: Callable[[Exchange], None] = lambda ex: None  # metrics / access log
         self.on_unreachable: Callable[[Worker, str], None] = self._mark_unreachable
         self.on_probe_due: Callable[[Worker], None] = lambda w: None  # set by the health checker
+        # The worker indexes this app should have (the supervisor's desired slots): ip stickiness
+        # maps clients onto slots, so a client whose worker restarts waits for the same slot.
+        self.slot_indexes: Callable[[], Iterable[int]] = lambda: sorted({w.index for w in self.workers})
         self.served = 0
         self.failed = 0
         self.retried = 0
+        self.sticky = sticky_mode(app)
+        self.tokens: dict[bytes, Worker] = {}  # sticky cookie token -> the worker process it names
+        self.ws_idle_timeout = app.ws_idle_timeout
+        self.sessions_opened = 0
+        self.sessions_rejected = 0  # sessions answered 503 (queue full, or waited past queue_timeout)
         self._fd_warned = -FD_WARN_EVERY
         self._preempt_timer: asyncio.TimerHandle | None = None
 
@@ -74,6 +83,10 @@ class Pool:
         """A new worker (starting, or an upstream to discover): known, not yet routable."""
         if worker not in self.workers:
             self.workers.append(worker)
+        worker.max_sessions = self.app.max_sessions
+        if self.sticky == "cookie":
+            worker.sticky_token = sticky.new_token()
+            self.tokens[worker.sticky_token] = worker
 
     def set_state(self, worker: Worker, state: State) -> None:
         worker.state = state
@@ -89,6 +102,11 @@ class Pool:
         self.close_idle(worker)
         if worker in self.workers:
             self.workers.remove(worker)
+        self.tokens.pop(worker.sticky_token, None)
+        # Requests waiting for this worker process (cookie), or for a slot scaled away (ip), go anywhere.
+        slots = set(self.slot_indexes())
+        self.scheduler.unpin(lambda pin: pin is worker or (isinstance(pin, int) and pin not in slots))
+        self.pump()
 
     def close_idle(self, worker: Worker) -> None:
         for conn in list(worker.idle):
@@ -100,6 +118,8 @@ class Pool:
     # --- requests -------------------------------------------------------------------------
     def submit(self, ex: Exchange) -> None:
         """Dispatch now, queue, or raise QueueFull (the caller answers 503)."""
+        if self.sticky != "none":
+            self._pin(ex)
         ex.route = self.route_of(ex.head.method, ex.head.target)
         if self.cost_aware:
             ex.cls, ex.cost = self.costs.classify(ex.route)
@@ -108,6 +128,24 @@ class Pool:
             self.connect(ex, worker)
         elif self._preempt_timer is None and any(w.probing for w in self.scheduler.workers):
             self._preempt_timer = self.loop.call_later(PROBE_GRACE, self._preempt_probe)
+
+    def _pin(self, ex: Exchange) -> None:
+        if self.sticky == "cookie":
+            ex.sticky_token = sticky.cookie_token(ex.head.header(b"cookie"))
+            worker = self.tokens.get(ex.sticky_token) if ex.sticky_token else None
+            if worker is not None and worker.state in (State.READY, State.STARTING):
+                ex.pin = worker
+            return
+        client = ex.client.peer
+        forwarded = ex.head.header(b"x-forwarded-for") if ex.client.trusted else None
+        if forwarded:
+            client = forwarded.split(b",", 1)[0].strip()  # the original client, as the trusted proxy saw it
+        ex.pin = sticky.ip_slot(client, list(self.slot_indexes()))
+
+    def session_closed(self, worker: Worker) -> None:
+        """A WebSocket tunnel to `worker` ended: its session place is free for a waiting one."""
+        worker.sessions -= 1
+        self.pump()
 
     def _preempt_probe(self) -> None:
         # A probe must never delay a real request for long: a healthy worker answers one in about a
@@ -148,6 +186,8 @@ class Pool:
         ex.worker = worker
         ex.dispatched_at = time.monotonic()
         self.inflight.add(ex)
+        if self.sticky == "cookie" and ex.sticky_token != worker.sticky_token:
+            ex.extra_headers.append(sticky.set_cookie(worker.sticky_token))  # (re-)issued: it names this worker
         idle = worker.idle
         while idle:
             conn = idle.pop()
@@ -158,14 +198,22 @@ class Pool:
 
     async def _open(self, ex: Exchange, worker: Worker) -> None:
         try:
-            _, conn = await self.loop.create_connection(
-                lambda: UpstreamConnection(self, worker), worker.host, worker.port
-            )
+            if worker.socket is not None:
+                _, conn = await self.loop.create_unix_connection(
+                    lambda: UpstreamConnection(self, worker), worker.socket
+                )
+            else:
+                _, conn = await self.loop.create_connection(
+                    lambda: UpstreamConnection(self, worker), worker.host, worker.port
+                )
         except OSError as exc:
-            self._unreached(ex, worker, exc)
+            if ex.worker is worker:  # else the exchange already ended, and its slot went back then
+                self._unreached(ex, worker, exc)
             return
         if ex.worker is not worker:
-            conn.finish(True)  # the exchange ended (timed out, client left) while we connected: keep it
+            # The exchange ended (timed out, client left) while we connected: keep the connection only
+            # if the worker has a slot for it, or a one-connection server could wait on an idle one.
+            conn.finish(worker.inflight + len(worker.idle) < worker.max_inflight)
             return
         conn.send(ex)
 
@@ -225,6 +273,11 @@ class Pool:
         ex.worker = None
         now = time.monotonic()
         self.inflight.discard(ex)
+        if ex.session:
+            if ex.switched:
+                self.sessions_opened += 1  # the request slot goes back; the session place stays taken
+            else:
+                worker.sessions -= 1  # the upgrade never happened
         service = now - ex.dispatched_at
         self.scheduler.release(worker, now, service, ex.cls)
         if served:
@@ -241,7 +294,13 @@ class Pool:
             ex.queue_timed_out(self.scheduler.retry_after())  # type: ignore[attr-defined]
         if self.request_timeout:
             limit = now - self.request_timeout
-            for ex in [e for e in self.inflight if e.dispatched_at <= limit and e.worker is not None]:
+            # A worker corral itself is holding back (a slow client's back-pressure) is not hung.
+            late = [
+                e
+                for e in self.inflight
+                if e.dispatched_at + e.held_back <= limit and e.worker is not None and not e.upstream_paused
+            ]
+            for ex in late:
                 worker = ex.worker
                 assert worker is not None
                 # Out of rotation first, so the freed slot is not handed straight back to it.
@@ -253,7 +312,7 @@ class UpstreamConnection(asyncio.Protocol):
     """One TCP connection to a worker. Carries one exchange at a time: no request is ever sent on it
     before the previous response has fully arrived and been checked for surplus bytes."""
 
-    __slots__ = ("closed", "exchange", "fd", "pool", "reader", "transport", "worker")
+    __slots__ = ("closed", "exchange", "fd", "pool", "reader", "transport", "tunnel", "worker")
 
     def __init__(self, pool: Pool, worker: Worker) -> None:
         self.pool = pool
@@ -263,29 +322,30 @@ class UpstreamConnection(asyncio.Protocol):
         self.reader = edge.ResponseReader(self)
         self.closed = False
         self.fd = -1
+        self.tunnel: Tunnel | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        # A Unix socket has no Nagle and no delayed ACK: neither option exists there, nor is needed.
+        if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             self.fd = sock.fileno() if _QUICKACK is not None else -1
         self._quickack()
 
     def _quickack(self) -> None:
         # httpuv writes head and body in two segments without TCP_NODELAY: on a reused connection
-        # the second waits for our delayed ACK (~40 ms). QUICKACK is not sticky, so re-arm it.
+        # the second waits for our delayed ACK (~40 ms). Setting QUICKACK sends the pending ACK now.
         if self.fd >= 0 and not self.closed:
             _setsockopt(self.fd, socket.IPPROTO_TCP, _QUICKACK, _ONE, 4)
 
     def send(self, ex: Exchange) -> None:
         self.exchange = ex
         ex.upstream = self
-        self.reader.start(ex.head.method)
+        self.reader.start(ex.head.method, ex.head.websocket)
         assert self.transport is not None
         self.transport.write(ex.upstream_head())
         ex.flush_body(self)
-        self._quickack()
 
     def write(self, data: bytes) -> None:
         if not self.closed and self.transport is not None:
@@ -299,8 +359,14 @@ class UpstreamConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.resume_reading()
 
+    def switch(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.exchange = None
+
     def data_received(self, data: bytes) -> None:
-        self._quickack()
+        if self.tunnel is not None:
+            self.tunnel.from_worker(data)
+            return
         ex = self.exchange
         try:
             self.reader.feed(data)
@@ -310,6 +376,12 @@ class UpstreamConnection(asyncio.Protocol):
                 self.on_surplus()  # bytes on an idle connection: never the answer to a future request
             elif self.exchange is ex:
                 ex.upstream_failed(f"malformed response: {exc}")
+            return
+        if ex is not None and self.exchange is ex:
+            # The response is not whole yet: its rest may be held back (Nagle) until this part is ACKed.
+            # A response that came whole in one read needs no ACK in a hurry, so a worker that writes
+            # its response at once costs no setsockopt at all; httpuv (head, then body) costs one.
+            self._quickack()
 
     # Response parser callbacks, relayed to the exchange.
     def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
@@ -324,16 +396,25 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.exchange is not None
         self.exchange.on_response_end(reusable)
 
+    def on_upgrade(self, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
+        assert self.exchange is not None
+        self.exchange.on_upgrade(headers, rest)
+
     def on_surplus(self) -> None:
         say(f"corral: worker {self.worker.name}: {edge.SURPLUS}; its connection is closed, not reused")
 
     def eof_received(self) -> bool:
+        if self.tunnel is not None:
+            self.tunnel.close()
+            return False
         if self.exchange is not None:
             self.reader.eof()  # a close-delimited body ends here; anything else is a truncation
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.tunnel is not None:
+            self.tunnel.close()
         if self in self.worker.idle:
             self.worker.idle.remove(self)
         ex, self.exchange = self.exchange, None
@@ -352,11 +433,17 @@ class UpstreamConnection(asyncio.Protocol):
             worker.idle.append(self)
 
     def pause_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.worker_full()
+            return
         ex = self.exchange
         if ex is not None:
             ex.client.pause(PAUSE_UPSTREAM)
 
     def resume_writing(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.worker_drained()
+            return
         ex = self.exchange
         if ex is not None:
             ex.client.resume(PAUSE_UPSTREAM)

@@ -17,12 +17,13 @@ from collections import deque
 from typing import TYPE_CHECKING
 
 from . import edge
-from .exchange import PAUSE_BUFFER, PAUSE_PIPELINE, Exchange
+from .exchange import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPSTREAM, Exchange
 from .scheduler import QueueFull
 
 if TYPE_CHECKING:
     from .config import ServerConfig
     from .pool import Pool
+    from .tunnel import Tunnel
 
 
 class Router:
@@ -130,6 +131,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = 0.0
         self.send_progress = 0.0  # when the client last took response bytes (send_timeout)
         self.send_backlog = 0
+        self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -151,6 +153,9 @@ class ClientConnection(asyncio.Protocol):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+            return
         now = time.monotonic()
         self.last_active = now
         if not self.reader.in_head and self.parsing is None:
@@ -172,11 +177,15 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_blocked = True
+        if self.tunnel is not None:
+            self.tunnel.client_full()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
         self.send_progress = time.monotonic()
-        if self.current is not None:
+        if self.tunnel is not None:
+            self.tunnel.client_drained()
+        elif self.current is not None:
             self.current.client_writable()
 
     # --- what an Exchange uses (exchange.Client) ------------------------------------------------
@@ -186,6 +195,15 @@ class ClientConnection(asyncio.Protocol):
 
     def writing_paused(self) -> bool:
         return self.write_blocked
+
+    def switch(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def pause_reading(self) -> None:
+        self.pause(PAUSE_UPSTREAM)
+
+    def resume_reading(self) -> None:
+        self.resume(PAUSE_UPSTREAM)
 
     # --- request edge callbacks -------------------------------------------------------------
     def on_request(self, head: edge.RequestHead) -> None:
@@ -213,6 +231,13 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             ex.request_end()
 
+    def on_tunnel_data(self, data: bytes) -> None:
+        # Bytes behind a WebSocket upgrade request, before the switch: frames the worker reads after its 101.
+        if self.tunnel is not None:
+            self.tunnel.from_client(data)
+        elif self.current is not None:
+            self.current.tunnel_data(data)
+
     # --- running exchanges -----------------------------------------------------------------
     def start(self, ex: Exchange) -> None:
         pool = ex.pool
@@ -234,6 +259,8 @@ class ClientConnection(asyncio.Protocol):
         if ex is not self.current:
             return  # a pipelined request whose client left before it started
         self.current = None
+        if self.tunnel is not None:
+            return  # the connection belongs to the tunnel now
         self.last_active = time.monotonic()
         if not keep_alive or self.closing:
             self.close()
@@ -283,6 +310,8 @@ class ClientConnection(asyncio.Protocol):
 
     def _abandon(self) -> None:
         """The client is gone: every exchange it still had ends here (each is logged once)."""
+        if self.tunnel is not None:
+            self.tunnel.close()
         pending = [self.current, *self.pipeline]
         self.current = None
         self.pipeline.clear()
@@ -291,6 +320,9 @@ class ClientConnection(asyncio.Protocol):
                 ex.client_left()
 
     def check_timeouts(self, now: float) -> None:
+        if self.tunnel is not None:
+            self.tunnel.check_idle(now)
+            return
         self._check_send(now)
         ex = self.current
         parsing = self.parsing

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 from .costs import LONG, SHORT
@@ -38,6 +39,8 @@ class Job(Protocol):
     sched_state: int
     cls: int  # costs.SHORT or costs.LONG
     cost: float  # predicted service seconds (0 when unknown)
+    session: bool  # a WebSocket upgrade: needs a worker below its max_sessions
+    pin: object  # None, or the Worker / worker index a sticky request must wait for
 
 
 class QueueFull(Exception):
@@ -64,6 +67,9 @@ class Scheduler:
         self.workers: list[Worker] = []
         # Per class FIFO; may hold cancelled jobs (dropped lazily). `depth` counts the live ones.
         self.queues: tuple[deque[Job], deque[Job]] = (deque(), deque())
+        # Jobs only some workers may take (sticky, or sessions): they wait here in arrival order, so a
+        # request waiting for one busy worker never holds up the requests any worker could serve.
+        self.held: deque[Job] = deque()
         self.depth = 0
         self.queued_cost = [0.0, 0.0]  # predicted seconds of the live queued jobs, per class
         self.long_inflight = 0
@@ -83,6 +89,12 @@ class Scheduler:
     def remove_worker(self, worker: Worker) -> None:
         if worker in self.workers:
             self.workers.remove(worker)
+
+    def unpin(self, gone: Callable[[object], bool]) -> None:
+        """Waiting jobs pinned to a worker that is gone may go to any worker."""
+        for job in self.held:
+            if job.sched_state == QUEUED and job.pin is not None and gone(job.pin):
+                job.pin = None
 
     def pick(self) -> Worker | None:
         """The least-loaded worker with room; among equals, the one idle longest (even spread)."""
@@ -110,7 +122,26 @@ class Scheduler:
     def _place(self, job: Job, now: float) -> Worker | None:
         if job.cls == LONG and self.long_inflight >= self.long_limit(now):
             return None
+        if job.pin is not None or job.session:
+            return self._pick_for(job)
         return self.pick()
+
+    def _pick_for(self, job: Job) -> Worker | None:
+        """pick(), among the workers this job may go to; sessions spread by open sessions first."""
+        pin, session = job.pin, job.session
+        best: Worker | None = None
+        for w in self.workers:
+            if not w.has_room or (session and w.sessions >= w.max_sessions):
+                continue
+            if pin is not None and pin is not w and pin != w.index:
+                continue
+            if best is None or (w.sessions, w.inflight, w.last_used) < (best.sessions, best.inflight, best.last_used):
+                best = w
+        return best
+
+    @staticmethod
+    def _constrained(job: Job) -> bool:
+        return job.pin is not None or job.session
 
     # --- requests -----------------------------------------------------------------------
     def submit(self, job: Job, now: float) -> Worker | None:
@@ -120,7 +151,7 @@ class Scheduler:
         if job.cls == SHORT:
             self.recent_shorts.append(now)
         ahead = short_q if job.cls == SHORT else long_q
-        if not self._live(ahead) and (job.cls == SHORT or not self._live(short_q)):
+        if self._constrained(job) or (not self._live(ahead) and (job.cls == SHORT or not self._live(short_q))):
             worker = self._place(job, now)
             if worker is not None:
                 self._assign(job, worker, now)
@@ -128,7 +159,7 @@ class Scheduler:
         if self.depth >= self.max_queue:
             self.rejected += 1
             raise QueueFull(self.retry_after(), "all workers busy and the queue is full")
-        if self.cost_aware and self.capacity():
+        if self.cost_aware and self.capacity() and not self._constrained(job):
             wait = self.predicted_wait(job, now)
             if wait > self.queue_timeout:
                 self.refused_early += 1
@@ -147,7 +178,7 @@ class Scheduler:
 
     def _enqueue(self, job: Job, front: bool) -> None:
         job.sched_state = QUEUED
-        q = self.queues[job.cls]
+        q = self.held if self._constrained(job) else self.queues[job.cls]
         if front:
             q.appendleft(job)
         else:
@@ -165,6 +196,8 @@ class Scheduler:
         worker.inflight += 1
         worker.last_used = now
         worker.busy_until = max(worker.busy_until, now) + job.cost
+        if job.session:
+            worker.sessions += 1  # taken from dispatch on: the pool gives it back if the upgrade fails
         if job.cls == LONG:
             self.long_inflight += 1
 
@@ -181,6 +214,8 @@ class Scheduler:
     def pump(self, now: float) -> list[tuple[Job, Worker]]:
         """Hand queued jobs to workers with room: by place (arrival, plus long_bias for long jobs)."""
         out: list[tuple[Job, Worker]] = []
+        if self.held:
+            self._pump_held(now, out)
         while self.depth:
             placed = False
             for job in self._heads():
@@ -195,6 +230,20 @@ class Scheduler:
             if not placed:
                 break
         return out
+
+    def _pump_held(self, now: float, out: list[tuple[Job, Worker]]) -> None:
+        keep: deque[Job] = deque()
+        for job in self.held:
+            if job.sched_state != QUEUED:
+                continue
+            worker = self._place(job, now)  # a job unpinned while it waited may go to any worker now
+            if worker is None:
+                keep.append(job)
+                continue
+            self._leave_queue(job, DISPATCHED)
+            self._assign(job, worker, now)
+            out.append((job, worker))
+        self.held = keep
 
     def _heads(self) -> list[Job]:
         heads = []
@@ -215,7 +264,7 @@ class Scheduler:
         """Jobs that waited longer than queue_timeout (per class, FIFO order is deadline order)."""
         out: list[Job] = []
         limit = now - self.queue_timeout
-        for q in self.queues:
+        for q in (*self.queues, self.held):
             while q and (q[0].sched_state != QUEUED or q[0].queued_at <= limit):
                 job = q.popleft()
                 if job.sched_state == QUEUED:
@@ -234,7 +283,7 @@ class Scheduler:
         return bool(q)
 
     def oldest_wait(self, now: float) -> float:
-        waits = [now - q[0].queued_at for q in self.queues if self._live(q)]
+        waits = [now - q[0].queued_at for q in (*self.queues, self.held) if self._live(q)]
         return max(waits, default=0.0)
 
     # --- predictions --------------------------------------------------------------------

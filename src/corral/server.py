@@ -13,14 +13,16 @@ import time
 import traceback
 from typing import Any
 
-from . import config, health
+from . import config, health, logs, probes, snapshot, sockdir, systemd, tracing
 from .admin import AdminError, AdminServer
 from .autoscale import Autoscaler, Policy
 from .config import Config, autoscaled, port_span, worker_ports
-from .logs import AccessLog, say, warn
+from .logs import AccessLog, reopen_worker_log, say, warn
 from .pool import Pool
 from .proxy import Proxy, make_listener
 from .supervisor import Supervisor, port_free
+from .watch import Watcher
+from .worker import State
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a core task died; no port at all beats a port that serves nothing
 
@@ -43,12 +45,20 @@ class Corral:
         self.exit_code = 0
         self.admin: Any = None
         self.autoscalers: dict[str, Autoscaler] = {}
+        self.health_listener: probes.HealthListener | None = None
+        self.draining = False  # a stop has begun: /readyz answers 503 from this moment
+        self.notifier = systemd.Notifier(None)  # sd_notify; read from NOTIFY_SOCKET in preflight
+        self.activated = False  # serving on a socket systemd passed (LISTEN_FDS), not one we bound
+        self.access_logs: list[AccessLog] = []  # reopened on SIGUSR1
+        self.interrupted = False  # the stop began with Ctrl-C: a second one quits at once
 
     # --- preflight: refuse busy ports before starting anything -----------------------------------
     def preflight(self) -> Any:
         server = self.cfg.server
-        sock = None
-        if self.balance:
+        # Both read and cleared before any worker starts: workers copy corral's environment.
+        self.notifier = systemd.Notifier.from_environment()
+        sock = self._activation_socket()
+        if self.balance and sock is None:
             try:
                 sock = make_listener(server.host, server.port)
             except OSError as exc:
@@ -56,8 +66,14 @@ class Corral:
                     f"public port {server.port} on {server.host} is not available ({exc.strerror}); "
                     "choose another with --port"
                 ) from None
+        try:
+            self._prepare_sockets()
+        except StartupError:
+            if sock is not None:
+                sock.close()
+            raise
         for app in self.cfg.apps:
-            if app.upstreams:
+            if app.upstreams or app.worker_transport == "unix":
                 continue
             for i, port in enumerate(worker_ports(self.cfg, app)):
                 if not port_free(app.worker_host, port):
@@ -68,21 +84,70 @@ class Corral:
                         "choose another range with --base-port"
                     )
         try:
+            self.health_listener = probes.HealthListener.prepare(self.cfg)
+        except probes.ProbeError as exc:
+            if sock is not None:
+                sock.close()
+            raise StartupError(str(exc)) from None
+        try:
             self.admin = AdminServer.prepare(self.cfg)
         except AdminError as exc:
             if sock is not None:
                 sock.close()
+            if self.health_listener is not None:
+                self.health_listener.sock.close()
             raise StartupError(str(exc)) from None
         return sock
 
+    def _prepare_sockets(self) -> None:
+        """The private worker socket directory, made now so a problem with it stops corral before any
+        worker starts. Behind nginx/HAProxy (--supervise-only) workers must be on ports they can reach."""
+        unix = [a.name for a in self.cfg.apps if a.worker_transport == "unix" and not a.upstreams]
+        if not unix:
+            return
+        if not self.balance:
+            raise StartupError(
+                f"--supervise-only: app '{unix[0]}' has worker_transport unix, but nginx or HAProxy in front reach "
+                "workers on their ports: use worker_transport tcp"
+            )
+        try:
+            sockdir.instance()
+        except sockdir.SocketDirError as exc:
+            raise StartupError(str(exc)) from None
+
+    def _activation_socket(self) -> Any:
+        """The listening socket systemd passed (socket activation), or None to bind our own. Its address
+        becomes the public one, so the admin socket and the default worker ports follow it."""
+        try:
+            socks = systemd.listen_sockets()
+        except systemd.ActivationError as exc:
+            raise StartupError(str(exc)) from None
+        if not socks:
+            return None
+        for extra in socks[1:] if self.balance else socks:
+            extra.close()
+        if len(socks) > 1 and self.balance:
+            warn(f"corral: LISTEN_FDS={len(socks)}: serving on the first socket only")
+        if not self.balance:
+            warn("corral: LISTEN_FDS ignored: --supervise-only has no public listener")
+            return None
+        where = systemd.describe(socks[0])
+        if where is not None:
+            self.cfg.server.host, self.cfg.server.port = where
+        self.activated = True
+        return socks[0]
+
     async def run(self, sock: Any) -> int:
         loop = asyncio.get_running_loop()
+        logs.RING.resize(self.cfg.server.log_buffer)
         size_for_fd_limit(self.cfg, raise_fd_limit())
+        tracing.configure(self.cfg.server.trace_sample)
         for app in self.cfg.apps:
             pool = Pool(app, loop)
             self.pools.append(pool)
             if self.cfg.server.access_log:
                 pool.on_observe = AccessLog(self.cfg.server.access_log, self.cfg.server.log_format)
+                self.access_logs.append(pool.on_observe)
             if app.upstreams:
                 for w in health.external_workers(app):
                     pool.join(w)
@@ -95,19 +160,30 @@ class Corral:
                     scaler = Autoscaler(app, pool, sup, Policy.of(app, os.cpu_count() or 1))
                     self.autoscalers[app.name] = scaler
                     self.watch(loop.create_task(scaler.run()), f"autoscaler for app {app.name}")
+                if app.watch:  # development: a rolling reload when the app's files change
+                    watcher = Watcher(app, self.cfg.server, sup.reload)
+                    self.watch(loop.create_task(watcher.run()), f"file watcher for app {app.name}")
             checker = health.HealthChecker(app, pool)
             self.checkers.append(checker)
             self.watch(loop.create_task(checker.run()), f"health checker for app {app.name}")
+        if self.health_listener is not None:  # first: /livez answers while the workers start
+            await self.health_listener.start(self)
+            say(f"corral: health on http://{self.health_listener.address} (/livez, /readyz)")
         if sock is not None:
             self.proxy = Proxy(loop, self.cfg.server, self.pools)
             await self.proxy.start(sock)
-            say(f"corral: listening on http://{self.cfg.server.host}:{self.cfg.server.port}")
+            origin = " (socket from systemd)" if self.activated else ""
+            say(f"corral: listening on http://{self.cfg.server.host}:{self.cfg.server.port}{origin}")
         if self.admin is not None:
             await self.admin.start(self)
             say(f"corral: admin on {self.admin.address}")
         self._install_signals(loop)
         self.watch(loop.create_task(self._announce_ready()), "readiness announcement")
         self.watch(loop.create_task(self._watch_fatal()), "watch for apps that cannot start")
+        if self.notifier.enabled:
+            self.watch(loop.create_task(self._tell_systemd()), "systemd notifications")
+            if self.notifier.watchdog_interval:
+                self.watch(loop.create_task(self._feed_watchdog(self.notifier.watchdog_interval)), "systemd watchdog")
         await self._stop.wait()
         await self.shutdown()
         return self.exit_code
@@ -128,9 +204,10 @@ class Corral:
         self.stop()
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.add_signal_handler(signal.SIGINT, self.stop)
+        loop.add_signal_handler(signal.SIGINT, self.interrupt)
         loop.add_signal_handler(signal.SIGTERM, self.stop)
         loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
 
     async def _announce_ready(self) -> None:
         while not self._stop.is_set():
@@ -145,8 +222,59 @@ class Corral:
                         f"{p.name} {_addresses(p)}" for p in self.pools if p.name in self.supervisors
                     )
                 say(f"corral: all workers ready ({names}); {where}")
+                self.notifier.send("READY=1", f"STATUS={self._systemd_status()}")
                 return
             await asyncio.sleep(0.05)
+
+    # --- systemd: sd_notify -------------------------------------------------------------------------
+    async def _feed_watchdog(self, every: float) -> None:
+        """WATCHDOG=1 from the event loop itself: a loop that stops turning stops feeding it."""
+        while True:
+            self.notifier.send("WATCHDOG=1")
+            await asyncio.sleep(every)
+
+    async def _tell_systemd(self) -> None:
+        """STATUS= when it changes; RELOADING=1 ... READY=1 around a reload (SIGHUP, /reload, --watch:
+        any of them moves a supervisor's generation). READY=1 itself comes from _announce_ready."""
+        generations = self._generations()
+        reloading = False
+        shown = None
+        while not self._stop.is_set():
+            await asyncio.sleep(0.2)
+            if self.notifier.failure is not None:
+                warn(f"corral: sd_notify to $NOTIFY_SOCKET failed ({self.notifier.failure}); systemd may not hear us")
+                self.notifier.failure = None
+            now = self._generations()
+            if now != generations and not reloading:
+                reloading = True
+                self.notifier.send("RELOADING=1", systemd.monotonic_usec(), "STATUS=reloading")
+            generations = now
+            status = self._systemd_status()
+            if reloading and "reloading" not in status:
+                reloading = False
+                self.notifier.send("READY=1", f"STATUS={status}")
+                shown = status
+            elif status != shown:
+                self.notifier.send(f"STATUS={status}")
+                shown = status
+
+    def _generations(self) -> tuple[int, ...]:
+        return tuple(s.generation for s in self.supervisors.values())
+
+    def _systemd_status(self) -> str:
+        """`4/4 workers ready, 0 queued` (per app when there are several), for `systemctl status`."""
+        apps = snapshot.take(self, time.monotonic(), routes=0).apps
+        if len(apps) == 1:
+            ready = f"{apps[0].ready}/{apps[0].desired}"
+        else:
+            ready = ", ".join(f"{a.name} {a.ready}/{a.desired}" for a in apps)
+        out = f"{ready} workers ready, {sum(a.queue.depth for a in apps)} queued"
+        if any(a.reloading for a in apps):
+            out += "; reloading"
+        looping = [a.name for a in apps if a.crash_loop is not None]
+        if looping:
+            out += "; crash-looping: " + ", ".join(looping)
+        return out
 
     def _describe(self, pool: Pool) -> str:
         if pool.name in self.supervisors:
@@ -164,7 +292,55 @@ class Corral:
             await asyncio.sleep(0.1)
 
     def stop(self) -> None:
+        """Begin a graceful stop (SIGTERM, SIGINT, POST /stop). /readyz turns 503 here, at once; a second
+        call changes nothing (Kubernetes' preStop `corral stop` is followed by its SIGTERM)."""
+        self.draining = True
         self._stop.set()
+
+    def interrupt(self) -> None:
+        """SIGINT (Ctrl-C): the first is a graceful stop that says what it waits for; a second one, or one
+        during any stop, quits at once."""
+        if self._stop.is_set():
+            self.quit_now()
+            return
+        self.interrupted = True
+        self.stop()
+
+    def _drain_note(self, grace: float) -> str:
+        """What the stop waits for: `draining 1 request, up to 30 s; Ctrl-C again to quit now`."""
+        held = sum(len(p.inflight) + p.scheduler.depth for p in self.pools)
+        what = f"draining {held} request{'s' * (held != 1)}, up to {grace:g} s" if held else "nothing in flight"
+        return what + ("; Ctrl-C again to quit now" if self.interrupted else "")
+
+    def quit_now(self) -> None:
+        """The second Ctrl-C: SIGKILL every worker's process group and exit 130, without draining."""
+        for sup in self.supervisors.values():
+            for w in sup.all_workers():
+                if w.proc is not None and w.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(w.proc.pid, signal.SIGKILL)
+        if self.admin is not None:
+            with contextlib.suppress(Exception):
+                self.admin._unlink()  # `corral ls` must not list a corral that is gone
+        sockdir.remove()  # os._exit skips atexit
+        say("corral: second Ctrl-C: stopped at once (requests in flight were cut, workers killed)")
+        os._exit(130)
+
+    def reopen_logs(self) -> None:
+        """SIGUSR1, for logrotate: reopen the --access-log file and every worker's --log-dir file."""
+        access = [a.reopen() for a in self.access_logs]  # one per app, all on the same path
+        workers = 0
+        log_dir = self.cfg.server.log_dir
+        if log_dir:
+            for sup in self.supervisors.values():
+                workers += sum(reopen_worker_log(w, log_dir) for w in sup.all_workers() if w.state is not State.STOPPED)
+        done = (["the access log"] if any(access) else []) + (
+            [f"{workers} worker log{'s' * (workers != 1)}"] if log_dir else []
+        )
+        if done:
+            say(f"corral: SIGUSR1: reopened {' and '.join(done)}")
+        else:
+            say("corral: SIGUSR1: no log file to reopen (no --access-log file, no --log-dir)")
 
     def reload(self) -> list[str]:
         return [sup.reload() for sup in self.supervisors.values()]
@@ -173,15 +349,26 @@ class Corral:
         return [s.scale(n) for name, s in self.supervisors.items() if app is None or name == app]
 
     async def shutdown(self) -> None:
-        """Stop accepting, let in-flight requests finish until one drain deadline, stop workers, exit.
+        """Keep serving for shutdown_delay (with /readyz at 503), then stop accepting, let in-flight
+        requests finish until one drain deadline, stop workers, exit.
 
-        The deadline is computed once, here: the proxy drains against it and each supervisor gets it, so
-        a stop takes at most graceful_timeout + kill_timeout (+1 s), never two graceful_timeouts.
+        The deadline is computed once, after the delay: the proxy drains against it and each supervisor
+        gets it, so a stop takes at most shutdown_delay + graceful_timeout + kill_timeout (+1 s), never two
+        graceful_timeouts. A stop for an internal error or an app that cannot start has no delay.
         """
+        self.draining = True
+        self.notifier.send("STOPPING=1", "STATUS=stopping: draining")
+        delay = 0.0 if self.exit_code else self.cfg.server.shutdown_delay
+        if delay > 0:
+            say(
+                f"corral: stopping: /readyz answers 503; still serving for {delay:g}s (shutdown_delay) "
+                "while outer balancers stop sending"
+            )
+            await asyncio.sleep(delay)
         begun = time.monotonic()
         grace = 0.0 if self.exit_code else max((a.graceful_timeout for a in self.cfg.apps), default=0.0)
         deadline = begun + grace
-        say(f"corral: stopping: no new connections; finishing in-flight requests (drain deadline {grace:g}s)")
+        say(f"corral: stopping: {self._drain_note(grace)}")
         proxy = self.proxy
         if proxy is not None:
             proxy.stop_accepting()
@@ -196,8 +383,12 @@ class Corral:
         if self.admin is not None:
             with contextlib.suppress(Exception):
                 await self.admin.stop()
+        if self.health_listener is not None:  # last: /livez held 200 through the whole drain
+            with contextlib.suppress(Exception):
+                await self.health_listener.stop()
         for task in self.tasks:
             task.cancel()
+        sockdir.remove()  # the workers are gone: so are their sockets
         for pool in self.pools:
             say(
                 f"corral: app {pool.name}: served {pool.served}, failed {pool.failed}, "

@@ -12,7 +12,6 @@ and the autoscaler both obey it.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -65,10 +64,7 @@ class Fleet(Protocol):
 
 def ceiling(app: AppConfig) -> int:
     """The most workers this app may ever run: each one costs a process and file descriptors."""
-    bound = getattr(config, "worker_ceiling", None)
-    if bound is not None:
-        return int(bound(app))
-    return app.max_workers or max(4 * (os.cpu_count() or 1), 16)  # until config.worker_ceiling lands
+    return config.worker_ceiling(app)
 
 
 # How a worker stands in its app: in service for its index, the replacement starting for it (reload,
@@ -93,6 +89,8 @@ class WorkerSnap:
     age: float  # seconds since spawned (or discovered)
     external: bool
     note: str | None  # why it is out of rotation
+    sessions: int = 0  # open WebSocket sessions (they do not hold the request slot: `inflight` is apart)
+    socket: str | None = None  # its Unix socket (worker_transport unix), shown instead of the port
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +114,18 @@ class AutoscaleSnap:
 
 
 @dataclass(frozen=True, slots=True)
+class CrashLoopSnap:
+    """An app whose workers exited crash_limit times within its window (supervisor._check_crash_loop)."""
+
+    for_s: float  # how long it has been crash-looping
+    exits: int  # unplanned exits within the window now
+    limit: int  # K of crash_limit K/T
+    window: float  # T
+    worker: str  # the worker that exited last
+    last_lines: tuple[str, ...]  # what it printed last
+
+
+@dataclass(frozen=True, slots=True)
 class AppSnap:
     name: str
     route: str
@@ -136,6 +146,16 @@ class AppSnap:
     restarts: dict[str, int] = field(default_factory=dict)  # unplanned restarts by reason
     routes: tuple[dict[str, Any], ...] = ()
     autoscale: AutoscaleSnap | None = None
+    crash_loop: CrashLoopSnap | None = None
+    sticky: str = "none"  # config.sticky_mode: cookie, ip or none
+    max_sessions: int = 0  # WebSocket sessions one worker may hold
+    sessions_opened: int = 0  # WebSocket sessions ever opened (tunnels after a worker's 101)
+    sessions_rejected: int = 0  # new sessions answered 503 at the queue's limits
+
+    @property
+    def sessions(self) -> int:
+        """WebSocket sessions open now, on every worker (a retiring one keeps its own until they close)."""
+        return sum(w.sessions for w in self.workers)
 
     @property
     def ready(self) -> int:
@@ -144,7 +164,10 @@ class AppSnap:
 
     @property
     def busy(self) -> int:
-        return sum(1 for w in self.workers if w.role == SERVING and w.state is State.READY and w.inflight)
+        # A worker holding WebSocket sessions is in use too: scaling down must not drain it for idleness.
+        return sum(
+            1 for w in self.workers if w.role == SERVING and w.state is State.READY and (w.inflight or w.sessions)
+        )
 
     @property
     def starting(self) -> int:
@@ -208,7 +231,20 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         restarts=dict(sup.restarts) if sup else {},
         routes=tuple(pool.costs.table()[:routes]) if routes else (),
         autoscale=_autoscale(scaler),
+        crash_loop=_crash_loop(sup, now),
+        sticky=config.sticky_mode(pool.app),
+        max_sessions=pool.app.max_sessions,
+        sessions_opened=pool.sessions_opened,
+        sessions_rejected=pool.sessions_rejected,
     )
+
+
+def _crash_loop(sup: Supervisor | None, now: float) -> CrashLoopSnap | None:
+    since = getattr(sup, "crash_looping_since", None)
+    if sup is None or since is None:
+        return None
+    k, t = sup.crash_limit
+    return CrashLoopSnap(now - since, len(sup.exits), k, t, sup.crash_worker_name(), tuple(sup.crash_lines()))
 
 
 def _reloading(sup: Supervisor | None) -> bool:
@@ -248,6 +284,8 @@ def _worker(w: Worker, role: str, restarts: int, now: float) -> WorkerSnap:
         age=now - w.born,
         external=w.external,
         note=w.stop_reason if w.state not in (State.READY, State.STARTING) else None,
+        sessions=w.sessions,
+        socket=w.socket,
     )
 
 

@@ -9,6 +9,7 @@ only records facts and wakes the loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import os
@@ -23,15 +24,17 @@ from typing import TYPE_CHECKING
 
 import psutil
 
-from . import health, launch
-from .config import AppConfig, Config, connect_host, effective_workers, worker_ports
-from .logs import WorkerOutput, event, warn
+from . import health, launch, sockdir
+from .config import AppConfig, Config, connect_host, effective_workers, parse_crash_limit, worker_ports
+from .logs import WorkerOutput, event, say, warn
 from .worker import State, Worker
 
 if TYPE_CHECKING:
     from .pool import Pool
 
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
+CRASH_LINES = 10  # last output lines kept with a crash loop
+CRASH_REPORT_DELAY = 0.25  # a dead worker's last lines reach its pipes just after its exit is seen
 TICK = 0.1
 MEMORY_EVERY = 2.0
 PORT_MAX = 65535
@@ -68,6 +71,7 @@ class Supervisor:
         self.index_restarts: dict[int, int] = {}  # worker index -> unplanned restarts, for status
         self.surge = 1
         self.fixed_ports = False  # --supervise-only: workers keep their ports across reloads
+        self.unix = app.worker_transport == "unix"  # each worker on a socket in sockdir, not a port
         self.ever_ready = False
         self.fatal: str | None = None
         self.reload_note: str | None = None
@@ -76,7 +80,12 @@ class Supervisor:
         self._last_memory = 0.0
         self._errors_seen: set[tuple[str, str, int]] = set()
         self.log_dir = cfg.server.log_dir
+        self.crash_limit = parse_crash_limit(app.crash_limit)  # (K exits, within T seconds)
+        self.exits: collections.deque[float] = collections.deque()  # unplanned exits within the last T seconds
+        self.crash_worker: Worker | None = None  # the last one that exited: its tail is the crash loop's lines
+        self.crash_looping_since: float | None = None
         pool.on_hung = self.kill_hung
+        pool.slot_indexes = lambda: range(self.desired)
 
     # --- public requests: record the wish, let reconcile act ------------------------------------
     def reload(self) -> str:
@@ -142,6 +151,7 @@ class Supervisor:
             self._last_memory = now
             self._check_memory()
         self._check_fatal()
+        self._check_crash_loop(now)
 
     def _reconcile_index(self, index: int, now: float) -> None:
         worker = self.slots.get(index)
@@ -219,13 +229,18 @@ class Supervisor:
         self.generation = failed.generation - 1
         tail = "; ".join(failed.tail[-3:])
         self.reload_note = f"reload aborted: replacement {failed.name} failed to start ({tail}); old workers kept"
-        warn(f"corral: {self.reload_note}")
+        # The note is one line for status; the log gets the worker's error itself (an R parse error's
+        # "unexpected ..." line comes before the 3 lines the note keeps).
+        block = "".join(f"\n    {line}" for line in error_lines(failed.tail))
+        warn(f"corral: {self.reload_note}{block}")
 
     def _next_start(self, index: int) -> float:
         return self._backoff_until.get(index, 0.0)
 
     def base_ports_for(self, index: int) -> int | None:
         """Slot `index`'s port: base_port + index when free, else a fresh one (None: no port left)."""
+        if self.unix:
+            return 0  # a unix worker takes no port
         preferred = self.base_port + index
         if preferred > PORT_MAX:  # scaled past the end of the port range: nothing above it either
             return None
@@ -239,6 +254,8 @@ class Supervisor:
     def _fresh_port(self) -> int | None:
         """A port for a replacement: above the range, outside every live worker's, free right now. None when
         every one up to 65535 is taken: that spawn then fails and backs off like a crash."""
+        if self.unix:
+            return 0
         used = self._ports_in_use()
         for port in range(self.base_port + self.desired, PORT_MAX + 1):
             if port not in used and port_free(self.app.worker_host, port):
@@ -260,18 +277,20 @@ class Supervisor:
         try:
             if port is None:
                 raise launch.LaunchError(f"no free port from {self.base_port + self.desired} to {PORT_MAX}")
+            if self.unix:
+                worker.socket = sockdir.instance().socket_for(app.name, index, worker.generation)
             self._start_process(worker)
         except Exception as exc:
             self._spawn_failed(worker, exc)
             return worker
         self.pool.join(worker)
-        self._emit(worker, State.STARTING, f"pid {worker.pid} port {port} gen {worker.generation}")
+        self._emit(worker, State.STARTING, f"pid {worker.pid} {_where(worker)} gen {worker.generation}")
         return worker
 
     def _start_process(self, worker: Worker) -> None:
         """The process, its output relay, its exit watch and its readiness probe."""
-        argv, cwd = launch.worker_argv(self.app, worker.port, worker.index)
-        env = launch.worker_env(self.app, worker.port, worker.index)
+        argv, cwd = launch.worker_argv(self.app, worker.port, worker.index, worker.socket)
+        env = launch.worker_env(self.app, worker.port, worker.index, worker.socket)
         parent = os.getpid()
         proc = worker.proc = subprocess.Popen(
             argv,
@@ -303,7 +322,7 @@ class Supervisor:
         path = self.app.health_path
         delay = 0.05
         while worker.state is State.STARTING:
-            ok, _ = await health.probe(worker.host, worker.port, path, timeout=max(1.0, delay * 4))
+            ok, _ = await health.probe(worker.host, worker.port, path, timeout=max(1.0, delay * 4), unix=worker.socket)
             if worker.state is not State.STARTING:
                 return
             if ok:
@@ -317,7 +336,7 @@ class Supervisor:
         self.ever_ready = True
         self.pool.set_state(worker, State.READY)
         took = worker.ready_at - worker.born
-        self._emit(worker, State.READY, f"pid {worker.pid} port {worker.port} ready in {took:.2f}s")
+        self._emit(worker, State.READY, f"pid {worker.pid} {_where(worker)} ready in {took:.2f}s")
         self.wake()
 
     def _watch_exit(self, worker: Worker) -> None:
@@ -334,6 +353,9 @@ class Supervisor:
         self.loop.add_reader(fd, exited)
 
     def _after_exit(self, worker: Worker, how: str) -> None:
+        if worker.socket is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(worker.socket)  # its server is gone; a replacement gets a path of its own
         was = worker.state
         never_ready = worker.ready_at is None
         worker.state = State.STOPPED
@@ -358,6 +380,8 @@ class Supervisor:
         reason = worker.stop_reason or ("exited before ready" if never_ready else "exited")
         self.restarts[reason.split(" (")[0]] = self.restarts.get(reason.split(" (")[0], 0) + 1
         self.index_restarts[index] = self.index_restarts.get(index, 0) + 1
+        self.exits.append(now)
+        self.crash_worker = worker
         worker.failed += worker.inflight
         self._emit(worker, State.STOPPED, f"{how}; {reason}; restarting in {delay:.1f}s")
         if never_ready and worker.tail and not self.ever_ready:
@@ -373,6 +397,39 @@ class Supervisor:
                 f"app '{self.app.name}' cannot start: every worker exited before it was ready.\n"
                 "Last lines the worker printed:\n" + "\n".join(f"    {line}" for line in tail[-15:])
             )
+
+    # --- crash loops: K unplanned exits within T seconds (circus's flapping, pm2's min_uptime) ----------
+    def _check_crash_loop(self, now: float) -> None:
+        """Mark the app crash-looping once K exits fall within T seconds; clear it once T seconds pass
+        without one. Backoff is not changed: restarts go on either way."""
+        k, t = self.crash_limit
+        while self.exits and now - self.exits[0] > t:
+            self.exits.popleft()
+        if self.crash_looping_since is None:
+            if len(self.exits) >= k and now - self.exits[-1] >= CRASH_REPORT_DELAY:
+                self.crash_looping_since = now
+                self._report_crash_loop()
+        elif not self.exits:
+            self.crash_looping_since = None
+            say(f"corral: app {self.app.name} is no longer crash-looping: no worker exit in the last {t:g}s")
+
+    def _report_crash_loop(self) -> None:
+        k, t = self.crash_limit
+        span = self.exits[-1] - self.exits[0]
+        lines = self.crash_lines() or ["(the worker printed nothing)"]
+        warn(
+            f"corral: app {self.app.name} is crash-looping: {len(self.exits)} worker exits in {span:.0f}s "
+            f"(crash_limit {k}/{t:g}s); restarts go on with backoff. Last lines of {self.crash_worker_name()}:\n"
+            + "\n".join(f"    {line}" for line in lines),
+            app=self.app.name,
+        )
+
+    def crash_lines(self) -> list[str]:
+        """The last lines the worker that exited last printed (read late: its pipes drain after its exit)."""
+        return list(self.crash_worker.tail[-CRASH_LINES:]) if self.crash_worker is not None else []
+
+    def crash_worker_name(self) -> str:
+        return self.crash_worker.name if self.crash_worker is not None else self.app.name
 
     def _retire(self, worker: Worker, why: str) -> None:
         worker.stop_reason = why
@@ -436,6 +493,19 @@ class Supervisor:
     async def _until(self, done: Callable[[], bool], deadline: float) -> None:
         while not done() and self.clock() < deadline:
             await asyncio.sleep(0.05)
+
+
+def error_lines(tail: list[str], most: int = 15) -> list[str]:
+    """A failed worker's error: its output from the first line that starts an error (R's `Error in
+    parse(...)` comes before the `Error in parseUTF8` that repeats it; a Python `Traceback`), else its
+    last lines; at most `most` lines."""
+    start = next((i for i, line in enumerate(tail) if line.lstrip().startswith(("Error", "Traceback"))), None)
+    lines = tail[start : start + most] if start is not None else tail[-most:]
+    return lines or ["(the worker printed nothing)"]
+
+
+def _where(worker: Worker) -> str:
+    return f"socket {worker.socket}" if worker.socket is not None else f"port {worker.port}"
 
 
 def _describe_exit(code: int) -> str:

@@ -41,6 +41,7 @@ class Worker:
         "logs",
         "max_inflight",
         "max_requests",
+        "max_sessions",
         "port",
         "probe_due",
         "probe_fails",
@@ -51,7 +52,10 @@ class Worker:
         "ready_at",
         "retire_reason",
         "served",
+        "sessions",
+        "socket",
         "state",
+        "sticky_token",
         "stop_reason",
         "tail",
     )
@@ -70,11 +74,15 @@ class Worker:
         self.index = index
         self.host = host
         self.port = port
+        self.socket: str | None = None  # its Unix socket (worker_transport unix): connected to instead of the port
         self.max_inflight = max_inflight
         self.generation = generation
         self.external = external
         self.state = State.STARTING
         self.inflight = 0
+        self.sessions = 0  # open WebSocket tunnels (and upgrades under way) on this worker
+        self.max_sessions = 1 << 30  # the pool sets the app's max_sessions when the worker joins
+        self.sticky_token = b""  # names this process in the sticky cookie (pool.join)
         self.served = 0
         self.failed = 0
         self.max_requests: int | None = None
@@ -113,8 +121,9 @@ class Worker:
 
     @property
     def holding(self) -> bool:
-        """Still owes a response. A worker is stopped only when this is False."""
-        return self.inflight > 0
+        """Still owes a response or holds a session. A worker is stopped only when this is False
+        (or when graceful_timeout has passed)."""
+        return self.inflight > 0 or self.sessions > 0
 
     @property
     def pid(self) -> int | None:
@@ -126,7 +135,7 @@ class Worker:
 
     @property
     def address(self) -> str:
-        return f"{self.host}:{self.port}"
+        return f"unix:{self.socket}" if self.socket is not None else f"{self.host}:{self.port}"
 
     def display_state(self) -> str:
         if self.state is State.READY and self.inflight:
