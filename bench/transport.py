@@ -2,6 +2,7 @@
 """Issue 13's first step: corral's workers on TCP vs Unix sockets (`--worker-transport`), same run.
 
     bench/transport.py [--runs 3] [--duration 10] [--only T1,T2,T3] [--baseline-src DIR]
+    bench/transport.py --interleave 12 --duration 4 --warm 1     # all up at once, taking turns
 
 bench/compare measures corral over worker processes the harness starts on ports (`--upstream`), so it
 cannot put them on sockets; here corral supervises its own workers. The tree under test is copied once at
@@ -16,7 +17,12 @@ start (others may edit src/ while this runs). Per run, in alternating order:
 - `--baseline-src DIR`: one more corral (`base`, tcp) run from DIR (a directory holding the corral
   package, e.g. `git archive REV src | tar -x`), for a before/after of the data path itself.
 
-CPU per request counts corral's own process (its workers are children, not counted), nginx's whole tree.
+CPU per request (us): `cpu_us`/`sys_us` of corral's own process (its workers are children, not counted) or
+nginx's whole tree; `workers_us` of the R workers serving it; `backend_us` of T3's nginx backend.
+`--interleave ROUNDS` starts every target at once (on their own ports) and lets them take turns every few
+seconds for ROUNDS rounds: on a shared machine whose load drifts, the per-round ratios to the tcp corral
+(the table's "paired" column) are far tighter than whole runs in sequence.
+
 Prints medians with min..max and the load average at each run's start; raw figures go to
 bench/out/transport-<timestamp>.json. Ports 19070-19090, 19300-19303; every process by its group.
 """
@@ -32,11 +38,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import psutil
-from procs import HOST, Child, require_free, tree_usage, wait_http
+from procs import HOST, Child, require_free, wait_http
 from proxies import render
 from wrk import WrkResult, run_wrk
 
@@ -45,8 +51,10 @@ APP = ROOT / "bench" / "app" / "plumber.R"
 OUT = ROOT / "bench" / "out"
 CORRAL_PORT = 19070  # its tcp workers: 19071, 19072
 NGINX_PORT = 19080
+INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077}  # tcp workers 19071-19072, base's 19078-19079
 T3_PORTS = list(range(19300, 19304))
 Results = dict[str, dict[str, dict[str, list[float]]]]  # scenario -> target -> metric -> per-run values
+Usage = Callable[[], dict[str, float]]  # named CPU-second counters, read before and after a measurement
 
 
 class Bench:
@@ -73,11 +81,11 @@ class Bench:
 
     # --- processes --------------------------------------------------------------------------------
     @contextmanager
-    def corral(self, variant: str, args: list[str], ready: str) -> Iterator[Child]:
+    def corral(self, variant: str, args: list[str], ready: str, port: int = CORRAL_PORT) -> Iterator[Child]:
         src, extra = self.variants[variant]
-        argv = [sys.executable, "-m", "corral", "run", "--host", HOST, "-p", str(CORRAL_PORT), *extra, *args]
+        argv = [sys.executable, "-m", "corral", "run", "--host", HOST, "-p", str(port), *extra, *args]
         env = {**os.environ, "PYTHONPATH": str(src)}
-        require_free([CORRAL_PORT])
+        require_free([port])
         child = Child(f"corral-{variant}", argv, self.tmp / f"corral-{variant}.log", env=env, cwd=self.tmp)
         try:
             deadline = time.monotonic() + 120
@@ -85,7 +93,7 @@ class Bench:
                 if not child.alive() or time.monotonic() > deadline:
                     raise RuntimeError(f"corral {variant} did not start:\n{child.log_tail()}")
                 time.sleep(0.1)
-            wait_http(child, CORRAL_PORT, ready, 30)
+            wait_http(child, port, ready, 30)
             yield child
         finally:
             child.stop(30)
@@ -127,19 +135,22 @@ class Bench:
         run_wrk(url, conns, self.args.warm, headers=headers)
         return run_wrk(url, conns, self.args.duration, headers=headers)
 
-    def measured(self, usage: Callable[[], float], port: int, path: str, conns: int) -> tuple[WrkResult, float]:
+    def measured(
+        self, usage: Usage, port: int, path: str, conns: int, headers: tuple[str, ...] = ()
+    ) -> tuple[WrkResult, dict[str, float]]:
+        """wrk after a warm-up, and each CPU counter of `usage` per request, in microseconds."""
         url = f"http://{HOST}:{port}{path}"
-        run_wrk(url, conns, self.args.warm)
+        run_wrk(url, conns, self.args.warm, headers=headers)
         before = usage()
-        r = run_wrk(url, conns, self.args.duration)
-        cpu_us = (usage() - before) / max(r.requests, 1) * 1e6
-        return r, cpu_us
+        r = run_wrk(url, conns, self.args.duration, headers=headers)
+        after = usage()
+        return r, {k: (after[k] - before[k]) / max(r.requests, 1) * 1e6 for k in after}
 
-    def t1_t2(self, target: str, port: int, usage: Callable[[], float]) -> None:
+    def t1_t2(self, target: str, port: int, usage: Usage) -> None:
         if "T1" in self.args.only:
             r, cpu = self.measured(usage, port, "/fast", 32)
-            self.add("T1", target, rps=r.rps, p50_ms=r.p50_ms, p99_ms=r.p99_ms, cpu_us=cpu, failed=r.failed)
-            self.log(f"  T1 {target}: {r.rps:.0f} req/s, p99 {r.p99_ms:.1f} ms, {cpu:.0f} us/req, failed {r.failed}")
+            self.add("T1", target, rps=r.rps, p50_ms=r.p50_ms, p99_ms=r.p99_ms, failed=r.failed, **cpu)
+            self.log(f"  T1 {target}: {r.rps:.0f} req/s, p99 {r.p99_ms:.1f} ms, failed {r.failed}, {_us(cpu)}")
         if "T2" in self.args.only:
             r = self.wrk(port, "/fast", 1)
             self.add("T2", target, p50_ms=r.p50_ms, p99_ms=r.p99_ms)
@@ -149,11 +160,11 @@ class Bench:
     def plumber_run(self, order: list[str]) -> None:
         for variant in order:
             with self.corral(variant, ["-w", "2", "--health-path", "/fast", str(APP)], "/fast") as c:
-                self.t1_t2(variant, CORRAL_PORT, lambda c=c: own_cpu(c.pid))
+                self.t1_t2(variant, CORRAL_PORT, lambda c=c: cpu(c.pid, workers=c.pid))
                 if variant == "tcp":  # the peer and the direct figure over these same R processes
                     workers = [CORRAL_PORT + 1, CORRAL_PORT + 2]
                     with self.nginx("nginx", "nginx-least-conn.conf", workers, "/fast") as n:
-                        self.t1_t2("nginx", NGINX_PORT, lambda n=n: tree_usage(n.pid).cpu_s)
+                        self.t1_t2("nginx", NGINX_PORT, lambda n=n, c=c: cpu(n.pid, tree=True, workers=c.pid))
                     if "T2" in self.args.only:
                         r = self.wrk(workers[0], "/fast", 1, headers=("Connection: close",))
                         self.add("T2", "direct", p50_ms=r.p50_ms, p99_ms=r.p99_ms)
@@ -162,25 +173,83 @@ class Bench:
     def t3_run(self, order: list[str]) -> None:
         spec = f"{HOST}:{T3_PORTS[0]}-{T3_PORTS[-1]}"
         link = f'ln -s {self.tmp}/backend-"$CORRAL_WORKER_INDEX".sock "$CORRAL_WORKER_SOCKET" && exec sleep 86400'
-        with self.nginx("backend", "backend-nginx.conf", T3_PORTS, "/"):
+        with self.nginx("backend", "backend-nginx.conf", T3_PORTS, "/") as b:
             r = self.wrk(T3_PORTS[0], "/", 32)
             self.add("T3", "direct", rps=r.rps, p99_ms=r.p99_ms)
             for variant in [*order, "nginx-ka"]:
                 if variant == "nginx-ka":
                     with self.nginx("nginx-ka", "nginx-keepalive.conf", T3_PORTS, "/") as n:
-                        r, cpu = self.measured(lambda n=n: tree_usage(n.pid).cpu_s, NGINX_PORT, "/", 32)
+                        r, use = self.measured(lambda n=n: cpu(n.pid, tree=True, backend=b.pid), NGINX_PORT, "/", 32)
                 elif variant == "unix":
                     args = ["-w", "4", "--max-inflight", "64", "--health-path", "/", "--", "sh", "-c", link]
                     with self.corral(variant, args, "/") as c:
-                        r, cpu = self.measured(lambda c=c: own_cpu(c.pid), CORRAL_PORT, "/", 32)
+                        r, use = self.measured(lambda c=c: cpu(c.pid, backend=b.pid), CORRAL_PORT, "/", 32)
                 else:
                     args = ["--upstream", spec, "--max-inflight", "64", "--health-path", "/"]
                     with self.corral(variant, args, "/") as c:
-                        r, cpu = self.measured(lambda c=c: own_cpu(c.pid), CORRAL_PORT, "/", 32)
-                self.add("T3", variant, rps=r.rps, p99_ms=r.p99_ms, cpu_us=cpu, failed=r.failed)
-                self.log(f"  T3 {variant}: {r.rps:.0f} req/s, p99 {r.p99_ms:.2f} ms, {cpu:.1f} us/req")
+                        r, use = self.measured(lambda c=c: cpu(c.pid, backend=b.pid), CORRAL_PORT, "/", 32)
+                self.add("T3", variant, rps=r.rps, p99_ms=r.p99_ms, failed=r.failed, **use)
+                self.log(f"  T3 {variant}: {r.rps:.0f} req/s, p99 {r.p99_ms:.2f} ms, {_us(use)}")
+
+    # --- interleaved: every target up at once, short measurements taking turns --------------------------
+    def interleaved(self) -> None:
+        """Drift in the machine's load (others' tests) hits every target alike when they take turns every
+        few seconds; each round's figures are then compared with the tcp corral's of the same round."""
+        if {"T1", "T2"} & set(self.args.only):
+            with ExitStack() as stack:
+                targets: dict[str, tuple[int, Usage]] = {}
+                pids: dict[str, int] = {}
+                plumber = ["-w", "2", "--health-path", "/fast", str(APP)]
+                for v in self.variants:
+                    port = INTERLEAVE_PORTS[v]
+                    c = stack.enter_context(self.corral(v, plumber, "/fast", port))
+                    pids[v] = c.pid
+                    targets[v] = (port, lambda pid=c.pid: cpu(pid, workers=pid))
+                workers = [INTERLEAVE_PORTS["tcp"] + 1, INTERLEAVE_PORTS["tcp"] + 2]
+                n = stack.enter_context(self.nginx("nginx", "nginx-least-conn.conf", workers, "/fast"))
+                targets["nginx"] = (NGINX_PORT, lambda: cpu(n.pid, tree=True, workers=pids["tcp"]))
+                if "T1" in self.args.only:
+                    self.rotate("T1", targets, "/fast", 32)
+                if "T2" in self.args.only:
+                    self.rotate("T2", {**targets, "direct": (workers[0], lambda: {})}, "/fast", 1)
+        if "T3" in self.args.only:
+            self.t3_interleaved()
+
+    def t3_interleaved(self) -> None:
+        spec = f"{HOST}:{T3_PORTS[0]}-{T3_PORTS[-1]}"
+        link = f'ln -s {self.tmp}/backend-"$CORRAL_WORKER_INDEX".sock "$CORRAL_WORKER_SOCKET" && exec sleep 86400'
+        with ExitStack() as stack:
+            b = stack.enter_context(self.nginx("backend", "backend-nginx.conf", T3_PORTS, "/"))
+            targets: dict[str, tuple[int, Usage]] = {}
+            for v in self.variants:
+                if v == "unix":
+                    args = ["-w", "4", "--max-inflight", "64", "--health-path", "/", "--", "sh", "-c", link]
+                else:
+                    args = ["--upstream", spec, "--max-inflight", "64", "--health-path", "/"]
+                c = stack.enter_context(self.corral(v, args, "/", INTERLEAVE_PORTS[v]))
+                targets[v] = (INTERLEAVE_PORTS[v], lambda pid=c.pid: cpu(pid, backend=b.pid))
+            n = stack.enter_context(self.nginx("nginx-ka", "nginx-keepalive.conf", T3_PORTS, "/"))
+            targets["nginx-ka"] = (NGINX_PORT, lambda: cpu(n.pid, tree=True, backend=b.pid))
+            self.rotate("T3", targets, "/", 32)
+
+    def rotate(self, scenario: str, targets: dict[str, tuple[int, Usage]], path: str, conns: int) -> None:
+        names = list(targets)
+        for r in range(self.args.interleave):
+            k = r % len(names)
+            load = os.getloadavg()
+            self.loads.append(load)
+            self.log(f"{scenario} round {r + 1}/{self.args.interleave}, load average {load[0]:.2f}")
+            for name in names[k:] + names[:k]:
+                port, usage = targets[name]
+                close = ("Connection: close",) if name == "direct" else ()  # as a proxy without keep-alive does
+                res, use = self.measured(usage, port, path, conns, close)
+                self.add(scenario, name, rps=res.rps, p50_ms=res.p50_ms, p99_ms=res.p99_ms, failed=res.failed, **use)
+                self.log(f"  {scenario} {name}: {res.rps:.0f} req/s, p50 {res.p50_ms:.3f} ms, {_us(use)}")
 
     def run(self) -> None:
+        if self.args.interleave:
+            self.interleaved()
+            return
         names = list(self.variants)
         for run in range(self.args.runs):
             load = os.getloadavg()
@@ -195,7 +264,11 @@ class Bench:
 
     def report(self) -> str:
         lines = [f"load average at each run's start: {', '.join(f'{x[0]:.2f}' for x in self.loads)}", ""]
-        lines += ["| scenario | metric | target | median | min..max | vs tcp |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| scenario | metric | target | median | min..max | vs tcp (medians) | paired: median (min..max) of "
+            "per-run ratios to tcp |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for scenario, targets in self.results.items():
             metrics = sorted({m for t in targets.values() for m in t})
             for metric in metrics:
@@ -207,15 +280,49 @@ class Bench:
                     med = statistics.median(v)
                     ratio = f"{med / statistics.median(tcp):.3f}" if tcp and statistics.median(tcp) else ""
                     lines.append(
-                        f"| {scenario} | {metric} | {target} | {med:.3f} | {min(v):.3f}..{max(v):.3f} | {ratio} |"
+                        f"| {scenario} | {metric} | {target} | {med:.3f} | {min(v):.3f}..{max(v):.3f} | {ratio} "
+                        f"| {_paired(v, tcp)} |"
                     )
         return "\n".join(lines)
 
 
-def own_cpu(pid: int) -> float:
-    """corral's own CPU seconds: its R workers are children and not counted."""
-    t = psutil.Process(pid).cpu_times()
+def cpu(pid: int, tree: bool = False, workers: int | None = None, backend: int | None = None) -> dict[str, float]:
+    """CPU seconds: `cpu_us` and `sys_us` of the proxy (its own process, or with tree its whole process tree:
+    nginx's workers), `workers_us` of the processes under `workers` (corral's R workers, not counted as
+    corral's), `backend_us` of T3's nginx backend tree. measured() turns them into us per request."""
+    procs = _tree(pid) if tree else [psutil.Process(pid)]
+    times = [p.cpu_times() for p in procs]
+    out = {"cpu_us": sum(t.user + t.system for t in times), "sys_us": sum(t.system for t in times)}
+    if workers is not None:
+        out["workers_us"] = sum(_total(p) for p in _tree(workers)[1:])
+    if backend is not None:
+        out["backend_us"] = sum(_total(p) for p in _tree(backend))
+    return out
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    root = psutil.Process(pid)
+    return [root, *root.children(recursive=True)]
+
+
+def _total(p: psutil.Process) -> float:
+    try:
+        t = p.cpu_times()
+    except psutil.NoSuchProcess:
+        return 0.0
     return t.user + t.system
+
+
+def _paired(values: list[float], tcp: list[float] | None) -> str:
+    """Each run's (or round's) value over the tcp corral's of the same run: load drift cancels out."""
+    if not tcp or len(tcp) != len(values) or not all(tcp):
+        return ""
+    ratios = [v / t for v, t in zip(values, tcp, strict=True)]
+    return f"{statistics.median(ratios):.3f} ({min(ratios):.3f}..{max(ratios):.3f})"
+
+
+def _us(cpu: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.1f}" for k, v in cpu.items())
 
 
 def main() -> int:
@@ -224,6 +331,8 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warm", type=float, default=3.0)
     ap.add_argument("--only", default="T1,T2,T3")
+    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                    help="all targets up at once, taking turns for ROUNDS rounds (use a short --duration)")
     ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (tcp)")
     args = ap.parse_args()
     args.only = {s.strip() for s in args.only.split(",")}

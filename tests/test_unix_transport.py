@@ -172,6 +172,14 @@ def test_transport_mistakes_are_config_errors(args, expected):
     assert r.returncode == 2 and expected in r.stderr, r.stderr
 
 
+@needs_r
+def test_plumber2_apps_are_refused_on_unix(tmp_path):
+    app = tmp_path / "plumber.R"
+    app.write_text("library(plumber2)\n#* @get /x\nfunction() 1\n")
+    r = corral_cli("check", "--worker-transport", "unix", str(app))
+    assert r.returncode == 2 and "plumber2 apps run on tcp" in r.stderr, r.stderr
+
+
 def test_supervise_only_refuses_unix_workers():
     r = corral_cli("run", "--supervise-only", "-p", "18999", *unix_stub(), timeout=30)
     assert r.returncode != 0 and "use worker_transport tcp" in r.stderr, r.stdout + r.stderr

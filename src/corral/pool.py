@@ -309,7 +309,7 @@ class Pool:
 
 
 class UpstreamConnection(asyncio.Protocol):
-    """One TCP connection to a worker. Carries one exchange at a time: no request is ever sent on it
+    """One connection (TCP or Unix) to a worker. Carries one exchange at a time: no request is ever sent on it
     before the previous response has fully arrived and been checked for surplus bytes."""
 
     __slots__ = ("closed", "exchange", "fd", "pool", "reader", "transport", "tunnel", "worker")
