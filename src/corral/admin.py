@@ -39,7 +39,16 @@ import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import __version__, logs, metrics, probes, snapshot
-from .net import TOKEN_ENV, AddressError, default_socket, host_names, host_refusal, is_loopback, parse_address
+from .net import (
+    TOKEN_ENV,
+    AddressError,
+    bind_tcp,
+    default_socket,
+    host_names,
+    host_refusal,
+    is_loopback,
+    parse_address,
+)
 from .supervisor import tree_rss
 from .worker import State
 
@@ -112,17 +121,12 @@ def _bind_unix(path: str) -> socket.socket:
 
 
 def _bind_tcp(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return bind_tcp(host, port)
     except OSError as exc:
-        sock.close()
         raise AdminError(
             f"admin address {host}:{port} is not available ({exc.strerror or exc}); choose another with --admin"
         ) from None
-    return sock
 
 
 # --- status -------------------------------------------------------------------------------------

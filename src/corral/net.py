@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from collections.abc import Iterable
 
 TOKEN_ENV = "CORRAL_ADMIN_TOKEN"
@@ -87,3 +88,19 @@ def host_refusal(value: str | None, allowed: frozenset[str]) -> str | None:
         return None
     shown = value if len(value) <= 64 else value[:64] + "..."
     return f"Host {shown!r} does not name this admin channel (DNS rebinding guard; see docs/operations.md)"
+
+
+def bind_tcp(host: str, port: int) -> socket.socket:
+    """A bound TCP socket (IPv6 when the host is), SO_REUSEADDR set; OSError when the port is taken.
+
+    Every listener corral opens (public, admin, health) binds through here, before any worker starts, so
+    a busy port fails fast; the caller names the port and the option that moves it.
+    """
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock

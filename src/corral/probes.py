@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from . import snapshot
+from . import net, snapshot
 
 if TYPE_CHECKING:
     from .config import Config
@@ -89,18 +89,13 @@ def parse_listen(spec: str) -> tuple[str, int]:
 
 
 def bind(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        sock.bind((host, port))
+        return net.bind_tcp(host, port)
     except OSError as exc:
-        sock.close()
         raise ProbeError(
             f"health listener {host}:{port} is not available ({exc.strerror or exc}); choose another with "
             "--health-listen"
         ) from None
-    return sock
 
 
 class HealthListener:

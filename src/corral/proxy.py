@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from . import edge
 from .exchange import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPSTREAM, Exchange
+from .net import bind_tcp
 from .scheduler import QueueFull
 
 if TYPE_CHECKING:
@@ -357,10 +358,7 @@ class ClientConnection(asyncio.Protocol):
 
 def make_listener(host: str, port: int) -> socket.socket:
     """Bind early (before any worker starts) so a busy port fails fast with its number."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
+    sock = bind_tcp(host, port)
     sock.listen(1024)
     sock.setblocking(False)
     return sock
