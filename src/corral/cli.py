@@ -167,7 +167,7 @@ def _dash_hint(cmd: click.Command, verb: str, args: list[str]) -> str | None:
 
 def _looks_like_app(arg: str) -> bool:
     p = Path(arg)
-    return arg.lower().endswith(".r") or p.is_dir() or p.name in getattr(C, "SERVER_YML", ())
+    return arg.lower().endswith(".r") or p.is_dir() or p.name in C.SERVER_YML
 
 
 def _run_options(fn: Any) -> Any:
@@ -313,8 +313,7 @@ def _app_here() -> tuple[str, str] | None:
     cwd = str(Path.cwd())
     if C.resolve_plumber(cwd) is not None:
         return "plumber", cwd
-    shiny = getattr(C, "resolve_shiny", None)
-    if shiny is not None and shiny(cwd):
+    if C.resolve_shiny(cwd):
         return "shiny", cwd
     return None
 

@@ -16,7 +16,7 @@ from typing import Any
 from . import config, health, logs, probes, snapshot, sockdir, systemd, tracing
 from .admin import AdminError, AdminServer
 from .autoscale import Autoscaler, Policy
-from .config import Config, autoscaled, port_span, worker_ports
+from .config import Config, autoscaled, worker_ports
 from .logs import AccessLog, reopen_worker_log, say, warn
 from .pool import Pool
 from .proxy import Proxy, make_listener
@@ -436,11 +436,7 @@ def size_for_fd_limit(cfg: Config, nofile: int) -> None:
 
 
 def _connection_budget(nofile: int, cfg: Config) -> int:
-    budget = getattr(config, "connection_budget", None)
-    if budget is not None:
-        return int(budget(nofile, cfg))
-    workers = sum(port_span(a) for a in cfg.apps)  # config without connection_budget: the same rule, roughly
-    return max(1, (nofile - 64 - 4 * workers) // 2)
+    return config.connection_budget(nofile, cfg)
 
 
 def _addresses(pool: Pool) -> str:
