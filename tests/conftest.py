@@ -245,3 +245,24 @@ def closed_by_peer(sock: socket.socket, timeout: float = 10) -> bool:
     except TimeoutError:
         return False
     return True
+
+
+# --- network namespaces (multi-host tests) ------------------------------------------------------
+CLONE_NEWNET = 0x40000000
+
+
+def ip(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+
+
+def enter_netns(name: str) -> None:
+    """Move the calling thread (only it) into the network namespace `name`, made by `ip netns add`."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), "setns")
+    finally:
+        os.close(fd)

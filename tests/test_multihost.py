@@ -9,7 +9,6 @@ across loopback addresses (127.0.0.1 -> 127.0.0.2) instead and says so in a warn
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import os
 import re
 import shutil
@@ -24,9 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import STUB, free_ports, get
+from conftest import STUB, enter_netns, free_ports, get, ip
 
-CLONE_NEWNET = 0x40000000
 SUBNET = "10.77.0"  # our own namespaces' addresses, invisible outside them
 
 
@@ -46,7 +44,7 @@ class Hosts:
     def create(self) -> None:
         if shutil.which("ip") is None:
             return self._fallback("the `ip` command is missing (Debian: iproute2)")
-        r = _ip("netns", "add", self.ns_w)
+        r = ip("netns", "add", self.ns_w)
         if r.returncode != 0:
             return self._fallback(f"`ip netns add` refused: {r.stderr.strip()}")
         self.namespaces = True
@@ -63,7 +61,7 @@ class Hosts:
             ["-n", self.ns_w, "link", "set", "lo", "up"],
             ["-n", self.ns_b, "link", "set", "lo", "up"],
         ):
-            r = _ip(*cmd)
+            r = ip(*cmd)
             assert r.returncode == 0, f"ip {' '.join(cmd)}: {r.stderr}"
         self.worker_ip = f"{SUBNET}.2"
 
@@ -78,8 +76,8 @@ class Hosts:
         if self._client is not None:
             self._client.shutdown()
         if self.namespaces:
-            _ip("netns", "del", self.ns_w)  # takes its end of the veth pair, and so the pair, with it
-            _ip("netns", "del", self.ns_b)
+            ip("netns", "del", self.ns_w)  # takes its end of the veth pair, and so the pair, with it
+            ip("netns", "del", self.ns_b)
 
     # --- running things on either host -----------------------------------------------------
     def start(self, host: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -103,17 +101,7 @@ class Hosts:
     def _enter_b(self) -> None:
         if not self.namespaces:
             return
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{self.ns_b}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:  # this thread only
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        enter_netns(self.ns_b)
 
 
 def _stop(p: subprocess.Popen) -> None:

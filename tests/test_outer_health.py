@@ -5,7 +5,6 @@ SIGTERM to one of them during load loses no request."""
 from __future__ import annotations
 
 import concurrent.futures as cf
-import ctypes
 import json
 import os
 import re
@@ -21,7 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import STUB, CorralProc, corral_cli, free_ports, get, read_response, request
+from conftest import STUB, CorralProc, corral_cli, enter_netns, free_ports, get, ip, read_response, request
 
 PY = sys.executable
 
@@ -307,7 +306,6 @@ def test_health_listen_is_checked_before_anything_starts(tmp_path):
 
 
 # --- two hosts behind HAProxy ----------------------------------------------------------------------
-CLONE_NEWNET = 0x40000000
 NET = "10.78"  # our own namespaces' addresses, invisible outside them
 
 
@@ -327,7 +325,7 @@ class Lab:
     def create(self) -> None:
         if shutil.which("ip") is None:
             return self._fallback("the `ip` command is missing (Debian: iproute2)")
-        r = _ip("netns", "add", self.ns["lb"])
+        r = ip("netns", "add", self.ns["lb"])
         if r.returncode != 0:
             return self._fallback(f"`ip netns add` refused: {r.stderr.strip()}")
         self.namespaces = True
@@ -347,7 +345,7 @@ class Lab:
             self.ip[host] = f"{NET}.{i}.2"
         cmds.append(["-n", self.ns["lb"], "link", "set", "lo", "up"])
         for cmd in cmds:
-            r = _ip(*cmd)
+            r = ip(*cmd)
             assert r.returncode == 0, f"ip {' '.join(cmd)}: {r.stderr}"
 
     def _fallback(self, why: str) -> None:
@@ -362,7 +360,7 @@ class Lab:
             self.pool.shutdown()
         if self.namespaces:
             for ns in self.ns.values():
-                _ip("netns", "del", ns)  # takes its ends of the veth pairs, and so the pairs, with it
+                ip("netns", "del", ns)  # takes its ends of the veth pairs, and so the pairs, with it
 
     def start(self, host: str, argv: list[str], log: Path) -> subprocess.Popen:
         prefix = ["ip", "netns", "exec", self.ns[host]] if self.namespaces else []
@@ -382,17 +380,7 @@ class Lab:
     def _enter_lb(self) -> None:
         if not self.namespaces:
             return
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{self.ns['lb']}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:  # this thread only
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-
-
-def _ip(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
+        enter_netns(self.ns["lb"])
 
 
 def _get_at(host: str, port: int, path: str) -> tuple[int, bytes]:
