@@ -130,6 +130,34 @@ def corral(tmp_path: Path) -> Iterator:
         c.stop()
 
 
+def poll(what: str, check, timeout: float = 30.0, every: float = 0.05):
+    """check() until it returns something truthy (returned), or fail naming `what` after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = check()
+        if got:
+            return got
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(every)
+
+
+def post_bodies_reach_r(port: int) -> None:
+    """A form and a 3 MiB upload on one keep-alive connection reach the example plumber API whole."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        form = b"a=2&b=40"
+        s.sendall(
+            b"POST /sum HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(form), form)
+        )
+        assert read_response(s).json() == {"sum": [42]}
+        body = os.urandom(3 * 1024 * 1024)
+        s.sendall(
+            b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        assert read_response(s).json() == {"bytes": [len(body)]}
+
+
 def corral_cli(*args: str, timeout: float = 60, cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m corral ARGS` to completion, output captured (for commands expected to end by themselves)."""
     return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=timeout,

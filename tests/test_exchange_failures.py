@@ -13,7 +13,7 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import HERE, closed_by_peer, get, read_response, request, stub_args
+from conftest import HERE, closed_by_peer, get, poll, read_response, request, stub_args
 
 EVIL = str(HERE / "evil_worker.py")
 
@@ -121,9 +121,7 @@ def test_client_leaving_mid_response_is_logged_once(corral, tmp_path):
     s.recv(65536)
     s.close()
     assert get(c.port, "/next").status == 200
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "/next" not in access.read_text():
-        time.sleep(0.05)
+    poll("the access log line of /next", lambda: "/next" in access.read_text())
     lines = access.read_text().splitlines()
     big = [line for line in lines if "/big" in line]
     assert len(big) == 1, lines
@@ -189,9 +187,7 @@ def test_worker_dying_mid_body_is_logged_and_counted(corral, tmp_path):
     s.close()
     c.wait_for(r"worker \S+:0 ready", count=2)
     assert get(c.port, "/plain").status == 200
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and "/plain" not in access.read_text():
-        time.sleep(0.05)
+    poll("the access log line of /plain", lambda: "/plain" in access.read_text())
     cut = [line for line in access.read_text().splitlines() if "/die-mid" in line]
     assert len(cut) == 1 and " 502 " in cut[0], cut
 

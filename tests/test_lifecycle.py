@@ -13,21 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
-from conftest import STUB, _free, free_ports, get, read_response, stub_args
-
-
-def poll(what: str, check, timeout: float = 30.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
+from conftest import STUB, _free, free_ports, get, poll, read_response, stub_args
 
 
 def answers_200(port: int, path: str = "/x") -> dict | None:

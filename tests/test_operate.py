@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EXAMPLE_R, HAVE_R, ROOT, STUB, corral_cli, free_ports, get, read_response, stub_args
+from conftest import EXAMPLE_R, HAVE_R, ROOT, STUB, corral_cli, free_ports, get, poll, read_response, stub_args
 
 from corral.control import AdminClient, locate
 from corral.logring import Ring
@@ -35,16 +35,6 @@ STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 def chatty_args(*extra: str) -> list[str]:
     return ["--name", "chatty", *extra, "--", sys.executable, CHATTY, "{port}"]
-
-
-def poll(what: str, check, timeout: float = 30.0, every: float = 0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(every)
 
 
 def cli(*args: str, env: dict[str, str] | None = None, cwd: Path | str | None = None, timeout: float = 60):

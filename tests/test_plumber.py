@@ -11,7 +11,7 @@ import sys
 import time
 
 import pytest
-from conftest import EXAMPLE_R, HAVE_R, HERE, free_ports, get, read_response
+from conftest import EXAMPLE_R, HAVE_R, HERE, free_ports, get, post_bodies_reach_r, read_response
 
 pytestmark = [pytest.mark.r, pytest.mark.skipif(not HAVE_R, reason="R is not installed (scripts/setup installs it)")]
 
@@ -47,19 +47,7 @@ def test_slow_request_does_not_block_a_fast_one(plumber):
 def test_post_bodies_reach_r(plumber):
     r = get(plumber.port, "/echo?msg=x")
     assert r.status == 200
-    with socket.create_connection(("127.0.0.1", plumber.port), timeout=30) as s:
-        form = b"a=2&b=40"
-        s.sendall(
-            b"POST /sum HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(form), form)
-        )
-        assert read_response(s).json() == {"sum": [42]}
-        body = os.urandom(3 * 1024 * 1024)
-        s.sendall(
-            b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
-        assert read_response(s).json() == {"bytes": [len(body)]}
+    post_bodies_reach_r(plumber.port)  # keep-alive, bodies both ways
 
 
 def test_plumber_worker_killed_mid_request_is_restarted(plumber):

@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -14,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_R, HAVE_R, HERE, corral_cli, get, read_response
+from conftest import EXAMPLE_R, HAVE_R, HERE, corral_cli, get, post_bodies_reach_r
 
 UNIX_STUB = str(HERE / "unix_stub_worker.py")
 NOBODY = 65534
@@ -71,19 +70,7 @@ def test_plumber_workers_serve_on_unix_sockets(corral):
         body = get(c.port, "/whoami").json()
         seen[body["index"][0]] = body["port"][0]
     assert seen == {"0": "", "1": ""}  # both answer, and neither was given a port
-    with socket.create_connection(("127.0.0.1", c.port), timeout=30) as s:  # keep-alive, bodies both ways
-        form = b"a=2&b=40"
-        s.sendall(
-            b"POST /sum HTTP/1.1\r\nHost: t\r\nContent-Type: application/x-www-form-urlencoded\r\n"
-            b"Content-Length: %d\r\n\r\n%s" % (len(form), form)
-        )
-        assert read_response(s).json() == {"sum": [42]}
-        body = os.urandom(3 * 1024 * 1024)
-        s.sendall(
-            b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Type: application/octet-stream\r\n"
-            b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
-        assert read_response(s).json() == {"bytes": [len(body)]}
+    post_bodies_reach_r(c.port)  # keep-alive, bodies both ways
     ws = workers(c)
     assert [w["port"] for w in ws] == [0, 0]
     for w in ws:
