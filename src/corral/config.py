@@ -193,13 +193,18 @@ class AppConfig:
         breach="the worker is read only as fast as the client reads (back-pressure)",
     )
     health_interval: float = knob(
-        5.0, "seconds between probes of an idle worker", unit="s", minimum=0.05, maximum=DAY, breach="n/a"
+        5.0,
+        "every worker is probed once per interval, busy ones too (never while it holds a request)",
+        unit="s",
+        minimum=0.05,
+        maximum=DAY,
+        breach="a busy worker whose probe is due takes no new request until it frees; then the probe goes first",
     )
     health_timeout: float = knob(
         2.0, "probe answer deadline", unit="s", minimum=0.01, maximum=DAY, breach="counts as one failed probe"
     )
     health_fails: int = knob(
-        3, "failed probes in a row that take an idle worker out", minimum=1, maximum=1000, breach="worker replaced"
+        3, "failed probes in a row that take a worker out", minimum=1, maximum=1000, breach="worker replaced"
     )
     max_requests: int | None = knob(
         None,
