@@ -58,7 +58,7 @@ class CorralProc:
         args: list[str],
         workers: int | None,
         ready: bool = True,
-        env: dict[str, str] | None = None,
+        env: dict[str, str | None] | None = None,
         port_block: int = 40,
     ) -> None:
         self.port = free_ports(port_block)
@@ -69,7 +69,7 @@ class CorralProc:
         if workers is not None:
             argv += ["-w", str(workers)]
         self.argv = argv + args
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        full_env = child_env(PYTHONUNBUFFERED="1", **(env or {}))
         self.proc = subprocess.Popen(self.argv, stdout=self.out, stderr=subprocess.STDOUT, env=full_env, cwd=str(tmp))
         if ready:
             self.wait_for("all workers ready", timeout=90)
@@ -158,10 +158,30 @@ def post_bodies_reach_r(port: int) -> None:
         assert read_response(s).json() == {"bytes": [len(body)]}
 
 
-def corral_cli(*args: str, timeout: float = 60, cwd: Path | str | None = None) -> subprocess.CompletedProcess[str]:
+def plumber_transport() -> str:
+    """Where corral puts plumber workers in this pass: Unix sockets by default (worker_transport auto),
+    TCP in CI's second pass (scripts/test sets CORRAL_AUTO_TRANSPORT=tcp)."""
+    return os.environ.get("CORRAL_AUTO_TRANSPORT") or "unix"
+
+
+def child_env(**changes: str | None) -> dict[str, str]:
+    """This process's environment with `changes` applied; None removes a variable (CI's second pass sets
+    CORRAL_AUTO_TRANSPORT=tcp for every corral; a test of the default takes it out)."""
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+def corral_cli(
+    *args: str, timeout: float = 60, cwd: Path | str | None = None, env: dict[str, str | None] | None = None
+) -> subprocess.CompletedProcess[str]:
     """`python -m corral ARGS` to completion, output captured (for commands expected to end by themselves)."""
     return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd)
+                          cwd=cwd, env=child_env(**(env or {})))
 
 
 def stub_args(*extra: str) -> list[str]:

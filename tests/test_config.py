@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_R, ROOT, STUB, corral_cli, get
+from conftest import EXAMPLE_R, ROOT, STUB, corral_cli, get, plumber_transport
 
 from corral import config as C
 
@@ -71,7 +71,8 @@ upstreams = ["127.0.0.1:7000-7003", "10.0.0.5:7000"]
     assert r.stderr == "" and len(r.stdout.splitlines()) == 1
     line = r.stdout.strip()
     assert line.startswith(f"{tmp_path / 'corral.toml'}: ok: 3 apps on 0.0.0.0:8000: ")
-    assert f"api /api -> 4 workers on 127.0.0.1:9000-9003 (plumber {tmp_path / 'api' / 'plumber.R'})" in line
+    where = "127.0.0.1:9000-9003" if plumber_transport() == "tcp" else "unix sockets"
+    assert f"api /api -> 4 workers on {where} (plumber {tmp_path / 'api' / 'plumber.R'})" in line
     assert "py /py -> 2 workers on 127.0.0.1:9004-9005" in line  # default: after the previous app
     assert "legacy /legacy -> 5 upstreams" in line
 

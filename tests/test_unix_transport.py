@@ -17,6 +17,7 @@ from conftest import EXAMPLE_R, HAVE_R, HERE, corral_cli, get, post_bodies_reach
 
 UNIX_STUB = str(HERE / "unix_stub_worker.py")
 NOBODY = 65534
+DEFAULT_TRANSPORT: dict[str, str | None] = {"CORRAL_AUTO_TRANSPORT": None}  # whatever the CI pass sets
 IS_ROOT = os.geteuid() == 0
 needs_r = pytest.mark.skipif(not HAVE_R, reason="R is not installed (scripts/setup installs it)")
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root (another uid; a private network namespace)")
@@ -148,9 +149,10 @@ def test_nobody_but_corral_can_connect_to_a_worker_socket(corral):
     ("args", "expected"),
     [
         (["--worker-transport", "unix", "--", sys.executable, UNIX_STUB, "{port}"], "pass {socket} instead"),
-        (["--", sys.executable, UNIX_STUB, "{socket}"], "{socket} is replaced only with worker_transport unix"),
+        (["--worker-transport", "tcp", "--", sys.executable, UNIX_STUB, "{socket}"],
+         "{socket} is replaced only with worker_transport unix (or auto)"),
         (["--worker-transport", "unix", "--upstream", "127.0.0.1:9000"], "worker_transport: has no effect"),
-        (["--worker-transport", "udp", "--", sys.executable, UNIX_STUB], "must be one of tcp, unix"),
+        (["--worker-transport", "udp", "--", sys.executable, UNIX_STUB], "must be one of auto, tcp, unix"),
     ],
     ids=["port-placeholder", "socket-on-tcp", "upstreams", "unknown"],
 )
@@ -170,6 +172,61 @@ def test_plumber2_apps_are_refused_on_unix(tmp_path):
 def test_supervise_only_refuses_unix_workers():
     r = corral_cli("run", "--supervise-only", "-p", "18999", *unix_stub(), timeout=30)
     assert r.returncode != 0 and "use worker_transport tcp" in r.stderr, r.stdout + r.stderr
+
+
+# --- auto, the default: unix where corral controls how the worker listens ------------------------------
+@needs_r
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ([], "on unix sockets"),
+        (["--worker-host", "0.0.0.0"], "on 0.0.0.0:"),  # asked for workers other hosts can reach
+        (["--worker-transport", "tcp"], "on 127.0.0.1:"),
+    ],
+    ids=["plumber", "plumber-open-host", "plumber-tcp"],
+)
+def test_auto_puts_plumber_on_unix_sockets_unless_told_otherwise(extra, where):
+    r = corral_cli("check", "-w", "2", *extra, EXAMPLE_R, env=DEFAULT_TRANSPORT)
+    assert r.returncode == 0 and where in r.stdout, r.stdout + r.stderr
+
+
+@needs_r
+def test_auto_transport_tcp_moves_auto_apps_to_ports_but_not_explicit_unix_ones():
+    tcp = {"CORRAL_AUTO_TRANSPORT": "tcp"}
+    r = corral_cli("check", EXAMPLE_R, env=tcp)
+    assert r.returncode == 0 and "on 127.0.0.1:" in r.stdout, r.stdout + r.stderr
+    r = corral_cli("check", "--worker-transport", "unix", EXAMPLE_R, env=tcp)
+    assert r.returncode == 0 and "on unix sockets" in r.stdout, r.stdout + r.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "where"),
+    [(["{socket}"], "on unix sockets"), (["{port}"], "on 127.0.0.1:")],
+    ids=["socket-placeholder", "port-placeholder"],
+)
+def test_auto_follows_a_commands_placeholder(command, where):
+    r = corral_cli("check", "--", sys.executable, UNIX_STUB, *command, env=DEFAULT_TRANSPORT)
+    assert r.returncode == 0 and where in r.stdout, r.stdout + r.stderr
+
+
+def test_a_socket_command_is_served_with_no_transport_option(corral):
+    c = corral(["--", sys.executable, UNIX_STUB, "{socket}"], workers=2, env=DEFAULT_TRANSPORT)
+    assert {get(c.port, "/whoami").json()["index"] for _ in range(6)} == {"0", "1"}
+    assert all(stat.S_ISSOCK(os.stat(p).st_mode) for p in sockets(c))
+
+
+@pytest.mark.r
+@needs_r
+def test_supervise_only_keeps_auto_plumber_workers_on_ports(tmp_path):
+    """nginx or HAProxy in front need ports: auto means tcp there, and the ports answer."""
+    from conftest import CorralProc, poll
+
+    c = CorralProc(tmp_path, ["--supervise-only", EXAMPLE_R], 1, env=DEFAULT_TRANSPORT)
+    try:
+        assert "socket" not in c.wait_for(r"worker \S+:0 ready: pid \d+ \S+ \S+").group(0)
+        poll("the worker's port answers", lambda: get(c.base_port, "/whoami").status == 200)
+    finally:
+        c.stop()
 
 
 # --- the directory itself ----------------------------------------------------------------------------

@@ -1,3 +1,64 @@
 """corral: a supervised fleet of single-threaded web API workers behind one port."""
 
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import os
+import sys
+from importlib.machinery import ModuleSpec
+from pathlib import Path
+
 __version__ = "0.1.0"
+
+# The data-path modules setup.py compiles with Cython when it can (the same .py source either way): what
+# py-spy shows on every proxied request (bench/RESULTS.md, issue 13).
+COMPILED = ("edge", "exchange", "proxy", "pool", "scheduler", "tunnel", "sticky")
+_HERE = Path(__file__).parent
+_SLACK_S = 2.0  # a wheel stores times to 2 s; an installed .py may look that much newer than its module
+
+
+def _compiled_file(name: str) -> Path | None:
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = _HERE / f"{name}{suffix}"
+        if path.exists():
+            return path
+    return None
+
+
+class _SourceFinder(importlib.abc.MetaPathFinder):
+    """Imports a data-path module from its .py file when asked to (CORRAL_PURE_PYTHON=1, so that tests and
+    benchmarks can run the pure-Python build of an installed compiled one), and when its compiled module is
+    older than the source: an edited checkout never runs stale compiled code."""
+
+    def __init__(self, pure: bool) -> None:
+        self.pure = pure
+
+    def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
+        package, _, name = fullname.rpartition(".")
+        if package != __name__ or name not in COMPILED:
+            return None
+        source, compiled = _HERE / f"{name}.py", _compiled_file(name)
+        if compiled is None or not source.exists():
+            return None
+        if not self.pure:
+            if source.stat().st_mtime <= compiled.stat().st_mtime + _SLACK_S:
+                return None
+            print(f"corral: {source} changed after it was compiled; running it as pure Python "
+                  "(rebuild: scripts/setup)", file=sys.stderr)  # fmt: skip
+        return importlib.util.spec_from_file_location(fullname, source)
+
+
+def build() -> str:
+    """'compiled' when every data-path module runs compiled, else 'pure Python' (or the mix)."""
+    loaded = [sys.modules.get(f"{__name__}.{name}") for name in COMPILED]
+    native = [m for m in loaded if m is not None and not str(getattr(m, "__file__", "")).endswith(".py")]
+    if len(native) == len(COMPILED):
+        return "compiled (Cython)"
+    if not native:
+        return "pure Python"
+    return "compiled: " + ", ".join(sorted(m.__name__.rpartition(".")[2] for m in native))
+
+
+sys.meta_path.insert(0, _SourceFinder(pure=bool(os.environ.get("CORRAL_PURE_PYTHON"))))

@@ -12,7 +12,7 @@ import click
 from . import config as C
 from . import control
 from .config import AppConfig, Config, ConfigError, ServerConfig
-from .launch import preflight
+from .launch import preflight, transport
 
 ENV_PREFIX = "CORRAL_"  # every option of run/check/export can also come from CORRAL_<OPTION> (containers)
 
@@ -373,7 +373,7 @@ def _summary(cfg: Config, app: AppConfig) -> str:
     span = f"{ports[0]}-{ports[-1]}" if len(ports) > 1 else str(ports[0])
     what = f"plumber {app.plumber}" if app.plumber else f"shiny {app.shiny}" if app.shiny else " ".join(app.command)
     n = len(ports)
-    where = "unix sockets" if app.worker_transport == "unix" else f"{app.worker_host}:{span}"
+    where = "unix sockets" if transport(app) == "unix" else f"{app.worker_host}:{span}"
     return f"{app.name} {app.route} -> {n} worker{'s' * (n != 1)} on {where} ({what})"
 
 

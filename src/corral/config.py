@@ -108,12 +108,14 @@ class AppConfig:
         "0.0.0.0 lets other hosts reach them",
     )
     worker_transport: str = knob(
-        "tcp",
+        "auto",
         "how corral reaches the workers it starts: tcp (a port each, from base_port) or unix (a Unix socket each, "
         "in a private 0700 directory of corral's: no other local user can reach a worker behind the edge). "
         "unix runs plumber with httpuv's startPipeServer; a command gets the path as {socket} and "
-        "$CORRAL_WORKER_SOCKET (uvicorn --uds {socket}, gunicorn -b unix:{socket})",
-        choices=("tcp", "unix"),
+        "$CORRAL_WORKER_SOCKET (uvicorn --uds {socket}, gunicorn -b unix:{socket}). auto: unix for a plumber "
+        "app on a loopback worker_host and for a command that takes {socket}; tcp for the rest (Shiny, plumber2, "
+        "commands with {port}, --supervise-only)",
+        choices=("auto", "tcp", "unix"),
         breach="n/a",
     )
     max_inflight: int = knob(
@@ -790,8 +792,8 @@ def _check_transport(app: AppConfig, label: str, problems: list[str]) -> None:
                 "TCP where corral never connects: pass {socket} instead (uvicorn --uds {socket}, gunicorn -b "
                 "unix:{socket}) or have it read $CORRAL_WORKER_SOCKET"
             )
-    elif "{socket}" in args:
-        problems.append(f"{label}: command: {{socket}} is replaced only with worker_transport unix")
+    elif app.worker_transport == "tcp" and "{socket}" in args:
+        problems.append(f"{label}: command: {{socket}} is replaced only with worker_transport unix (or auto)")
 
 
 def _check_ports(cfg: Config, problems: list[str]) -> None:

@@ -9,10 +9,37 @@ from pathlib import Path
 
 from . import envfile
 from .config import SERVER_YML, AppConfig, resolve_plumber, resolve_shiny
+from .net import is_loopback
 
 
 class LaunchError(Exception):
     pass
+
+
+# "tcp" here makes `auto` mean tcp for every app, whatever the config: CI runs the suite once so, to test
+# plumber on both transports (scripts/test). A config's or the command line's tcp/unix still wins.
+AUTO_TRANSPORT_ENV = "CORRAL_AUTO_TRANSPORT"
+
+
+def transport(app: AppConfig) -> str:
+    """How corral reaches this app's workers: "tcp" or "unix". `auto` is unix for a plumber app whose workers
+    listen on loopback: over a Unix socket httpuv costs the kernel less per request than loopback TCP, keep-alive
+    has no delayed-ACK stall, and no other local process can reach a worker behind the edge (bench/RESULTS.md,
+    issue 13). A worker_host other than loopback asks for workers others can reach, so it stays on tcp, as do
+    Shiny (its WebSocket tunnel runs on tcp), plumber2 (api_run takes a host and a port) and commands that
+    take {port}."""
+    if app.worker_transport != "auto":
+        return app.worker_transport
+    if app.upstreams or app.shiny or os.environ.get(AUTO_TRANSPORT_ENV) == "tcp":
+        return "tcp"
+    if app.command:
+        return "unix" if "{socket}" in " ".join(app.command) else "tcp"
+    if not is_loopback(app.worker_host):
+        return "tcp"
+    try:
+        return "unix" if r_engine(app) == "plumber" else "tcp"
+    except LaunchError:  # reported when the worker starts
+        return "tcp"
 
 
 def r_string(value: str) -> str:
@@ -34,7 +61,7 @@ def plumber_argv(app: AppConfig) -> tuple[list[str], str]:
     else:
         cwd, plumb = str(target.parent), f"plumb(file = {r_string(target.name)})"
     host = app.worker_host
-    if app.worker_transport == "unix":
+    if transport(app) == "unix":
         return [rscript, "--no-save", "--no-restore", "-e", plumber_pipe_expr(plumb, app.docs)], cwd
     expr = (
         "suppressPackageStartupMessages(library(plumber)); "

@@ -13,7 +13,7 @@ import time
 import traceback
 from typing import Any
 
-from . import config, health, logs, probes, snapshot, sockdir, systemd, tracing
+from . import build, config, health, launch, logs, probes, snapshot, sockdir, systemd, tracing
 from .admin import AdminError, AdminServer
 from .autoscale import Autoscaler, Policy
 from .config import Config, autoscaled, worker_ports
@@ -35,6 +35,10 @@ class Corral:
     def __init__(self, cfg: Config, balance: bool = True) -> None:
         self.cfg = cfg
         self.balance = balance
+        if not balance:  # nginx or HAProxy in front reach the workers on their ports
+            for app in cfg.apps:
+                if app.worker_transport == "auto" and not app.command:  # a {socket} command is refused below
+                    app.worker_transport = "tcp"
         self.pools: list[Pool] = []
         self.supervisors: dict[str, Supervisor] = {}
         self.checkers: list[health.HealthChecker] = []
@@ -73,7 +77,7 @@ class Corral:
                 sock.close()
             raise
         for app in self.cfg.apps:
-            if app.upstreams or app.worker_transport == "unix":
+            if app.upstreams or launch.transport(app) == "unix":
                 continue
             for i, port in enumerate(worker_ports(self.cfg, app)):
                 if not port_free(app.worker_host, port):
@@ -102,7 +106,7 @@ class Corral:
     def _prepare_sockets(self) -> None:
         """The private worker socket directory, made now so a problem with it stops corral before any
         worker starts. Behind nginx/HAProxy (--supervise-only) workers must be on ports they can reach."""
-        unix = [a.name for a in self.cfg.apps if a.worker_transport == "unix" and not a.upstreams]
+        unix = [a.name for a in self.cfg.apps if launch.transport(a) == "unix" and not a.upstreams]
         if not unix:
             return
         if not self.balance:
@@ -173,7 +177,8 @@ class Corral:
             self.proxy = Proxy(loop, self.cfg.server, self.pools)
             await self.proxy.start(sock)
             origin = " (socket from systemd)" if self.activated else ""
-            say(f"corral: listening on http://{self.cfg.server.host}:{self.cfg.server.port}{origin}")
+            address = f"http://{self.cfg.server.host}:{self.cfg.server.port}"
+            say(f"corral: listening on {address}{origin}; data path {build()}")
         if self.admin is not None:
             await self.admin.start(self)
             say(f"corral: admin on {self.admin.address}")

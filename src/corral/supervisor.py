@@ -71,7 +71,7 @@ class Supervisor:
         self.index_restarts: dict[int, int] = {}  # worker index -> unplanned restarts, for status
         self.surge = 1
         self.fixed_ports = False  # --supervise-only: workers keep their ports across reloads
-        self.unix = app.worker_transport == "unix"  # each worker on a socket in sockdir, not a port
+        self.unix = launch.transport(app) == "unix"  # each worker on a socket in sockdir, not a port
         self.ever_ready = False
         self.fatal: str | None = None
         self.reload_note: str | None = None
