@@ -1,8 +1,10 @@
-"""Compiles corral's data path with Cython when it can.
+"""corral's optional compiled data path: CORRAL_COMPILE=1 at install time compiles it with Cython.
 
-The modules below are plain Python, compiled as they are (no .pyx, no C written by hand). Without Cython or a
-C compiler, or with CORRAL_NO_EXTENSIONS=1, corral installs as pure Python and runs the same source; at run
-time CORRAL_PURE_PYTHON=1 makes an installed compiled build import the .py files instead (tests, benchmarks).
+The modules in corral.COMPILED are plain Python, compiled as they are (no .pyx, no C written by hand). By
+default corral installs as pure Python: on CPython 3.11 that is the faster build for plumber workers, while
+the compiled one serves ~15 % more requests when the proxy itself is the bottleneck (bench/RESULTS.md,
+issue 13). Without Cython or a C compiler the compiled build falls back to pure Python, module by module.
+At run time CORRAL_PURE_PYTHON=1 makes a compiled install import the .py files instead (tests, benchmarks).
 """
 
 from __future__ import annotations
@@ -40,15 +42,16 @@ class OptionalBuildExt(build_ext):
 
 
 def extensions() -> list:
-    if os.environ.get("CORRAL_NO_EXTENSIONS"):
+    if os.environ.get("CORRAL_COMPILE") != "1":
         return []
     try:
         from Cython.Build import cythonize
     except ImportError:
         print("corral: Cython is not installed; installing pure Python", file=sys.stderr)
         return []
-    # annotation_typing off: annotations stay documentation, so compiled and pure Python behave the same
-    directives = {"language_level": "3", "annotation_typing": False}
+    # annotation_typing off: annotations stay documentation, so compiled and pure Python behave the same.
+    # binding off: methods become C methods (cheaper to bind and call) instead of introspectable cyfunctions.
+    directives = {"language_level": "3", "annotation_typing": False, "binding": False}
     return cythonize([f"src/corral/{m}.py" for m in COMPILED], compiler_directives=directives, quiet=True)
 
 

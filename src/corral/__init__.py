@@ -28,12 +28,14 @@ def _compiled_file(name: str) -> Path | None:
 
 
 class _SourceFinder(importlib.abc.MetaPathFinder):
-    """Imports a data-path module from its .py file when asked to (CORRAL_PURE_PYTHON=1, so that tests and
-    benchmarks can run the pure-Python build of an installed compiled one), and when its compiled module is
-    older than the source: an edited checkout never runs stale compiled code."""
+    """Imports a data-path module from its .py file when asked to (CORRAL_PURE_PYTHON=1 for all of them, or a
+    comma list such as `pool,scheduler`, so that tests and benchmarks can run the pure-Python build of an
+    installed compiled one, or measure one module at a time), and when its compiled module is older than the
+    source: an edited checkout never runs stale compiled code."""
 
-    def __init__(self, pure: bool) -> None:
-        self.pure = pure
+    def __init__(self, pure: str) -> None:
+        names = {n.strip() for n in pure.split(",")}
+        self.pure = set(COMPILED) if pure.strip() in ("1", "all") else names & set(COMPILED)
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
         package, _, name = fullname.rpartition(".")
@@ -42,7 +44,7 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
         source, compiled = _HERE / f"{name}.py", _compiled_file(name)
         if compiled is None or not source.exists():
             return None
-        if not self.pure:
+        if name not in self.pure:
             if source.stat().st_mtime <= compiled.stat().st_mtime + _SLACK_S:
                 return None
             print(f"corral: {source} changed after it was compiled; running it as pure Python "
@@ -61,4 +63,4 @@ def build() -> str:
     return "compiled: " + ", ".join(sorted(m.__name__.rpartition(".")[2] for m in native))
 
 
-sys.meta_path.insert(0, _SourceFinder(pure=bool(os.environ.get("CORRAL_PURE_PYTHON"))))
+sys.meta_path.insert(0, _SourceFinder(os.environ.get("CORRAL_PURE_PYTHON", "")))
