@@ -14,6 +14,7 @@ start (others may edit src/ while this runs). Per run, in alternating order:
   ports and 4 Unix sockets. `tcp` is corral `--upstream` to the ports, as bench/compare's T3; `unix`
   supervises 4 placeholder workers whose socket is a symlink to one of nginx's sockets. nginx-ka
   (upstream keep-alive) as the reference.
+- `--builds`: the tree's compiled build (`tcp`, `unix`) next to its pure-Python one (`tcp-py`, `unix-py`).
 - `--baseline-src DIR`: one more corral (`base`, tcp) run from DIR (a directory holding the corral
   package, e.g. `git archive REV src | tar -x`), for a before/after of the data path itself.
 
@@ -51,7 +52,8 @@ APP = ROOT / "bench" / "app" / "plumber.R"
 OUT = ROOT / "bench" / "out"
 CORRAL_PORT = 19070  # its tcp workers: 19071, 19072
 NGINX_PORT = 19080
-INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077}  # tcp workers 19071-19072, base's 19078-19079
+# tcp workers on 19071-19072, base's on 19078-19079, tcp-py's on 19082-19083
+INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077, "tcp-py": 19081, "unix-py": 19085}
 T3_PORTS = list(range(19300, 19304))
 Results = dict[str, dict[str, dict[str, list[float]]]]  # scenario -> target -> metric -> per-run values
 Usage = Callable[[], dict[str, float]]  # named CPU-second counters, read before and after a measurement
@@ -65,12 +67,20 @@ class Bench:
         self.loads: list[tuple[float, float, float]] = []
         self.src = tmp / "src"
         shutil.copytree(ROOT / "src", self.src)  # the tree under test, frozen for the whole run
-        self.variants: dict[str, tuple[Path, list[str]]] = {
-            "tcp": (self.src, ["--worker-transport", "tcp"]),
-            "unix": (self.src, ["--worker-transport", "unix"]),
+        # name -> (tree, extra `corral run` args, extra environment)
+        self.variants: dict[str, tuple[Path, list[str], dict[str, str]]] = {
+            "tcp": (self.src, ["--worker-transport", "tcp"], {}),
+            "unix": (self.src, ["--worker-transport", "unix"], {}),
         }
+        if args.builds:  # the same tree, its compiled modules set aside: the pure-Python build, both transports
+            pure = {"CORRAL_PURE_PYTHON": "1"}
+            self.variants["tcp-py"] = (self.src, ["--worker-transport", "tcp"], pure)
+            self.variants["unix-py"] = (self.src, ["--worker-transport", "unix"], pure)
         if args.baseline_src:
-            self.variants["base"] = (Path(args.baseline_src).resolve(), [])
+            self.variants["base"] = (Path(args.baseline_src).resolve(), [], {})
+
+    def on_unix(self, variant: str) -> bool:
+        return self.variants[variant][1][-1:] == ["unix"]
 
     def add(self, scenario: str, target: str, **values: float) -> None:
         for metric, value in values.items():
@@ -82,9 +92,11 @@ class Bench:
     # --- processes --------------------------------------------------------------------------------
     @contextmanager
     def corral(self, variant: str, args: list[str], ready: str, port: int = CORRAL_PORT) -> Iterator[Child]:
-        src, extra = self.variants[variant]
+        src, extra, more_env = self.variants[variant]
+        if "--upstream" in args:
+            extra = []  # workers corral does not start: worker_transport would be a config error
         argv = [sys.executable, "-m", "corral", "run", "--host", HOST, "-p", str(port), *extra, *args]
-        env = {**os.environ, "PYTHONPATH": str(src)}
+        env = {**os.environ, "PYTHONPATH": str(src), **more_env}
         require_free([port])
         child = Child(f"corral-{variant}", argv, self.tmp / f"corral-{variant}.log", env=env, cwd=self.tmp)
         try:
@@ -180,7 +192,7 @@ class Bench:
                 if variant == "nginx-ka":
                     with self.nginx("nginx-ka", "nginx-keepalive.conf", T3_PORTS, "/") as n:
                         r, use = self.measured(lambda n=n: cpu(n.pid, tree=True, backend=b.pid), NGINX_PORT, "/", 32)
-                elif variant == "unix":
+                elif self.on_unix(variant):
                     args = ["-w", "4", "--max-inflight", "64", "--health-path", "/", "--", "sh", "-c", link]
                     with self.corral(variant, args, "/") as c:
                         r, use = self.measured(lambda c=c: cpu(c.pid, backend=b.pid), CORRAL_PORT, "/", 32)
@@ -222,7 +234,7 @@ class Bench:
             b = stack.enter_context(self.nginx("backend", "backend-nginx.conf", T3_PORTS, "/"))
             targets: dict[str, tuple[int, Usage]] = {}
             for v in self.variants:
-                if v == "unix":
+                if self.on_unix(v):
                     args = ["-w", "4", "--max-inflight", "64", "--health-path", "/", "--", "sh", "-c", link]
                 else:
                     args = ["--upstream", spec, "--max-inflight", "64", "--health-path", "/"]
@@ -334,6 +346,9 @@ def main() -> int:
     ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                     help="all targets up at once, taking turns for ROUNDS rounds (use a short --duration)")
     ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (tcp)")
+    ap.add_argument("--builds", action="store_true",
+                    help="also run the tree as pure Python (`tcp-py`, `unix-py`; CORRAL_PURE_PYTHON=1) next to its "
+                         "compiled build (CORRAL_COMPILE=1 scripts/setup first)")  # fmt: skip
     args = ap.parse_args()
     args.only = {s.strip() for s in args.only.split(",")}
     for tool in ("wrk", "nginx", "Rscript"):
