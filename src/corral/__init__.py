@@ -12,8 +12,8 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The data-path modules setup.py compiles with Cython when it can (the same .py source either way): what
-# py-spy shows on every proxied request (bench/RESULTS.md, issue 13).
+# The data-path modules setup.py compiles with Cython under CORRAL_COMPILE=1 (the same .py source either
+# way): what py-spy shows on every proxied request (bench/RESULTS.md, issue 13).
 COMPILED = ("edge", "exchange", "proxy", "pool", "scheduler", "tunnel", "sticky")
 _HERE = Path(__file__).parent
 _SLACK_S = 2.0  # a wheel stores times to 2 s; an installed .py may look that much newer than its module
@@ -48,12 +48,12 @@ class _SourceFinder(importlib.abc.MetaPathFinder):
             if source.stat().st_mtime <= compiled.stat().st_mtime + _SLACK_S:
                 return None
             print(f"corral: {source} changed after it was compiled; running it as pure Python "
-                  "(rebuild: scripts/setup)", file=sys.stderr)  # fmt: skip
+                  "(rebuild: CORRAL_COMPILE=1 scripts/setup)", file=sys.stderr)  # fmt: skip
         return importlib.util.spec_from_file_location(fullname, source)
 
 
 def build() -> str:
-    """'compiled' when every data-path module runs compiled, else 'pure Python' (or the mix)."""
+    """Which build of the data path is running: 'compiled (Cython)', 'pure Python', or the compiled few."""
     loaded = [sys.modules.get(f"{__name__}.{name}") for name in COMPILED]
     native = [m for m in loaded if m is not None and not str(getattr(m, "__file__", "")).endswith(".py")]
     if len(native) == len(COMPILED):

@@ -25,9 +25,9 @@ def transport(app: AppConfig) -> str:
     """How corral reaches this app's workers: "tcp" or "unix". `auto` is unix for a plumber app whose workers
     listen on loopback: over a Unix socket httpuv costs the kernel less per request than loopback TCP, keep-alive
     has no delayed-ACK stall, and no other local process can reach a worker behind the edge (bench/RESULTS.md,
-    issue 13). A worker_host other than loopback asks for workers others can reach, so it stays on tcp, as do
-    Shiny (its WebSocket tunnel runs on tcp), plumber2 (api_run takes a host and a port) and commands that
-    take {port}."""
+    issue 13), and for a command that takes {socket}. A worker_host other than loopback asks for workers
+    others can reach, so it stays on tcp, as do Shiny (its WebSocket tunnel runs on tcp), plumber2 (api_run
+    takes a host and a port) and commands that take {port}."""
     if app.worker_transport != "auto":
         return app.worker_transport
     if app.upstreams or app.shiny or os.environ.get(AUTO_TRANSPORT_ENV) == "tcp":
