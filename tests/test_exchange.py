@@ -321,6 +321,12 @@ class Rig:
             self.loop.run()
         return ex
 
+    def dispatched(self, raw: bytes = b"", **kw: object) -> tuple[Exchange, UpstreamConnection]:
+        """A request that reached a worker: its exchange and the worker connection carrying it."""
+        ex = self.request(raw, **kw)
+        assert ex.upstream is not None, "the request did not reach a worker"
+        return ex, ex.upstream
+
     def connections(self, worker: Worker) -> list[UpstreamConnection]:
         """The worker's connections that are still open."""
         return [c for c in self.loop.upstreams if c.worker is worker and not c.transport.closed]
@@ -425,9 +431,7 @@ def cut(rig: Rig, ex: Exchange, status: int) -> None:
 @pytest.mark.parametrize("split", [None, 1, 7])
 def test_length_response_is_relayed_and_the_connection_reused(split):
     rig = Rig()
-    ex = rig.request(get("/a"))
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(get("/a"))
     assert conn.transport.data.startswith(b"GET /a HTTP/1.1\r\n")
     raw = ok(b"hello", headers="X-App: 1\r\n")
     pieces = [raw] if split is None else [raw[i : i + split] for i in range(0, len(raw), split)]
@@ -452,9 +456,7 @@ def test_length_response_is_relayed_and_the_connection_reused(split):
 def test_response_head_waits_for_the_first_body_bytes():
     # One write, not two, and no head sent before the worker committed to a body: an error page may still replace it.
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
     assert ex.client.out == b"" and not ex.head_sent
     conn.data_received(b"hello")
@@ -464,9 +466,7 @@ def test_response_head_waits_for_the_first_body_bytes():
 
 def test_worker_connection_close_header_means_no_reuse_but_the_client_stays():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     conn.data_received(ok(b"bye", headers="Connection: close\r\n"))
     assert ex.client.response().body == b"bye"
     assert ex.client.keep() is True
@@ -478,9 +478,7 @@ def test_worker_connection_close_header_means_no_reuse_but_the_client_stays():
 def test_chunked_response(version):
     rig = Rig()
     headers = "Connection: keep-alive\r\n" if version == "1.0" else ""
-    ex = rig.request(get(version=version, headers=headers))
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(get(version=version, headers=headers))
     conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
     conn.data_received(b"6\r\n world\r\n0\r\n\r\n")
     client = ex.client
@@ -501,9 +499,7 @@ def test_chunked_response(version):
 @pytest.mark.parametrize("version", ["1.1", "1.0"])
 def test_close_delimited_response_ends_at_eof(version):
     rig = Rig()
-    ex = rig.request(get(version=version))
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(get(version=version))
     conn.data_received(b"HTTP/1.1 200 OK\r\n\r\nsome ")
     conn.data_received(b"bytes")
     assert not ex.ended
@@ -522,9 +518,7 @@ def test_close_delimited_response_ends_at_eof(version):
 def test_head_answer_is_the_head_alone_and_the_connection_not_reused():
     # Its declared body may still arrive, late (httpuv writes head and body apart): never reuse.
     rig = Rig()
-    ex = rig.request(get(method="HEAD"))
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(get(method="HEAD"))
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
     assert ex.ended
     resp = ex.client.response()
@@ -536,9 +530,7 @@ def test_head_answer_is_the_head_alone_and_the_connection_not_reused():
 
 def test_head_answer_declaring_no_body_keeps_the_connection():
     rig = Rig()
-    ex = rig.request(get(method="HEAD"))
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(get(method="HEAD"))
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
     assert ex.ended and ex.client.keep() is True
     assert reused(rig, conn)
@@ -547,9 +539,7 @@ def test_head_answer_declaring_no_body_keeps_the_connection():
 
 def test_head_answer_with_a_body_is_surplus(capsys):
     rig = Rig()
-    ex = rig.request(get(method="HEAD"))
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(get(method="HEAD"))
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello")
     resp = ex.client.response()
     assert resp.raw_body == b""
@@ -563,9 +553,7 @@ def test_head_answer_with_a_body_is_surplus(capsys):
 @pytest.mark.parametrize("surplus", [False, True])
 def test_bodyless_status(status, surplus, capsys):
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     extra = "Content-Length: 5\r\n" if surplus else ""
     conn.data_received(f"HTTP/1.1 {status}\r\n{extra}\r\n".encode() + (b"hello" if surplus else b""))
     assert ex.ended
@@ -602,9 +590,7 @@ def test_surplus_after_a_length_body_never_reaches_the_next_request(capsys):
 
 def test_bytes_on_an_idle_connection_close_it(capsys):
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    _, conn = rig.dispatched()
     conn.data_received(ok())
     assert reused(rig, conn)
     conn.data_received(ok(b"unasked"))
@@ -622,9 +608,7 @@ def test_bytes_on_an_idle_connection_close_it(capsys):
 
 def test_eof_on_an_idle_connection_drops_it():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    _, conn = rig.dispatched()
     conn.data_received(ok())
     assert conn.eof_received() is False
     conn.transport.lose()
@@ -642,9 +626,7 @@ def test_eof_on_an_idle_connection_drops_it():
 @pytest.mark.parametrize("eof_first", [False, True])
 def test_worker_closes_before_any_body_byte_gets_a_502_page(sent, eof_first):
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     if sent:
         conn.data_received(sent)
     if eof_first:
@@ -662,9 +644,7 @@ def test_worker_closes_before_any_body_byte_gets_a_502_page(sent, eof_first):
 @pytest.mark.parametrize("chunked", [False, True])
 def test_worker_closes_mid_body_cuts_the_response(chunked):
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     if chunked:
         conn.data_received(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nhel\r\n")
     else:
@@ -681,9 +661,7 @@ def test_worker_closes_mid_body_cuts_the_response(chunked):
 
 def test_malformed_response_is_a_502_and_the_connection_closed():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     conn.data_received(b"this is not http\r\n\r\n")
     assert ex.client.response().status == 502
     assert conn.transport.closed
@@ -694,9 +672,7 @@ def test_malformed_response_is_a_502_and_the_connection_closed():
 
 def test_request_timeout_before_the_head_is_a_504_page():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     rig.expire(rig.app.request_timeout + 1)
     w = rig.workers[0]
     assert rig.hung == [w] and w.state is State.UNHEALTHY  # out of rotation before its slot was freed
@@ -711,9 +687,7 @@ def test_request_timeout_before_the_head_is_a_504_page():
 def test_request_timeout_after_the_head_alone_is_still_a_504_page():
     # The head is held until the first body bytes, so nothing has reached the client yet.
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n")
     rig.expire(rig.app.request_timeout + 1)
     assert ex.client.response().status == 504
@@ -723,9 +697,7 @@ def test_request_timeout_after_the_head_alone_is_still_a_504_page():
 
 def test_request_timeout_mid_body_cuts_the_response():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhe")
     rig.expire(rig.app.request_timeout + 1)
     out = bytes(ex.client.out)
@@ -755,9 +727,7 @@ def test_client_leaves_while_queued_never_reaches_a_worker():
 
 def test_client_leaves_before_the_response():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     ex.client_left()
     assert ex.status == CLIENT_CLOSED and ex.client.keep() is False
     assert conn.transport.closed and not reused(rig, conn)  # its answer is unwanted
@@ -769,9 +739,7 @@ def test_client_leaves_before_the_response():
 
 def test_client_leaves_mid_response():
     rig = Rig()
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
     ex.client_left()
     assert ex.status == CLIENT_CLOSED
@@ -794,9 +762,7 @@ def test_client_left_twice_is_one_end():
 def test_spill_to_file_frees_the_worker_and_drains_in_order():
     rig = Rig()
     client = FakeClient(rig)
-    ex = rig.request(client=client)
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(client=client)
     client.blocked = True  # the client's transport is over its high-water mark
     body = bytes(range(256)) * 4096 * 3  # 3 MiB, several spill reads
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
@@ -823,9 +789,7 @@ def test_spill_to_file_frees_the_worker_and_drains_in_order():
 def test_spill_past_its_limit_pauses_the_worker_until_the_client_reads():
     rig = Rig()
     client = FakeClient(rig, spill_limit=10)
-    ex = rig.request(client=client)
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(client=client)
     client.blocked = True
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 30\r\n\r\n" + b"a" * 12)
     assert not conn.transport.reading
@@ -841,9 +805,7 @@ def test_spill_past_its_limit_pauses_the_worker_until_the_client_reads():
 def test_spill_limit_zero_is_back_pressure_on_the_worker():
     rig = Rig()
     client = FakeClient(rig, spill_limit=0)
-    ex = rig.request(client=client)
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(client=client)
     client.stall = True
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabc")
     assert ex.spill is None and client.blocked
@@ -861,9 +823,7 @@ def test_spill_limit_zero_is_back_pressure_on_the_worker():
 def test_client_leaves_mid_spill_after_the_response_was_whole():
     rig = Rig()
     client = FakeClient(rig)
-    ex = rig.request(client=client)
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(client=client)
     client.blocked = True
     conn.data_received(ok(b"x" * 1000))
     spill = ex.spill
@@ -879,9 +839,7 @@ def test_client_leaves_mid_spill_after_the_response_was_whole():
 def test_client_leaves_mid_spill_while_the_worker_is_paused():
     rig = Rig()
     client = FakeClient(rig, spill_limit=10)
-    ex = rig.request(client=client)
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(client=client)
     client.blocked = True
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"a" * 20)
     spill = ex.spill
@@ -903,9 +861,7 @@ def test_worker_answers_before_the_request_body_is_complete(chunked):
     else:
         head = b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 7\r\n\r\nabc"
         rest = b"defg"
-    ex = rig.request(head, client=client)
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched(head, client=client)
     assert not ex.request_done
     conn.data_received(ok(b"early", status="413 Content Too Large"))
     assert client.response().status == 413
@@ -1203,9 +1159,7 @@ def test_client_connection_resumes_reading_after_a_504_on_a_paused_upload():
 def test_upstream_back_pressure_pauses_and_resumes_the_client():
     rig = Rig()
     client = FakeClient(rig)
-    ex = rig.request(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc", client=client)
-    conn = ex.upstream
-    assert conn is not None
+    _, conn = rig.dispatched(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc", client=client)
     conn.pause_writing()
     assert client.paused & PAUSE_UPSTREAM
     conn.resume_writing()

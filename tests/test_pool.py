@@ -366,9 +366,7 @@ def test_a_draining_worker_finishes_and_keeps_its_connection_until_stopped():
 def test_a_connection_finishing_on_an_unhealthy_worker_is_closed():
     rig = Rig()
     w = rig.workers[0]
-    ex = rig.request()
-    conn = ex.upstream
-    assert conn is not None
+    ex, conn = rig.dispatched()
     w.state = State.UNHEALTHY  # as a failed probe would leave it, the request still running
     rig.pool.scheduler.remove_worker(w)
     answer(ex)
