@@ -15,6 +15,14 @@ start (others may edit src/ while this runs). Per run, in alternating order:
   supervises 4 placeholder workers whose socket is a symlink to one of nginx's sockets. nginx-ka
   (upstream keep-alive) as the reference.
 - `--builds`: the tree's compiled build (`tcp`, `unix`) next to its pure-Python one (`tcp-py`, `unix-py`).
+- `--bound` (with --interleave, T1): is T1's gap corral's cost or the one-request-per-worker rule? Adds
+  `mi16` (the unix corral with `--max-inflight 16`: what nginx least_conn gives each worker),
+  `direct-1` (one wrk -c1 per worker port, Connection: close: one request per worker at a time with
+  no proxy at all) and `direct-16` (one wrk -c16 per worker port).
+- `--sched` (with --interleave): the workers' scheduling policy (corral's `worker_scheduling`). Adds
+  `unix-normal` (the unix corral with `--worker-scheduling normal`); nginx
+  and direct then run over workers started the way pm2 would (SCHED_OTHER, by an idle corral `peers`), and
+  `nginx-batch` is nginx least_conn over the tcp corral's own (SCHED_BATCH) workers.
 - `--baseline-src DIR`: one more corral (`base`, tcp) run from DIR (a directory holding the corral
   package, e.g. `git archive REV src | tar -x`), for a before/after of the data path itself.
 
@@ -25,7 +33,7 @@ seconds for ROUNDS rounds: on a shared machine whose load drifts, the per-round 
 (the table's "paired" column) are far tighter than whole runs in sequence.
 
 Prints medians with min..max and the load average at each run's start; raw figures go to
-bench/out/transport-<timestamp>.json. Ports 19070-19090, 19300-19303; every process by its group.
+bench/out/transport-<timestamp>.json. Ports 19070-19095, 19300-19303; every process by its group.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ from pathlib import Path
 import psutil
 from procs import HOST, Child, require_free, wait_http
 from proxies import render
-from wrk import WrkResult, run_wrk
+from wrk import WrkResult, run_wrk, run_wrk_each
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "bench" / "app" / "plumber.R"
@@ -53,10 +61,13 @@ OUT = ROOT / "bench" / "out"
 CORRAL_PORT = 19070  # its tcp workers: 19071, 19072
 NGINX_PORT = 19080
 # tcp workers on 19071-19072, base's on 19078-19079, tcp-py's on 19082-19083
-INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077, "tcp-py": 19081, "unix-py": 19085}
+INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077, "tcp-py": 19081, "unix-py": 19085, "mi16": 19088,
+                    "peers": 19092, "unix-normal": 19095}  # fmt: skip
+NGINX_BATCH_PORT = 19091
 T3_PORTS = list(range(19300, 19304))
 Results = dict[str, dict[str, dict[str, list[float]]]]  # scenario -> target -> metric -> per-run values
 Usage = Callable[[], dict[str, float]]  # named CPU-second counters, read before and after a measurement
+Ports = int | tuple[int, ...]  # a tuple: one wrk per port, all at once, the connections shared out
 
 
 class Bench:
@@ -76,6 +87,9 @@ class Bench:
             pure = {"CORRAL_PURE_PYTHON": "1"}
             self.variants["tcp-py"] = (self.src, ["--worker-transport", "tcp"], pure)
             self.variants["unix-py"] = (self.src, ["--worker-transport", "unix"], pure)
+        if args.sched:
+            normal = ["--worker-scheduling", "normal", "--worker-transport", "unix"]
+            self.variants["unix-normal"] = (self.src, normal, {})
         if args.baseline_src:
             self.variants["base"] = (Path(args.baseline_src).resolve(), [], {})
 
@@ -91,14 +105,17 @@ class Bench:
 
     # --- processes --------------------------------------------------------------------------------
     @contextmanager
-    def corral(self, variant: str, args: list[str], ready: str, port: int = CORRAL_PORT) -> Iterator[Child]:
+    def corral(
+        self, variant: str, args: list[str], ready: str, port: int = CORRAL_PORT, name: str = ""
+    ) -> Iterator[Child]:
         src, extra, more_env = self.variants[variant]
+        name = name or variant
         if "--upstream" in args:
             extra = []  # workers corral does not start: worker_transport would be a config error
         argv = [sys.executable, "-m", "corral", "run", "--host", HOST, "-p", str(port), *extra, *args]
         env = {**os.environ, "PYTHONPATH": str(src), **more_env}
         require_free([port])
-        child = Child(f"corral-{variant}", argv, self.tmp / f"corral-{variant}.log", env=env, cwd=self.tmp)
+        child = Child(f"corral-{name}", argv, self.tmp / f"corral-{name}.log", env=env, cwd=self.tmp)
         try:
             deadline = time.monotonic() + 120
             while "all workers ready" not in child.log_path.read_text(errors="replace"):
@@ -111,7 +128,9 @@ class Bench:
             child.stop(30)
 
     @contextmanager
-    def nginx(self, name: str, template: str, ports: list[int], ready: str) -> Iterator[Child]:
+    def nginx(
+        self, name: str, template: str, ports: list[int], ready: str, listen: int = NGINX_PORT
+    ) -> Iterator[Child]:
         """nginx from a bench/peers template: a peer on NGINX_PORT in front of `ports`, or (backend-nginx.conf)
         T3's backend listening on `ports` and as many Unix sockets."""
         prefix = self.tmp / name
@@ -119,7 +138,7 @@ class Bench:
         values = {
             "PREFIX": str(prefix),
             "HOST": HOST,
-            "LISTEN": str(NGINX_PORT),
+            "LISTEN": str(listen),
             "SERVERS": "\n".join(f"        server {HOST}:{p};" for p in ports),
             "HEALTH_PATH": ready,
         }
@@ -133,7 +152,7 @@ class Bench:
                 "-g", f"daemon off; pid {prefix}/nginx.pid;"]  # fmt: skip
         child = Child(name, argv, prefix / "out.log")
         try:
-            wait_http(child, ports[0] if backend else NGINX_PORT, ready, 30)
+            wait_http(child, ports[0] if backend else listen, ready, 30)
             yield child
         finally:
             child.stop(10)
@@ -148,9 +167,17 @@ class Bench:
         return run_wrk(url, conns, self.args.duration, headers=headers)
 
     def measured(
-        self, usage: Usage, port: int, path: str, conns: int, headers: tuple[str, ...] = ()
+        self, usage: Usage, port: Ports, path: str, conns: int, headers: tuple[str, ...] = ()
     ) -> tuple[WrkResult, dict[str, float]]:
         """wrk after a warm-up, and each CPU counter of `usage` per request, in microseconds."""
+        if isinstance(port, tuple):
+            urls = [f"http://{HOST}:{p}{path}" for p in port]
+            each = max(conns // len(port), 1)
+            run_wrk_each(urls, each, self.args.warm, headers)
+            before = usage()
+            r = run_wrk_each(urls, each, self.args.duration, headers)
+            after = usage()
+            return r, {k: (after[k] - before[k]) / max(r.requests, 1) * 1e6 for k in after}
         url = f"http://{HOST}:{port}{path}"
         run_wrk(url, conns, self.args.warm, headers=headers)
         before = usage()
@@ -209,7 +236,7 @@ class Bench:
         few seconds; each round's figures are then compared with the tcp corral's of the same round."""
         if {"T1", "T2"} & set(self.args.only):
             with ExitStack() as stack:
-                targets: dict[str, tuple[int, Usage]] = {}
+                targets: dict[str, tuple[Ports, Usage]] = {}
                 pids: dict[str, int] = {}
                 plumber = ["-w", "2", "--health-path", "/fast", str(APP)]
                 for v in self.variants:
@@ -218,14 +245,41 @@ class Bench:
                     pids[v] = c.pid
                     targets[v] = (port, lambda pid=c.pid: cpu(pid, workers=pid))
                 workers = [INTERLEAVE_PORTS["tcp"] + 1, INTERLEAVE_PORTS["tcp"] + 2]
+                owner = pids["tcp"]  # whose R workers nginx and direct load
+                if self.args.sched:  # nginx over corral's batch workers, and the peers over workers as pm2 starts them
+                    b = stack.enter_context(
+                        self.nginx("nginx-batch", "nginx-least-conn.conf", workers, "/fast", NGINX_BATCH_PORT)
+                    )
+                    targets["nginx-batch"] = (NGINX_BATCH_PORT, lambda: cpu(b.pid, tree=True, workers=pids["tcp"]))
+                    normal = ["--worker-scheduling", "normal", *plumber]
+                    peers = stack.enter_context(self.corral("tcp", normal, "/fast", INTERLEAVE_PORTS["peers"], "peers"))
+                    owner = peers.pid
+                    workers = [INTERLEAVE_PORTS["peers"] + 1, INTERLEAVE_PORTS["peers"] + 2]
                 n = stack.enter_context(self.nginx("nginx", "nginx-least-conn.conf", workers, "/fast"))
-                targets["nginx"] = (NGINX_PORT, lambda: cpu(n.pid, tree=True, workers=pids["tcp"]))
+                targets["nginx"] = (NGINX_PORT, lambda: cpu(n.pid, tree=True, workers=owner))
                 if "T1" in self.args.only:
+                    if self.args.bound:
+                        targets.update(self.bound_targets(stack, tuple(workers), owner))
                     self.rotate("T1", targets, "/fast", 32)
+                    for name in ("mi16", "direct-1", "direct-16"):
+                        targets.pop(name, None)
                 if "T2" in self.args.only:
                     self.rotate("T2", {**targets, "direct": (workers[0], lambda: {})}, "/fast", 1)
         if "T3" in self.args.only:
             self.t3_interleaved()
+
+    def bound_targets(self, stack: ExitStack, workers: tuple[int, ...], owner: int) -> dict[str, tuple[Ports, Usage]]:
+        """T1's bound: corral allowed nginx's per-worker concurrency, and the workers with no proxy at all."""
+        args = ["-w", "2", "--max-inflight", "16", "--health-path", "/fast", str(APP)]
+        port = INTERLEAVE_PORTS["mi16"]
+        args = [*args[:-1], "--worker-transport", "unix", args[-1]]  # after the tcp variant's own flag
+        c = stack.enter_context(self.corral("tcp", args, "/fast", port, name="mi16"))
+        direct: Usage = lambda: cpu(owner, workers=owner)  # noqa: E731 (the R workers of an idle corral)
+        return {
+            "mi16": (port, lambda: cpu(c.pid, workers=c.pid)),
+            "direct-1": (workers, direct),
+            "direct-16": (workers, direct),
+        }
 
     def t3_interleaved(self) -> None:
         spec = f"{HOST}:{T3_PORTS[0]}-{T3_PORTS[-1]}"
@@ -244,7 +298,7 @@ class Bench:
             targets["nginx-ka"] = (NGINX_PORT, lambda: cpu(n.pid, tree=True, backend=b.pid))
             self.rotate("T3", targets, "/", 32)
 
-    def rotate(self, scenario: str, targets: dict[str, tuple[int, Usage]], path: str, conns: int) -> None:
+    def rotate(self, scenario: str, targets: dict[str, tuple[Ports, Usage]], path: str, conns: int) -> None:
         names = list(targets)
         for r in range(self.args.interleave):
             k = r % len(names)
@@ -253,8 +307,10 @@ class Bench:
             self.log(f"{scenario} round {r + 1}/{self.args.interleave}, load average {load[0]:.2f}")
             for name in names[k:] + names[:k]:
                 port, usage = targets[name]
-                close = ("Connection: close",) if name == "direct" else ()  # as a proxy without keep-alive does
-                res, use = self.measured(usage, port, path, conns, close)
+                # Straight to plumber, as a proxy without keep-alive does (keep-alive would hit the 40 ms stall).
+                close = ("Connection: close",) if name.startswith("direct") else ()
+                n = 2 if name == "direct-1" else conns
+                res, use = self.measured(usage, port, path, n, close)
                 self.add(scenario, name, rps=res.rps, p50_ms=res.p50_ms, p99_ms=res.p99_ms, failed=res.failed, **use)
                 self.log(f"  {scenario} {name}: {res.rps:.0f} req/s, p50 {res.p50_ms:.3f} ms, {_us(use)}")
 
@@ -345,6 +401,10 @@ def main() -> int:
     ap.add_argument("--only", default="T1,T2,T3")
     ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
                     help="all targets up at once, taking turns for ROUNDS rounds (use a short --duration)")
+    ap.add_argument("--bound", action="store_true",
+                    help="with --interleave, T1: also corral --max-inflight 16 and the workers loaded directly")
+    ap.add_argument("--sched", action="store_true",
+                    help="with --interleave: unix-normal (--worker-scheduling normal), peers over SCHED_OTHER workers")
     ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (tcp)")
     ap.add_argument("--builds", action="store_true",
                     help="also run the tree as pure Python (`tcp-py`, `unix-py`; CORRAL_PURE_PYTHON=1) next to its "

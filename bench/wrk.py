@@ -98,14 +98,41 @@ def run_wrk(
     return parse(out.stdout)
 
 
+def run_wrk_each(urls: Sequence[str], connections: int, duration_s: float, headers: Sequence[str] = ()) -> WrkResult:
+    """One wrk per URL, all at once, `connections` each: their requests and failures summed, latencies averaged."""
+    runs = [BackgroundWrk(u, connections, duration_s, headers=headers) for u in urls]
+    try:
+        rs = [b.result() for b in runs]
+    finally:
+        for b in runs:
+            b.stop()
+    n = len(rs)
+    return WrkResult(
+        requests=sum(r.requests for r in rs),
+        duration_s=max(r.duration_s for r in rs),
+        connect=sum(r.connect for r in rs),
+        read=sum(r.read for r in rs),
+        write=sum(r.write for r in rs),
+        status=sum(r.status for r in rs),
+        timeout=sum(r.timeout for r in rs),
+        p50_ms=sum(r.p50_ms for r in rs) / n,
+        p90_ms=sum(r.p90_ms for r in rs) / n,
+        p99_ms=max(r.p99_ms for r in rs),
+        mean_ms=sum(r.mean_ms for r in rs) / n,
+        max_ms=max(r.max_ms for r in rs),
+    )
+
+
 class BackgroundWrk:
     """wrk running while the caller does something else (T6 kills workers meanwhile)."""
 
-    def __init__(self, url: str, connections: int, duration_s: float, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, url: str, connections: int, duration_s: float, timeout_s: float = 10.0, headers: Sequence[str] = ()
+    ) -> None:
         self.duration_s = duration_s
         # wrk is started in its own session only so it never receives our terminal's signals.
         self.proc = subprocess.Popen(
-            wrk_argv(url, connections, duration_s, timeout_s=timeout_s),
+            wrk_argv(url, connections, duration_s, timeout_s=timeout_s, headers=headers),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

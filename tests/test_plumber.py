@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 from conftest import EXAMPLE_R, HAVE_R, HERE, free_ports, get, plumber_transport, post_bodies_reach_r, read_response
 
@@ -32,6 +33,15 @@ def test_plumber_workers_answer_with_their_index_and_port(plumber):
         assert seen == {"0": str(plumber.base_port), "1": str(plumber.base_port + 1)}
     else:  # on Unix sockets (the default) a worker is given no port
         assert seen == {"0": "", "1": ""}
+
+
+def test_every_thread_of_an_r_worker_is_sched_batch(plumber):
+    # httpuv reads requests on a thread of its own: that thread is the one woken by corral's write.
+    for pid in plumber.worker_pids().values():
+        root = psutil.Process(pid)
+        threads = [t.id for p in (root, *root.children(recursive=True)) for t in p.threads()]
+        assert len(threads) > 1
+        assert {os.sched_getscheduler(t) for t in threads} == {os.SCHED_BATCH}
 
 
 def test_plumber_docs_are_off_by_default(plumber):

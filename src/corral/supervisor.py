@@ -52,6 +52,16 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _in_child(parent: int, scheduling: str) -> None:
+    _die_with_parent(parent)
+    if scheduling == "batch" and hasattr(os, "SCHED_BATCH"):
+        # Inherited by exec and by every thread the worker starts (httpuv's I/O thread included). A worker
+        # woken by corral's write then no longer preempts corral before it has handed the other workers
+        # theirs; only Linux has the policy, and it needs no privilege.
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+
+
 class Supervisor:
     def __init__(self, app: AppConfig, cfg: Config, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
         self.app = app
@@ -291,7 +301,7 @@ class Supervisor:
         """The process, its output relay, its exit watch and its readiness probe."""
         argv, cwd = launch.worker_argv(self.app, worker.port, worker.index, worker.socket)
         env = launch.worker_env(self.app, worker.port, worker.index, worker.socket)
-        parent = os.getpid()
+        parent, scheduling = os.getpid(), self.app.worker_scheduling
         proc = worker.proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -300,7 +310,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stop and kill reach the whole tree
-            preexec_fn=lambda: _die_with_parent(parent),
+            preexec_fn=lambda: _in_child(parent, scheduling),
         )
         WorkerOutput.attach(self.loop, worker, self.log_dir)
         try:
