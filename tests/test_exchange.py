@@ -464,6 +464,17 @@ def test_response_head_waits_for_the_first_body_bytes():
     settled(rig)
 
 
+def test_body_bytes_of_an_unfinished_response_go_out_at_the_end_of_each_read():
+    # Held only within one read: a streamed response is never delayed to its end.
+    rig = Rig()
+    ex, conn = rig.dispatched()
+    conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello")
+    assert ex.client.out.endswith(b"\r\n\r\nhello") and ex.head_sent
+    conn.data_received(b"world")
+    assert ex.client.response().body == b"helloworld"
+    settled(rig)
+
+
 def test_worker_connection_close_header_means_no_reuse_but_the_client_stays():
     rig = Rig()
     ex, conn = rig.dispatched()
