@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 HERE = Path(__file__).parent
@@ -47,6 +48,12 @@ def _free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def thread_policies(pid: int) -> set[int]:
+    """The scheduling policy of every thread of the process tree at pid (worker_scheduling)."""
+    root = psutil.Process(pid)
+    return {os.sched_getscheduler(t.id) for p in (root, *root.children(recursive=True)) for t in p.threads()}
 
 
 class CorralProc:

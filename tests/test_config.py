@@ -204,6 +204,11 @@ base_port = 70000
             "app 'a': env: has no effect with upstreams",
         ),
         (
+            "[[app]]\nname='a'\nupstreams=['127.0.0.1:7000']\nworker_scheduling='normal'\n",
+            "app 'a': worker_scheduling: has no effect with upstreams",
+        ),
+        ("[[app]]\nname='a'\nworker_scheduling='fifo'\n" + STUB_CMD, "app 'a': worker_scheduling: must be one of"),
+        (
             "[[app]]\nname='a'\ncommand=['no-such-binary-xyz', '{port}']\n",
             "app 'a': command: 'no-such-binary-xyz' not found",
         ),

@@ -12,7 +12,7 @@ import sys
 import time
 
 import psutil
-from conftest import STUB, corral_cli, free_ports, get, stub_args
+from conftest import STUB, corral_cli, free_ports, get, stub_args, thread_policies
 
 
 def test_workers_get_port_index_and_pm2_env(corral):
@@ -31,17 +31,11 @@ def test_workers_get_port_index_and_pm2_env(corral):
         assert env.get("HOME") == os.environ.get("HOME")  # parent's environment is passed on
 
 
-def _policies(pid: int) -> set[int]:
-    """The scheduling policy of every thread of the process tree at pid."""
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    return {os.sched_getscheduler(t.id) for p in procs for t in p.threads()}
-
-
 def test_workers_run_as_sched_batch_unless_told_normal(corral):
     batch = corral(stub_args(), workers=1)
     normal = corral(stub_args("--worker-scheduling", "normal"), workers=1)
-    assert _policies(get(batch.port, "/env").json()["pid"]) == {os.SCHED_BATCH}
-    assert _policies(get(normal.port, "/env").json()["pid"]) == {os.SCHED_OTHER}
+    assert thread_policies(get(batch.port, "/env").json()["pid"]) == {os.SCHED_BATCH}
+    assert thread_policies(get(normal.port, "/env").json()["pid"]) == {os.SCHED_OTHER}
     assert os.sched_getscheduler(batch.proc.pid) == os.SCHED_OTHER  # corral itself keeps the default
 
 

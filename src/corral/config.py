@@ -122,7 +122,7 @@ class AppConfig:
         "batch",
         "Linux scheduling policy of the workers corral starts. batch (SCHED_BATCH, same nice level): a worker "
         "woken by its next request waits for its turn instead of preempting corral mid-dispatch, so corral "
-        "hands every free worker its request sooner (+13 % throughput with 2 plumber workers on 2 CPUs, "
+        "hands every free worker its request sooner (+19 % throughput with 2 plumber workers on 2 CPUs, "
         "bench/RESULTS.md); it changes nothing on an idle CPU. normal: the system's default (SCHED_OTHER), "
         "for workers that must preempt other processes on the host",
         choices=("batch", "normal"),
