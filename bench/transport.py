@@ -23,6 +23,9 @@ start (others may edit src/ while this runs). Per run, in alternating order:
   `unix-normal` (the unix corral with `--worker-scheduling normal`); nginx
   and direct then run over workers started the way pm2 would (SCHED_OTHER, by an idle corral `peers`), and
   `nginx-batch` is nginx least_conn over the tcp corral's own (SCHED_BATCH) workers.
+- `T4` (with --interleave, not in the default --only): bench/compare's open-loop mix (Poisson /fast 20/s and
+  /sleep?ms=2000 1/s, `--t4-duration` s) against the Unix-socket corrals, 4 workers each, the same schedule
+  for each in a round: does the workers' scheduling policy move the fast requests' tail?
 - `--baseline-src DIR`: one more corral (`base`, tcp) run from DIR (a directory holding the corral
   package, e.g. `git archive REV src | tar -x`), for a before/after of the data path itself.
 
@@ -50,6 +53,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
+import loadgen
 import psutil
 from procs import HOST, Child, require_free, wait_http
 from proxies import render
@@ -65,6 +69,7 @@ INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077, "tcp-py": 19081,
                     "peers": 19092, "unix-normal": 19095}  # fmt: skip
 NGINX_BATCH_PORT = 19091
 T3_PORTS = list(range(19300, 19304))
+T4_CLASSES = [loadgen.TrafficClass("fast", "/fast", 20.0), loadgen.TrafficClass("slow", "/sleep?ms=2000", 1.0)]
 Results = dict[str, dict[str, dict[str, list[float]]]]  # scenario -> target -> metric -> per-run values
 Usage = Callable[[], dict[str, float]]  # named CPU-second counters, read before and after a measurement
 Ports = int | tuple[int, ...]  # a tuple: one wrk per port, all at once, the connections shared out
@@ -267,6 +272,8 @@ class Bench:
                     self.rotate("T2", {**targets, "direct": (workers[0], lambda: {})}, "/fast", 1)
         if "T3" in self.args.only:
             self.t3_interleaved()
+        if "T4" in self.args.only:
+            self.t4_interleaved()
 
     def bound_targets(self, stack: ExitStack, workers: tuple[int, ...], owner: int) -> dict[str, tuple[Ports, Usage]]:
         """T1's bound: corral allowed nginx's per-worker concurrency, and the workers with no proxy at all."""
@@ -297,6 +304,28 @@ class Bench:
             n = stack.enter_context(self.nginx("nginx-ka", "nginx-keepalive.conf", T3_PORTS, "/"))
             targets["nginx-ka"] = (NGINX_PORT, lambda: cpu(n.pid, tree=True, backend=b.pid))
             self.rotate("T3", targets, "/", 32)
+
+    def t4_interleaved(self) -> None:
+        with ExitStack() as stack:
+            ports: dict[str, int] = {}
+            for v in self.variants:
+                if self.on_unix(v):
+                    port = INTERLEAVE_PORTS[v]
+                    stack.enter_context(self.corral(v, ["-w", "4", "--health-path", "/fast", str(APP)], "/fast", port))
+                    ports[v] = port
+            names = list(ports)
+            for r in range(self.args.interleave):
+                schedule = loadgen.poisson_schedule(T4_CLASSES, self.args.t4_duration, 4000 + r)
+                self.log(f"T4 round {r + 1}/{self.args.interleave}, load average {os.getloadavg()[0]:.2f}")
+                k = r % len(names)
+                for name in names[k:] + names[:k]:
+                    s = loadgen.summarize(loadgen.run(HOST, ports[name], schedule))
+                    fast, slow = s["fast"], s.get("slow", {})
+                    errors = fast["errors"] + slow.get("errors", 0)
+                    self.add("T4", name, fast_p50_ms=fast["p50_ms"], fast_p99_ms=fast["p99_ms"],
+                             slow_p99_ms=slow.get("p99_ms", 0.0), errors=errors)  # fmt: skip
+                    p50, p99 = fast["p50_ms"], fast["p99_ms"]
+                    self.log(f"  T4 {name}: fast p50 {p50:.2f} ms, p99 {p99:.2f} ms, errors {errors}")
 
     def rotate(self, scenario: str, targets: dict[str, tuple[Ports, Usage]], path: str, conns: int) -> None:
         names = list(targets)
@@ -403,6 +432,7 @@ def main() -> int:
                     help="all targets up at once, taking turns for ROUNDS rounds (use a short --duration)")
     ap.add_argument("--bound", action="store_true",
                     help="with --interleave, T1: also corral --max-inflight 16 and the workers loaded directly")
+    ap.add_argument("--t4-duration", type=float, default=20.0, help="seconds of T4's schedule per measurement")
     ap.add_argument("--sched", action="store_true",
                     help="with --interleave: unix-normal (--worker-scheduling normal), peers over SCHED_OTHER workers")
     ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (tcp)")

@@ -123,7 +123,7 @@ class AppConfig:
         "Linux scheduling policy of the workers corral starts. batch (SCHED_BATCH, same nice level): a worker "
         "woken by its next request waits for its turn instead of preempting corral mid-dispatch, so corral "
         "hands every free worker its request sooner (+19 % throughput with 2 plumber workers on 2 CPUs, "
-        "bench/RESULTS.md); it changes nothing on an idle CPU. normal: the system's default (SCHED_OTHER), "
+        "bench/RESULTS.md; ~0.7 ms more at p99 under light load). normal: the system's default (SCHED_OTHER), "
         "for workers that must preempt other processes on the host",
         choices=("batch", "normal"),
         breach="n/a",
