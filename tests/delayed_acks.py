@@ -53,6 +53,8 @@ def start_corral(transport: str, log: Path) -> subprocess.Popen[bytes]:
     argv = [
         sys.executable, "-m", "corral", "run", "-p", str(PORT), "-w", "1", "--health-interval", "86400",
         "--worker-transport", transport, EXAMPLE_R,
+        # The port is private to the namespace, the admin socket's file is not: runs side by side need their own.
+        "--admin", f"unix:{log.parent / 'admin.sock'}",
     ]  # fmt: skip
     out = log.open("wb")
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, PYTHONUNBUFFERED="1"))
