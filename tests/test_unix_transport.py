@@ -100,7 +100,10 @@ def test_keepalive_to_plumber_through_corral_has_no_40ms_stall(transport, tmp_pa
     # namespace of its own the TcpExt DelayedACKs counter sees this test's connections only.
     n = 60
     got = _delayed_acks(transport, n, tmp_path / "corral.log")
-    assert got["through"] <= n // 10, got  # through corral: no stall (0 here), on either transport
+    # A stall costs a delayed ACK on every request (the control below). On a loaded machine a request that
+    # merely takes longer than the 40 ms ACK timer costs one too (8 of 60 seen with 4 test processes on 2
+    # cores), so the bound is a quarter of the requests: half of the control's lowest, 0 on a quiet machine.
+    assert got["through"] <= n // 4, got  # through corral: no stall, on either transport
     if transport == "tcp":
         assert got["direct"] >= n // 2, got  # the control: straight to plumber, a reused connection stalls
 
