@@ -503,13 +503,14 @@ def logs(
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     try:
         client = _client(port, admin, admin_token)
+        # Follow unfiltered from the newest line, and filter here: the cursor then moves even while the
+        # chosen worker says nothing, so no poll re-reads old lines. The newest is asked before the
+        # history: a line logged in between is then in the history or after the cursor, never skipped.
+        newest = _entries(client, _log_query(0, 1)) if follow else []
         shown = _entries(client, _log_query(0, n, worker, app))
         _show(shown, as_json, colour)
         if not follow:
             return
-        # Follow unfiltered from the newest line there is, and filter here: the cursor then moves even
-        # while the chosen worker says nothing, so no poll re-reads old lines.
-        newest = _entries(client, _log_query(0, 1))
         cursor = max([e["seq"] for e in shown + newest], default=0)
         fresh: list[dict[str, Any]] = []
         while True:
