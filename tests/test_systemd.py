@@ -7,7 +7,6 @@ socket passed as fd 3, the way systemd does it. No timing assertions.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shlex
@@ -16,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -24,7 +24,11 @@ from conftest import STUB, corral_cli, free_ports, get, read_response, stub_args
 
 
 class NotifySocket:
-    """What a service manager hears: every datagram corral sends to $NOTIFY_SOCKET, in order."""
+    """What a service manager hears: every datagram corral sends to $NOTIFY_SOCKET, in order.
+
+    A thread drains the socket as it comes, as PID 1 does: the kernel queues only
+    net.unix.max_dgram_qlen datagrams (10 here), and a test busy elsewhere would make corral's sends
+    fail with EAGAIN."""
 
     def __init__(self, tmp: Path, abstract: bool) -> None:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -36,21 +40,40 @@ class NotifySocket:
             path = tmp / "notify.sock"
             self.sock.bind(str(path))
             self.env = str(path)
-        self.sock.settimeout(0.5)
+        self.sock.settimeout(0.2)
         self.messages: list[str] = []
+        self.heard = threading.Condition()
+        self.closed = False
+        self.reader = threading.Thread(target=self._drain, daemon=True)
+        self.reader.start()
+
+    def _drain(self) -> None:
+        while not self.closed:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with self.heard:
+                self.messages.append(data.decode())
+                self.heard.notify_all()
 
     def until(self, field: str, after: int = 0, timeout: float = 60.0) -> int:
         """Index of the first message from `after` on that carries the line `field`."""
         deadline = time.monotonic() + timeout
-        while True:
-            for i in range(after, len(self.messages)):
-                if field in self.messages[i].split("\n"):
-                    return i
-            assert time.monotonic() < deadline, f"no {field!r} after #{after}: {self.messages[-20:]}"
-            with contextlib.suppress(TimeoutError):
-                self.messages.append(self.sock.recv(4096).decode())
+        with self.heard:
+            while True:
+                for i in range(after, len(self.messages)):
+                    if field in self.messages[i].split("\n"):
+                        return i
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {field!r} after #{after}: {self.messages[-20:]}"
+                self.heard.wait(left)
 
     def close(self) -> None:
+        self.closed = True
+        self.reader.join(5)
         self.sock.close()
 
 
