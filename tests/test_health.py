@@ -119,6 +119,17 @@ def test_app_that_cannot_start_exits_nonzero_with_its_output():
     assert "cannot start" in r.stderr and "boom: no module named imaginary" in r.stderr
 
 
+def test_cannot_start_report_waits_for_output_written_after_the_exit():
+    # The worker's exit and its last words are separate events: here a child it left writes them only once
+    # the worker is dead (and reaped), so corral sees the exit first whatever the machine's load.
+    port = free_ports(4)
+    late = "(while kill -0 $$ 2>/dev/null; do sleep 0.01; done; echo 'boom: said after the exit' >&2) & exit 3"
+    r = subprocess.run([sys.executable, "-m", "corral", "run", "-p", str(port), "-w", "1", "--", "sh", "-c", late],
+                       capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 3
+    assert "cannot start" in r.stderr and "boom: said after the exit" in r.stderr, r.stderr
+
+
 def test_app_that_has_served_keeps_retrying_with_backoff(corral, tmp_path):
     flag = tmp_path / "fail-start"
     c = corral(stub_args(), workers=1, env={"STUB_FAIL_START": str(flag)})

@@ -107,6 +107,7 @@ class WorkerOutput(asyncio.Protocol):
         proc = worker.proc
         assert proc is not None and proc.stdout is not None and proc.stderr is not None
         sink = cls._log_file(worker, log_dir) if log_dir else None
+        worker.pipes_open = 2
         for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr")):
             loop.create_task(loop.connect_read_pipe(functools.partial(cls, worker, sink, name), pipe))
 
@@ -134,6 +135,9 @@ class WorkerOutput(asyncio.Protocol):
             self._emit([self.partial])
             self.partial = b""
         return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.worker.pipes_open -= 1
 
     def _emit(self, lines: list[bytes]) -> None:
         if not lines:

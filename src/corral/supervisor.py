@@ -36,6 +36,9 @@ BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
 CRASH_LINES = 10  # last output lines kept with a crash loop
 CRASH_REPORT_DELAY = 0.25  # a dead worker's last lines reach its pipes just after its exit is seen
 TICK = 0.1
+# How long a cannot-start report waits for the last output of a worker that has exited: a worker's exit
+# and the end of its pipes are separate events, and a child it left behind may hold the pipes open.
+OUTPUT_GRACE = 2.0
 MEMORY_EVERY = 2.0
 PORT_MAX = 65535
 _PR_SET_PDEATHSIG = 1
@@ -93,6 +96,7 @@ class Supervisor:
         self.crash_limit = parse_crash_limit(app.crash_limit)  # (K exits, within T seconds)
         self.exits: collections.deque[float] = collections.deque()  # unplanned exits within the last T seconds
         self.crash_worker: Worker | None = None  # the last one that exited: its tail is the crash loop's lines
+        self.crash_seen = 0.0  # when it exited
         self.crash_looping_since: float | None = None
         pool.on_hung = self.kill_hung
         pool.slot_indexes = lambda: range(self.desired)
@@ -391,7 +395,7 @@ class Supervisor:
         self.restarts[reason.split(" (")[0]] = self.restarts.get(reason.split(" (")[0], 0) + 1
         self.index_restarts[index] = self.index_restarts.get(index, 0) + 1
         self.exits.append(now)
-        self.crash_worker = worker
+        self.crash_worker, self.crash_seen = worker, now
         worker.failed += worker.inflight
         self._emit(worker, State.STOPPED, f"{how}; {reason}; restarting in {delay:.1f}s")
         if never_ready and worker.tail and not self.ever_ready:
@@ -402,7 +406,10 @@ class Supervisor:
         if self.ever_ready or self.fatal:
             return
         if len(self.failures) >= self.desired and all(self.failures.get(i, 0) >= 1 for i in range(self.desired)):
-            tail = self.last_tail or ["(the worker printed nothing)"]
+            last = self.crash_worker
+            if last is not None and last.pipes_open > 0 and self.clock() - self.crash_seen < OUTPUT_GRACE:
+                return  # its last lines may still be in its pipes: the report waits for them
+            tail = (list(last.tail) if last is not None else []) or self.last_tail or ["(the worker printed nothing)"]
             self.fatal = (
                 f"app '{self.app.name}' cannot start: every worker exited before it was ready.\n"
                 "Last lines the worker printed:\n" + "\n".join(f"    {line}" for line in tail[-15:])

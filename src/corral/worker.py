@@ -42,6 +42,7 @@ class Worker:
         "max_inflight",
         "max_requests",
         "max_sessions",
+        "pipes_open",
         "port",
         "probe_due",
         "probe_fails",
@@ -102,6 +103,7 @@ class Worker:
         self.proc: subprocess.Popen[bytes] | None = None
         self.idle: list[Any] = []  # pooled upstream connections with no request on them
         self.tail: list[str] = []  # last output lines, shown when the app cannot start
+        self.pipes_open = 0  # its stdout/stderr not yet at EOF: its last lines may still be on the way
         self.logs: Any = None  # per-worker log file (--log-dir)
 
     @property
