@@ -34,10 +34,9 @@ if TYPE_CHECKING:
 
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
 CRASH_LINES = 10  # last output lines kept with a crash loop
-CRASH_REPORT_DELAY = 0.25  # a dead worker's last lines reach its pipes just after its exit is seen
 TICK = 0.1
-# How long a cannot-start report waits for the last output of a worker that has exited: a worker's exit
-# and the end of its pipes are separate events, and a child it left behind may hold the pipes open.
+# How long a report (cannot start, crash loop) waits for the last output of a worker that has exited: its
+# exit and the end of its pipes are separate events, and a child it left behind may hold the pipes open.
 OUTPUT_GRACE = 2.0
 MEMORY_EVERY = 2.0
 PORT_MAX = 65535
@@ -406,9 +405,9 @@ class Supervisor:
         if self.ever_ready or self.fatal:
             return
         if len(self.failures) >= self.desired and all(self.failures.get(i, 0) >= 1 for i in range(self.desired)):
+            if self._last_lines_pending(self.clock()):
+                return
             last = self.crash_worker
-            if last is not None and last.pipes_open > 0 and self.clock() - self.crash_seen < OUTPUT_GRACE:
-                return  # its last lines may still be in its pipes: the report waits for them
             tail = (list(last.tail) if last is not None else []) or self.last_tail or ["(the worker printed nothing)"]
             self.fatal = (
                 f"app '{self.app.name}' cannot start: every worker exited before it was ready.\n"
@@ -423,12 +422,17 @@ class Supervisor:
         while self.exits and now - self.exits[0] > t:
             self.exits.popleft()
         if self.crash_looping_since is None:
-            if len(self.exits) >= k and now - self.exits[-1] >= CRASH_REPORT_DELAY:
+            if len(self.exits) >= k and not self._last_lines_pending(now):
                 self.crash_looping_since = now
                 self._report_crash_loop()
         elif not self.exits:
             self.crash_looping_since = None
             say(f"corral: app {self.app.name} is no longer crash-looping: no worker exit in the last {t:g}s")
+
+    def _last_lines_pending(self, now: float) -> bool:
+        """The last worker to exit may still have lines in its pipes: a report about it waits (briefly)."""
+        last = self.crash_worker
+        return last is not None and last.pipes_open > 0 and now - self.crash_seen < OUTPUT_GRACE
 
     def _report_crash_loop(self) -> None:
         k, t = self.crash_limit
