@@ -279,8 +279,7 @@ class Bench:
         """T1's bound: corral allowed nginx's per-worker concurrency, and the workers with no proxy at all."""
         args = ["-w", "2", "--max-inflight", "16", "--health-path", "/fast", str(APP)]
         port = INTERLEAVE_PORTS["mi16"]
-        args = [*args[:-1], "--worker-transport", "unix", args[-1]]  # after the tcp variant's own flag
-        c = stack.enter_context(self.corral("tcp", args, "/fast", port, name="mi16"))
+        c = stack.enter_context(self.corral("unix", args, "/fast", port, name="mi16"))
         direct: Usage = lambda: cpu(owner, workers=owner)  # noqa: E731 (the R workers of an idle corral)
         return {
             "mi16": (port, lambda: cpu(c.pid, workers=c.pid)),
@@ -338,7 +337,7 @@ class Bench:
                 port, usage = targets[name]
                 # Straight to plumber, as a proxy without keep-alive does (keep-alive would hit the 40 ms stall).
                 close = ("Connection: close",) if name.startswith("direct") else ()
-                n = 2 if name == "direct-1" else conns
+                n = 2 if name == "direct-1" else conns  # measured() shares them out: one per worker port
                 res, use = self.measured(usage, port, path, n, close)
                 self.add(scenario, name, rps=res.rps, p50_ms=res.p50_ms, p99_ms=res.p99_ms, failed=res.failed, **use)
                 self.log(f"  {scenario} {name}: {res.rps:.0f} req/s, p50 {res.p50_ms:.3f} ms, {_us(use)}")
