@@ -24,20 +24,35 @@ HAVE_R = shutil.which("Rscript") is not None
 
 
 EPHEMERAL_LOW = 32768  # Linux's default ip_local_port_range starts here: client sockets may take any port above
+PORTS_LOW = 12000
 
 
-def free_ports(n: int, start: int = 20000) -> int:
-    """The first port of n consecutive free ports, below the ephemeral range so no client socket takes
-    one later (randomised start so parallel runs rarely collide)."""
-    span = EPHEMERAL_LOW - start - n
-    base = start + (os.getpid() * 37) % span
-    for _ in range(span):
+def _port_slice() -> tuple[int, int]:
+    """This pytest process's own ports: pytest-xdist's processes get disjoint slices of
+    [PORTS_LOW, EPHEMERAL_LOW), so two of them never hand out the same block (a check that a port is
+    free says nothing about another process that checked it a moment earlier)."""
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    index = int((os.environ.get("PYTEST_XDIST_WORKER") or "gw0")[2:] or 0)
+    size = (EPHEMERAL_LOW - PORTS_LOW) // max(count, 1)
+    return PORTS_LOW + index * size, PORTS_LOW + (index + 1) * size
+
+
+_SLICE = _port_slice()
+_cursor = _SLICE[0] + (os.getpid() * 37) % (_SLICE[1] - _SLICE[0] - 100)  # another run at once starts elsewhere
+
+
+def free_ports(n: int) -> int:
+    """The first port of n consecutive free ports from this process's slice, below the ephemeral range so
+    no client socket takes one later. Blocks are handed out in turn, never twice in a row, so a block a
+    finished test's workers may still hold is not the next one handed out."""
+    global _cursor
+    lo, hi = _SLICE
+    for _ in range((hi - lo) // (n + 1) + 1):
+        base = _cursor if _cursor + n < hi else lo
+        _cursor = base + n + 1
         if all(_free(base + i) for i in range(n)):
             return base
-        base += n + 1
-        if base + n >= EPHEMERAL_LOW:
-            base = start
-    raise RuntimeError(f"no {n} consecutive free ports below {EPHEMERAL_LOW}")
+    raise RuntimeError(f"no {n} consecutive free ports in {lo}..{hi}")
 
 
 def _free(port: int) -> bool:

@@ -173,7 +173,7 @@ def test_admin_is_never_the_public_port(tmp_path):
 
 
 def test_token_required_when_set(corral):
-    aport = free_ports(1, start=12000)
+    aport = free_ports(1)
     c = corral(stub_args("--admin", f"0.0.0.0:{aport}", "--admin-token", "s3cret"), workers=1)
     no = request(aport, b"GET /status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
     assert no.status == 401 and no.header("www-authenticate") is not None
@@ -201,7 +201,7 @@ def admin_call(aport: int, method: str, path: str, host: str | None = None, head
 
 
 def test_admin_http_is_strict(corral):
-    aport = free_ports(1, start=13000)
+    aport = free_ports(1)
     c = corral(stub_args("--admin", f"127.0.0.1:{aport}"), workers=1)
 
     def call(raw: bytes):
@@ -240,7 +240,7 @@ def test_admin_http_is_strict(corral):
 # --- the Host rule (DNS rebinding) -------------------------------------------------------------------
 def test_a_rebound_page_cannot_read_or_stop_a_loopback_admin(corral):
     """attacker.example rebound to 127.0.0.1: same origin to the browser, but its Host names the attacker."""
-    aport = free_ports(1, start=15000)
+    aport = free_ports(1)
     c = corral(stub_args("--admin", f"127.0.0.1:{aport}"), workers=1)
     evil = f"attacker.example:{aport}"
     r = admin_call(aport, "GET", "/status", host=evil)

@@ -48,7 +48,7 @@ def rows(html: str) -> dict[int, tuple[int, str]]:
 
 
 def admin_corral(corral, *opts: str):
-    aport = free_ports(1, start=14000)
+    aport = free_ports(1)
     c = corral(stub_args("--admin", f"127.0.0.1:{aport}", *opts), workers=2)
     return c, aport
 

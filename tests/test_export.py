@@ -26,7 +26,7 @@ HAVE_HAPROXY = shutil.which("haproxy") is not None
 class Setup:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.front = free_ports(4, start=30000)  # where nginx / HAProxy listen
+        self.front = free_ports(4)  # where nginx / HAProxy listen
         self.api = self.front + 1  # two api workers
         self.web = self.front + 3
         self.toml = tmp / "corral.toml"
@@ -269,7 +269,7 @@ def test_systemd_unit_stops_in_time_when_a_request_outlives_the_drain_and_the_wo
     """The worst case the unit must cover: a request still running at graceful_timeout, held by a
     worker that ignores SIGTERM and needs SIGKILL after kill_timeout. corral must exit by itself,
     cleanly, before systemd's TimeoutStopSec would kill it."""
-    port = free_ports(2, start=31000)
+    port = free_ports(2)
     worker = f"trap '' TERM; exec {shlex.quote(sys.executable)} {shlex.quote(STUB)} \"$0\""
     toml = tmp_path / "corral.toml"
     toml.write_text(

@@ -36,7 +36,7 @@ CLIENTS = [f"127.0.0.{i}" for i in range(2, 14)]  # Linux answers on all of 127/
 class Setup:
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.front = free_ports(6, start=26000)  # where nginx / HAProxy listen, then the five workers
+        self.front = free_ports(6)  # where nginx / HAProxy listen, then the five workers
         self.chat, self.feed, self.api = self.front + 1, self.front + 3, self.front + 5
         self.toml = tmp / "corral.toml"
         cmd = f'command = ["{sys.executable}", "{ECHO}", "{{port}}"]'

@@ -301,7 +301,7 @@ def _probe(port: int, path: str) -> int:
 
 
 def test_the_pod_serves_probes_where_declared_and_its_prestop_and_sigterm_stop_it_within_the_grace(tmp_path):
-    block = free_ports(8, start=22000)
+    block = free_ports(8)
     worker = f"trap '' TERM; exec {PY} {STUB} \"$0\""  # ignores SIGTERM: the kill must come in time too
     toml = tmp_path / "corral.toml"
     toml.write_text(

@@ -132,7 +132,7 @@ def hosts() -> Iterator[Hosts]:
 
 
 def test_corral_balances_workers_on_another_host_and_follows_them(hosts, tmp_path):
-    ports = free_ports(8, start=15000)
+    ports = free_ports(8)
     lb_port, w_port, base = ports, ports + 1, ports + 4  # workers: base, base+1 (corral), base+2 (by hand)
     stub_cmd = f'command = ["{sys.executable}", "{STUB}", "{{port}}"]'
     (tmp_path / "workers.toml").write_text(

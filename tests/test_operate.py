@@ -189,7 +189,7 @@ def test_a_crash_looping_app_shows_the_state_everywhere_and_backoff_goes_on(corr
 
 def test_crash_loop_on_the_dashboard(corral):
     test_dashboard = pytest.importorskip("test_dashboard")
-    aport = free_ports(1, start=14500)
+    aport = free_ports(1)
     c = corral(
         chatty_args("--crash-limit", "2/600", "--admin", f"127.0.0.1:{aport}"),
         workers=1,

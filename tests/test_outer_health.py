@@ -230,7 +230,7 @@ def test_health_port_serves_only_livez_and_readyz(started):
 
 
 def test_admin_channel_answers_probes_without_its_token(tmp_path):
-    port, admin = free_ports(8), free_ports(1, start=28000)
+    port, admin = free_ports(8), free_ports(1)
     p = subprocess.Popen(
         [PY, "-m", "corral", "run", "-p", str(port), "-w", "1", "--admin", f"127.0.0.1:{admin}",
          "--admin-token", "s3cret", "--", PY, STUB, "{port}"],
@@ -402,7 +402,7 @@ def lab() -> Iterator[Lab]:
 
 @pytest.mark.skipif(shutil.which("haproxy") is None, reason="haproxy not installed (Debian: apt-get install haproxy)")
 def test_sigterm_to_one_of_two_corrals_behind_haproxy_loses_no_request(lab, tmp_path):
-    block = free_ports(12, start=16000)
+    block = free_ports(12)
     front, port, health = block, block + 1, block + 2  # the same numbers on both corral hosts
     logs = {h: tmp_path / f"corral-{h}.log" for h in ("a", "b")}
     for i, h in enumerate(("a", "b")):

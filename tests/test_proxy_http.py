@@ -91,7 +91,7 @@ def test_connect_failure_moves_the_request_to_another_worker(corral, tmp_path):
     """A worker that went away (refuses connections) costs nothing: the request goes elsewhere."""
     import subprocess
 
-    base = free_ports(2, start=30000)
+    base = free_ports(2)
     ports = [base, base + 1]
     stubs = [subprocess.Popen([sys.executable, STUB, str(p)], stdout=subprocess.DEVNULL) for p in ports]
     try:

@@ -31,7 +31,7 @@ def _table(*target: str) -> list[str]:
 
 
 def test_open_sessions_per_worker_in_status_table_metrics_and_dashboard(corral):
-    aport = free_ports(1, start=14500)
+    aport = free_ports(1)
     c = corral(
         [
             "--admin",

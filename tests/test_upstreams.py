@@ -44,7 +44,7 @@ def _pids(port: int, n: int, path: str = "/x") -> set[int]:
 
 
 def test_upstreams_join_when_they_answer_and_leave_when_they_go(corral, tmp_path):
-    up = free_ports(4, start=16000)
+    up = free_ports(4)
     stubs = {0: Stub(up)}
     try:
         c = corral(["--upstream", f"127.0.0.1:{up}-{up + 3}", "--health-interval", "0.3"], workers=None)
@@ -68,7 +68,7 @@ def test_upstreams_join_when_they_answer_and_leave_when_they_go(corral, tmp_path
 
 
 def test_idle_upstream_that_goes_away_is_dropped_by_its_probe(corral, tmp_path):
-    up = free_ports(2, start=13000)
+    up = free_ports(2)
     a, b = Stub(up), Stub(up + 1)
     try:
         c = corral(["--upstream", f"127.0.0.1:{up}-{up + 1}", "--health-interval", "0.2"], workers=None)
@@ -85,7 +85,7 @@ def test_idle_upstream_that_goes_away_is_dropped_by_its_probe(corral, tmp_path):
 def test_no_request_fails_unless_it_was_in_flight_on_the_worker_that_died(corral, tmp_path):
     """Load through three upstreams while one is killed mid-request and restarted: the request it
     held is the only one that may fail; everything queued or sent later is served."""
-    up = free_ports(3, start=17000)
+    up = free_ports(3)
     logs = {i: tmp_path / f"stub{i}.log" for i in range(3)}
     stubs = [Stub(up + i, logs[i]) for i in range(3)]
     try:
