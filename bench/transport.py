@@ -26,8 +26,9 @@ start (others may edit src/ while this runs). Per run, in alternating order:
 - `T4` (with --interleave, not in the default --only): bench/compare's open-loop mix (Poisson /fast 20/s and
   /sleep?ms=2000 1/s, `--t4-duration` s) against the Unix-socket corrals, 4 workers each, the same schedule
   for each in a round: does the workers' scheduling policy move the fast requests' tail?
-- `--baseline-src DIR`: one more corral (`base`, tcp) run from DIR (a directory holding the corral
-  package, e.g. `git archive REV src | tar -x`), for a before/after of the data path itself.
+- `--baseline-src DIR`: one more corral (`base`, on Unix sockets like `unix`) run from DIR (a directory holding
+  the corral package, e.g. `git archive REV src | tar -x`, then DIR=src), for a before/after of the data
+  path itself; it takes part in T1, T2, T3 and T4.
 
 CPU per request (us): `cpu_us`/`sys_us` of corral's own process (its workers are children, not counted) or
 nginx's whole tree; `workers_us` of the R workers serving it; `backend_us` of T3's nginx backend.
@@ -96,7 +97,8 @@ class Bench:
             normal = ["--worker-scheduling", "normal", "--worker-transport", "unix"]
             self.variants["unix-normal"] = (self.src, normal, {})
         if args.baseline_src:
-            self.variants["base"] = (Path(args.baseline_src).resolve(), [], {})
+            # on Unix sockets, the default for plumber since issue 13: compare `base` with `unix`
+            self.variants["base"] = (Path(args.baseline_src).resolve(), ["--worker-transport", "unix"], {})
 
     def on_unix(self, variant: str) -> bool:
         return self.variants[variant][1][-1:] == ["unix"]
@@ -434,7 +436,7 @@ def main() -> int:
     ap.add_argument("--t4-duration", type=float, default=20.0, help="seconds of T4's schedule per measurement")
     ap.add_argument("--sched", action="store_true",
                     help="with --interleave: unix-normal (--worker-scheduling normal), peers over SCHED_OTHER workers")
-    ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (tcp)")
+    ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (unix)")
     ap.add_argument("--builds", action="store_true",
                     help="also run the tree as pure Python (`tcp-py`, `unix-py`; CORRAL_PURE_PYTHON=1) next to its "
                          "compiled build (CORRAL_COMPILE=1 scripts/setup first)")  # fmt: skip

@@ -2,7 +2,8 @@
 JavaScript, cookies, a WebSocket the page opens itself.
 
 One browser process; each `Tab` lives in its own browser context (an incognito-like profile), so tabs
-do not share cookies: each is a separate client to the server under test. CDP is JSON over one
+do not share cookies: each is a separate client to the server under test. `Tab.sibling()` opens another
+tab in the same context: one browser's tabs, sharing its cookies. CDP is JSON over one
 WebSocket (the `websockets` package's sync client); commands for a tab carry its flattened sessionId.
 Events are not needed here (tests poll page state with Runtime.evaluate), so they are skipped."""
 
@@ -88,12 +89,14 @@ class Browser:
                     raise CDPError(f"{method}: {answer['error']}")
                 return answer.get("result", {})
 
-    def tab(self) -> Tab:
-        """A new tab in a new browser context: its own cookies."""
-        context = self.call("Target.createBrowserContext")["browserContextId"]
+    def tab(self, context: str | None = None) -> Tab:
+        """A new tab in a new browser context (its own cookies), or in `context` (sharing that one's)."""
+        owns = context is None
+        if context is None:
+            context = self.call("Target.createBrowserContext")["browserContextId"]
         target = self.call("Target.createTarget", {"url": "about:blank", "browserContextId": context})["targetId"]
         session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        return Tab(self, context, target, session)
+        return Tab(self, context, target, session, owns_context=owns)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
@@ -109,17 +112,24 @@ class Browser:
 
 
 class Tab:
-    def __init__(self, browser: Browser, context: str, target: str, session: str) -> None:
+    def __init__(self, browser: Browser, context: str, target: str, session: str, owns_context: bool = True) -> None:
         self.browser = browser
         self.context = context
         self.target = target
         self.session = session
+        self.owns_context = owns_context  # closing this tab disposes the context (and its other tabs)
+
+    def sibling(self) -> Tab:
+        """Another tab of the same browser session: same context, same cookies."""
+        return self.browser.tab(self.context)
 
     def call(self, method: str, params: dict[str, Any] | None = None, timeout: float = 30) -> dict[str, Any]:
         return self.browser.call(method, params, self.session, timeout)
 
-    def evaluate(self, expression: str) -> Any:
-        r = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True})
+    def evaluate(self, expression: str, await_promise: bool = False, timeout: float = 30) -> Any:
+        """The expression's value; with `await_promise`, the value its promise resolves to."""
+        params = {"expression": expression, "returnByValue": True, "awaitPromise": await_promise}
+        r = self.call("Runtime.evaluate", params, timeout=timeout)
         if "exceptionDetails" in r:
             raise CDPError(f"{expression}: {r['exceptionDetails'].get('text')}: {r['exceptionDetails']}")
         return r["result"].get("value")
@@ -150,4 +160,5 @@ class Tab:
     def close(self) -> None:
         with contextlib.suppress(CDPError):
             self.browser.call("Target.closeTarget", {"targetId": self.target})
-            self.browser.call("Target.disposeBrowserContext", {"browserContextId": self.context})
+            if self.owns_context:
+                self.browser.call("Target.disposeBrowserContext", {"browserContextId": self.context})

@@ -145,6 +145,8 @@ def fake_pool(workers: list[Worker], depth: int = 0, oldest: float = 0.0, max_in
         cost_aware=True,
         served=0,
         failed=0,
+        outcomes={"served": 0, "failed": 0, "refused": 0, "abandoned": 0},
+        cuts={},
         retried=0,
         sessions_opened=0,
         sessions_rejected=0,

@@ -190,7 +190,39 @@ def test_header_timeout_answers_408_even_when_bytes_keep_trickling(edge):
     assert_never_forwarded(edge, mark)
 
 
-def test_body_timeout_answers_408_and_aborts_the_workers_request(edge):
+def test_body_timeout_answers_408_and_the_worker_never_sees_the_request(edge):
+    mark = marker("slowbody")
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" % mark + b"x" * 100)
+        resp = read_response(s)
+        assert_plain_error(resp, 408)
+        assert closed_by_peer(s)
+    assert_never_forwarded(edge, mark)  # request_buffering: a body that never came never reached a worker
+
+
+def test_chunked_body_over_max_body_is_413_and_never_forwarded(edge):
+    mark = marker("bigstream")
+    with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
+        s.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1f40\r\n" % mark + b"a" * 8000)
+        s.sendall(b"\r\n1f40\r\n" + b"b" * 8000 + b"\r\n0\r\n\r\n")
+        resp = read_response(s)
+        assert_plain_error(resp, 413)
+        assert closed_by_peer(s)
+    assert_never_forwarded(edge, mark)
+
+
+@pytest.fixture(scope="module")
+def streaming_edge(tmp_path_factory) -> CorralProc:
+    tmp = tmp_path_factory.mktemp("streaming-edge")
+    log = tmp / "stub.log"
+    c = CorralProc(tmp, stub_args(*LIMITS, "--no-request-buffering"), workers=1, env={"STUB_LOG": str(log)})
+    c.stub_log = log  # type: ignore[attr-defined]
+    yield c
+    c.stop()
+
+
+def test_streamed_body_timeout_answers_408_and_aborts_the_workers_request(streaming_edge):
+    edge = streaming_edge
     mark = marker("slowbody")
     with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
         s.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nContent-Length: 5000\r\n\r\n" % mark + b"x" * 100)
@@ -202,7 +234,8 @@ def test_body_timeout_answers_408_and_aborts_the_workers_request(edge):
     assert get(edge.port, "/after-slowbody", timeout=10).status == 200
 
 
-def test_streamed_chunked_body_over_max_body_is_413_and_the_worker_request_aborted(edge):
+def test_streamed_chunked_body_over_max_body_is_413_and_the_worker_request_aborted(streaming_edge):
+    edge = streaming_edge
     mark = marker("bigstream")
     with socket.create_connection(("127.0.0.1", edge.port), timeout=10) as s:
         s.sendall(b"POST %s HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n1f40\r\n" % mark + b"a" * 8000)

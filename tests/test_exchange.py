@@ -27,7 +27,7 @@ from corral.config import AppConfig, ServerConfig
 from corral.exchange import CLIENT_CLOSED, PAUSE_BUFFER, PAUSE_UPSTREAM, SPILL_READ, Exchange
 from corral.pool import Pool, UpstreamConnection
 from corral.proxy import ClientConnection, Proxy
-from corral.scheduler import QUEUED, QueueFull
+from corral.scheduler import QUEUED
 from corral.worker import State, Worker
 
 
@@ -42,9 +42,13 @@ class FakeTransport:
     does soon after close(), or when the peer goes away.
     """
 
-    def __init__(self, protocol: object = None, peer: tuple[str, int] = ("127.0.0.1", 40000)) -> None:
+    def __init__(
+        self, protocol: object = None, peer: tuple[str, int] = ("127.0.0.1", 40000), kernel: int = 256 * 1024
+    ) -> None:
         self.protocol = protocol
         self.peer = peer
+        self.kernel = kernel  # bytes the peer's socket takes before the transport has to buffer them
+        self.in_kernel = 0
         self.chunks: list[bytes] = []
         self.late: list[bytes] = []
         self.reading = True
@@ -60,7 +64,12 @@ class FakeTransport:
             self.late.append(bytes(data))
             return
         self.chunks.append(bytes(data))
-        self.buffered += len(data)
+        to_kernel = 0 if self.buffered else min(len(data), self.kernel - self.in_kernel)
+        self.in_kernel += to_kernel
+        self.buffered += len(data) - to_kernel
+        self._maybe_pause()
+
+    def _maybe_pause(self) -> None:
         if self.high is not None and not self.writing_paused and self.buffered > self.high:
             self.writing_paused = True
             self.protocol.pause_writing()
@@ -88,6 +97,7 @@ class FakeTransport:
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self.high = high
+        self._maybe_pause()
 
     # the test's side
     @property
@@ -98,7 +108,7 @@ class FakeTransport:
         """The peer reads everything written so far; the buffer empties (resume_writing if it was paused)."""
         data = self.data
         self.chunks.clear()
-        self.buffered = 0
+        self.buffered = self.in_kernel = 0
         if self.writing_paused:
             self.writing_paused = False
             self.protocol.resume_writing()
@@ -193,6 +203,7 @@ class FakeClient:
         self.done: list[tuple[Exchange, bool]] = []
         self.exchanges: list[Exchange] = []
         self.parsing: Exchange | None = None
+        self.written = 0
 
     def send(self, raw: bytes) -> Exchange:
         self.reader.feed(raw)
@@ -200,14 +211,13 @@ class FakeClient:
 
     # edge.RequestHandler
     def on_request(self, head: edge.RequestHead) -> None:
-        ex = Exchange(self, head, self.rig.pool, b"", self.spill_limit)
+        app = self.rig.app
+        memory = app.request_buffer if app.request_buffering and head.has_body else None
+        ex = Exchange(self, head, self.rig.pool, b"", self.spill_limit, memory)
         self.exchanges.append(ex)
         self.rig.exchanges.append(ex)
         self.parsing = ex
-        try:
-            self.rig.pool.submit(ex)
-        except QueueFull as full:  # what ClientConnection.start does
-            ex.respond_error(503, full.reason, retry_after=full.retry_after)
+        ex.begin()  # what ClientConnection.start does
 
     def on_request_body(self, data: bytes) -> None:
         assert self.parsing is not None
@@ -224,11 +234,18 @@ class FakeClient:
             self.late.append(data)  # every exchange of this client has ended: nothing may follow
             return
         self.out += data
+        self.written += len(data)
         if self.stall:
             self.blocked = True
 
     def writing_paused(self) -> bool:
         return self.blocked
+
+    def taken(self) -> int:
+        return self.written  # what was written is what the client has; a test that stalls it holds the rest back
+
+    def wait_flushed(self) -> bool:
+        return True
 
     def pause(self, why: int) -> None:
         self.paused |= why
@@ -737,14 +754,21 @@ def test_client_leaves_while_queued_never_reaches_a_worker():
 
 
 def test_client_leaves_before_the_response():
+    """The worker is still computing: its slot stays taken until it is done, or a client that leaves could
+    pile work on a worker past max_inflight. Its answer is read and dropped, and its connection reused."""
     rig = Rig()
     ex, conn = rig.dispatched()
+    waiting = rig.request()
     ex.client_left()
-    assert ex.status == CLIENT_CLOSED and ex.client.keep() is False
-    assert conn.transport.closed and not reused(rig, conn)  # its answer is unwanted
-    conn.transport.lose()
+    assert ex.status == CLIENT_CLOSED and ex.client.keep() is False and ex.ended
     w = rig.workers[0]
+    assert w.inflight == 1 and not conn.transport.closed and rig.observed == []
+    assert waiting.upstream is None, "a second request went to a worker still computing the first"
+    conn.data_received(ok(b"nobody reads this"))
+    assert ex.client.out == b"" and rig.observed == [ex] and ex.outcome == "abandoned" and ex.status == 499
     assert w.failed == 0 and not w.quarantined and w.state is State.READY  # not the worker's fault
+    assert waiting.upstream is conn  # the worker is free now, and its connection was kept
+    waiting.upstream.data_received(ok())
     settled(rig)
 
 
@@ -753,19 +777,40 @@ def test_client_leaves_mid_response():
     ex, conn = rig.dispatched()
     conn.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nsome")
     ex.client_left()
-    assert ex.status == CLIENT_CLOSED
-    assert conn.transport.closed
-    conn.transport.lose()
+    assert ex.status == CLIENT_CLOSED and ex.cut == "client closed"
+    assert not conn.transport.closed and rig.workers[0].inflight == 1  # the worker finishes its answer
+    conn.data_received(b"x" * 96)
+    assert reused(rig, conn) and ex.bytes_out == 4
     assert rig.workers[0].failed == 0
     cut(rig, ex, CLIENT_CLOSED)
 
 
+def test_client_leaves_and_the_worker_then_fails():
+    rig = Rig()
+    ex, conn = rig.dispatched()
+    ex.client_left()
+    conn.transport.lose()
+    assert ex.outcome == "abandoned" and rig.observed == [ex] and ex.client.out == b""
+    assert rig.workers[0].failed == 1  # its own count; the client had left, so the exchange is not a 502
+    settled(rig)
+
+
+def test_client_leaves_and_the_worker_hangs():
+    rig = Rig()
+    ex, _ = rig.dispatched()
+    ex.client_left()
+    rig.expire(rig.app.request_timeout + 1)
+    assert rig.hung == [rig.workers[0]] and rig.observed == [ex] and ex.client.out == b""
+    settled(rig)
+
+
 def test_client_left_twice_is_one_end():
     rig = Rig()
-    ex = rig.request()
+    ex, conn = rig.dispatched()
     ex.client_left()
     ex.client_left()
     ex.end()
+    conn.data_received(ok())
     settled(rig)
 
 
@@ -856,15 +901,16 @@ def test_client_leaves_mid_spill_while_the_worker_is_paused():
     spill = ex.spill
     assert spill is not None and not conn.transport.reading
     ex.client_left()
-    assert spill.file.closed and conn.transport.closed
-    conn.transport.lose()
+    assert spill.file.closed and conn.transport.reading  # the worker finishes its answer, into nothing
+    conn.data_received(b"a" * 80)
+    assert reused(rig, conn) and ex.bytes_out == 0
     cut(rig, ex, CLIENT_CLOSED)
 
 
 # --- the request body ------------------------------------------------------------------------------
 @pytest.mark.parametrize("chunked", [False, True])
 def test_worker_answers_before_the_request_body_is_complete(chunked):
-    rig = Rig()
+    rig = Rig(request_buffering=False)
     client = FakeClient(rig)
     if chunked:
         head = b"POST /up HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
@@ -886,7 +932,7 @@ def test_worker_answers_before_the_request_body_is_complete(chunked):
 
 
 def test_request_body_buffered_while_queued_is_flushed_on_dispatch():
-    rig = Rig()
+    rig = Rig(request_buffering=False)
     first = rig.request()
     client = FakeClient(rig)
     body = b"z" * (300 * 1024)  # past the queued-body limit: the client is paused
@@ -904,7 +950,7 @@ def test_request_body_buffered_while_queued_is_flushed_on_dispatch():
 
 
 def test_expect_100_continue_is_answered_once_the_worker_is_ours():
-    rig = Rig()
+    rig = Rig(request_buffering=False)
     first = rig.request()
     client = FakeClient(rig)
     ex = rig.request(
@@ -1070,9 +1116,10 @@ def test_client_connection_eof_mid_response_ends_the_exchange():
     ex = c.current
     up.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
     assert c.conn.eof_received() is False
-    assert ex.ended and ex.status == CLIENT_CLOSED and up.transport.closed
+    assert ex.ended and ex.status == CLIENT_CLOSED and ex.cut == "client closed" and ex.bytes_out == 3
     c.transport.lose()
-    up.transport.lose()
+    up.data_received(b"defghi")  # the worker finishes; its connection is kept
+    assert reused(rig, up)
     conn_settled(c)
 
 
@@ -1168,7 +1215,7 @@ def test_client_connection_resumes_reading_after_a_504_on_a_paused_upload():
 
 
 def test_upstream_back_pressure_pauses_and_resumes_the_client():
-    rig = Rig()
+    rig = Rig(request_buffering=False)
     client = FakeClient(rig)
     _, conn = rig.dispatched(b"POST /up HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nabc", client=client)
     conn.pause_writing()

@@ -335,6 +335,7 @@ def test_a_hung_worker_is_out_before_its_slot_is_freed():
     waiting = rig.request()
     assert hung.upstream.worker is w0 and busy.upstream.worker is w1
     hung.dispatched_at -= rig.app.request_timeout + 1  # only this one is past its deadline
+    hung.body_done_at -= rig.app.request_timeout + 1
     rig.expire(0)
     assert rig.hung == [w0] and w0.state is State.UNHEALTHY
     assert hung.client.response().status == 504

@@ -6,20 +6,26 @@ corral.toml), its workers are started with shiny::runApp, and stickiness default
 With R and Debian's r-cran-shiny: the example app (examples/shiny) on 2 workers, driven by headless
 Chromium over the DevTools protocol (tests/cdp.py): the page loads, the session connects over
 WebSocket, an input changes an output the server renders, separate browser sessions land on both
-workers, and a rolling reload with a session open fails no page load."""
+workers, and a rolling reload with a session open fails no page load.
+
+Issue 20, on tests/apps/shiny_files (a download and an upload that name the process and session serving
+them): a session's downloads and uploads reach its own process during a reload (its worker draining) and
+after it, from an old tab and new ones; and four tabs of one browser (one cookie) spread over two workers,
+each still reaching its session by the id in its paths."""
 
 from __future__ import annotations
 
 import json
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import HAVE_R, ROOT, corral_cli
+from conftest import HAVE_R, ROOT, corral_cli, poll
 
 from corral import config as C
 from corral.cli import build_config
@@ -239,3 +245,156 @@ def test_rolling_reload_with_a_session_open_fails_no_page_load(shiny, browser):
     held.evaluate("Shiny.setInputValue('n', 7)")  # the new session computes for it
     assert held.wait("document.getElementById('out').textContent === 'n squared is 49'")
     held.close()
+
+
+# --- issue 20: a session's downloads and uploads find its process, through reloads and across tabs --------
+FILES_APP = str(ROOT / "tests" / "apps" / "shiny_files")
+WHO = "(document.getElementById('who').textContent.match(/^pid \\d+, worker \\d+$/) || [''])[0]"
+FILES_CONNECTED = f"window.Shiny && Shiny.shinyapp && Shiny.shinyapp.isConnected() && {WHO}"
+SESSION_ID = "Shiny.shinyapp.config && Shiny.shinyapp.config.sessionId"
+
+
+@pytest.fixture
+def files_app(corral, tmp_path):
+    """tests/apps/shiny_files on 2 workers, with an access log; a long drain, so a reload's old worker
+    keeps its sessions until they close (the tests close them)."""
+    log = tmp_path / "access.log"
+    c = corral([FILES_APP, "--graceful-timeout", "120", "--access-log", str(log)], workers=2)
+    c.access_log = log
+    return c
+
+
+def files_session(tab, url: str | None = None) -> tuple[int, int, str]:
+    """Load the page (unless `url` is None: it is loaded) and wait for its session: (pid, worker index, id)."""
+    if url is not None:
+        assert tab.load(url) == 200
+        assert tab.evaluate("document.title") == "corral files"
+    pid, index = _who(tab.wait(FILES_CONNECTED, timeout=60))
+    return pid, index, tab.wait(SESSION_ID)
+
+
+def download(tab, sid: str) -> tuple[int, str]:
+    """What the browser gets for the page's download link (Shiny points it at session/<id>/download/down)."""
+    href = tab.wait(
+        f"(document.getElementById('down').href || '').includes('/session/{sid}/') && "
+        "document.getElementById('down').href"
+    )
+    got = tab.evaluate(f"fetch({json.dumps(href)}).then(async r => [r.status, await r.text()])", await_promise=True)
+    return got[0], got[1].strip()
+
+
+def upload(tab, name: str) -> tuple[str, str, list[int]]:
+    """Choose a file in the page's file input, as a user does; Shiny POSTs it to session/<id>/upload/<job>.
+    Returns the progress bar's last word ('Upload complete', or Shiny's error), the app's `got` text, and
+    the HTTP statuses the browser saw for the upload POSTs of this name."""
+    tab.evaluate(
+        "(() => { const dt = new DataTransfer();"
+        f" dt.items.add(new File([{json.dumps(name + ' line 1')} + '\\n'], {json.dumps(name)}, {{type: 'text/csv'}}));"
+        " const el = document.getElementById('up'); el.files = dt.files;"
+        " el.dispatchEvent(new Event('change', {bubbles: true})); return true; })()"
+    )
+    bar = "document.querySelector('#up_progress .progress-bar')"
+    # Finished either way: 'Upload complete' with its result rendered, or Shiny's error in the bar.
+    tab.wait(
+        f"{bar} && ({bar}.textContent === 'Upload complete' && "
+        f"document.getElementById('got').textContent.includes({json.dumps(name)}) || "
+        f"{bar}.classList.contains('progress-bar-danger') || /rror|Not Found/.test({bar}.textContent))",
+        timeout=60,
+    )
+    statuses = tab.evaluate(
+        "performance.getEntriesByType('resource').filter(e => e.name.includes('/upload/') && "
+        "e.initiatorType === 'xmlhttprequest').map(e => e.responseStatus)"
+    )
+    return tab.evaluate(f"{bar}.textContent"), tab.evaluate("document.getElementById('got').textContent"), statuses
+
+
+def _access(c, sid: str, kind: str) -> list[int]:
+    """Statuses corral's access log has for session `sid`'s `kind` (download, upload) requests."""
+    return [int(m.group(1)) for m in re.finditer(rf'/session/{sid}/{kind}/\S*" (\d+) ', c.access_log.read_text())]
+
+
+def _assert_files_work(tab, sid: str, pid: int, index: int, name: str) -> None:
+    status, body = download(tab, sid)
+    assert (status, body) == (200, f"session {sid}, pid {pid}, worker {index}")
+    bar, got, statuses = upload(tab, name)
+    assert bar == "Upload complete" and got == f"got {name} ({name} line 1) in session {sid}, pid {pid}, worker {index}"
+    assert statuses and statuses[-1] == 200, statuses
+
+
+@needs_shiny
+def test_downloads_and_uploads_reach_their_session_during_and_after_a_reload(files_app, browser):
+    c = files_app
+    old_pids = set(c.worker_pids().values())
+    old = browser.tab()
+    tabs = [old]
+    try:
+        pid, index, sid = files_session(old, c.url)
+        _assert_files_work(old, sid, pid, index, "before.csv")
+        c.proc.send_signal(signal.SIGHUP)  # rolling reload
+
+        def reloaded():  # both slots replaced; the old tab's worker draining with its session
+            workers = _status(c.port)["workers"]
+            ready = {w["pid"] for w in workers if w["state"] == "ready"}
+            return (
+                len(ready) == 2
+                and ready.isdisjoint(old_pids)
+                and any(w["pid"] == pid and w["state"] == "draining" for w in workers)
+            )
+
+        poll("the reload to replace both workers", reloaded, timeout=90)
+        new_pids = {w["pid"] for w in _status(c.port)["workers"] if w["state"] == "ready"}
+        # During: the old tab's session lives on in its draining process, which gets all of its requests.
+        assert old.evaluate(FILES_CONNECTED) == f"pid {pid}, worker {index}"
+        _assert_files_work(old, sid, pid, index, "during.csv")
+        # A new browser, and a new tab of the old browser (its cookie names the draining worker): both load
+        # the page from a live worker, and their files go to it.
+        for tab in (browser.tab(), old.sibling()):
+            tabs.append(tab)
+            tpid, tindex, tsid = files_session(tab, c.url)
+            assert tpid in new_pids
+            _assert_files_work(tab, tsid, tpid, tindex, f"new-{len(tabs)}.csv")
+        # corral's account: every request of the old session got 200, and the draining worker held it.
+        assert _access(c, sid, "download") == [200, 200] and _access(c, sid, "upload") == [200, 200]
+        (draining,) = [w for w in _status(c.port)["workers"] if w["pid"] == pid]
+        assert draining["state"] == "draining" and draining["sessions"] == 1
+        # After: the old session ends (its socket closes, as when graceful_timeout passes), the old worker
+        # drains and stops, and the old tab reconnects by itself to a live worker as a new session.
+        old.evaluate("Shiny.shinyapp.$socket.close()")
+        c.wait_for(rf"worker \S+:{index} stopping: drained")
+        deadline = time.monotonic() + 60
+        while (who := old.evaluate(FILES_CONNECTED)) in (None, False, "") or _who(who)[0] == pid:
+            assert time.monotonic() < deadline, f"the old tab never reconnected (shows {who!r})"
+            time.sleep(0.2)
+        npid, nindex, nsid = files_session(old)
+        assert npid in new_pids and nsid != sid
+        _assert_files_work(old, nsid, npid, nindex, "after.csv")
+        for tab in tabs[1:]:
+            tpid, tindex, tsid = files_session(tab)
+            _assert_files_work(tab, tsid, tpid, tindex, "after-too.csv")
+    finally:
+        for tab in reversed(tabs):
+            tab.close()
+
+
+@needs_shiny
+def test_four_tabs_of_one_browser_spread_over_the_workers_and_each_finds_its_session(files_app, browser):
+    c = files_app
+    first = browser.tab()
+    tabs = [first, first.sibling(), first.sibling(), first.sibling()]
+    try:
+        sessions = [files_session(tab, c.url) for tab in tabs]  # one after the other, as a user opens them
+        per_worker = {i: sum(1 for _, index, _ in sessions if index == i) for i in (0, 1)}
+        assert per_worker == {0: 2, 1: 2}, sessions
+        # The browser has one cookie, naming one worker: each tab still reaches its own session's process.
+        for tab, (pid, index, sid) in zip(tabs, sessions, strict=True):
+            status, body = download(tab, sid)
+            assert (status, body) == (200, f"session {sid}, pid {pid}, worker {index}")
+        pid, index, sid = sessions[1]
+        _assert_files_work(tabs[1], sid, pid, index, "second-tab.csv")
+        app = _status(c.port)
+        assert {w["index"]: w["sessions"] for w in app["workers"]} == {0: 2, 1: 2}
+        for _, _, sid in sessions:
+            assert 200 in _access(c, sid, "download") and all(s == 200 for s in _access(c, sid, "download"))
+    finally:
+        for tab in reversed(tabs):
+            tab.close()

@@ -300,7 +300,9 @@ def test_sessions_are_closed_once_graceful_timeout_passes(corral):
         async with connect(url(c)) as old:
             os.kill(c.proc.pid, signal.SIGHUP)
             await asyncio.to_thread(c.wait_for, r"graceful_timeout passed while draining")
-            with pytest.raises(websockets.ConnectionClosed):
+            with pytest.raises(websockets.ConnectionClosed) as closed:
                 await old.recv()  # closed when its worker stopped; a Shiny client reconnects
+            # with a close frame (Going Away), not a bare TCP close (1006 in a browser)
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
 
     run(go())

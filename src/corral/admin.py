@@ -30,6 +30,7 @@ import socket
 import stat
 import time
 from collections import deque
+from collections.abc import Callable
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import parse_qs
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 
 MAX_REQUEST = 64 * 1024  # an admin request is a line and a few headers
 LOGS_PAGE = 10_000  # most log lines one GET /logs returns: an answer is built in memory (lines are <= 4 KiB)
-IDLE_CLOSE = 60.0  # keep-alive connections (the dashboard polls) are closed after this long idle
+IDLE_CLOSE = 60.0  # keep-alive connections (the dashboard polls) are closed after this long idle between requests
 SERIES_POINTS = 300  # one a second: five minutes of history for the dashboard
 QUANTILE_WINDOW = 10  # seconds of history behind each p50/p99 point
 ROUTES: dict[str, str] = {
@@ -197,6 +198,10 @@ class StatusBuilder:
             },
             "served": app.served,
             "failed": app.failed,
+            "refused": app.refused,
+            "abandoned": app.abandoned,
+            "cut": dict(app.cut),  # responses that did not reach the client whole, by why
+            "retried": app.retried,
             "dispatch": app.dispatch,
             "long_inflight": q.long_inflight,
             "routes": list(app.routes),  # learned per-route cost and class, busiest first
@@ -279,6 +284,9 @@ def _totals(snap: snapshot.Snapshot) -> dict[str, int]:
         "inflight": sum(w.inflight for w in workers),
         "served": sum(a.served for a in apps),
         "failed": sum(a.failed for a in apps),
+        "refused": sum(a.refused for a in apps),
+        "abandoned": sum(a.abandoned for a in apps),
+        "cut": sum(sum(a.cut.values()) for a in apps),
         "restarts": sum(a.restarts_total for a in apps),
         "queued": sum(a.queue.depth for a in apps),
         "rejected": sum(a.queue.rejected for a in apps),
@@ -394,6 +402,14 @@ class AdminServer:
         self.status: StatusBuilder | None = None
         self.series: Series | None = None
         self.connections: set[AdminConnection] = set()
+        # Each connection is a descriptor the public port may need: at most this many, and each owes its
+        # request within header_timeout (bytes do not extend it), so trickling clients cannot hold them.
+        self.max_connections = cfg.server.admin_max_connections
+        self.request_timeout = cfg.server.header_timeout
+        self.busy = response(
+            503, _json(503, {"error": f"too many admin connections (admin_max_connections {self.max_connections})"})[1],
+            "application/json", keep_alive=False,
+        )
         self._sampler: asyncio.Task[None] | None = None
         self._page: bytes | None = None
 
@@ -604,6 +620,7 @@ REASONS = {
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",
+    408: "Request Timeout",
     421: "Misdirected Request",
     503: "Service Unavailable",
     431: "Request Header Fields Too Large",
@@ -624,7 +641,12 @@ def response(status: int, body: bytes, ctype: str, keep_alive: bool, extra: byte
 
 
 class AdminConnection(asyncio.Protocol):
-    """One admin client. Requests are answered in order as each completes (answers are immediate)."""
+    """One admin client. Requests are answered in order as each completes (answers are immediate).
+
+    A connection beyond admin_max_connections gets a short 503 and is closed at once, unread. A request
+    must arrive whole within header_timeout of the connection's accept (or, kept alive, of its own first
+    byte): further bytes do not extend that deadline. Between requests a connection may idle IDLE_CLOSE.
+    """
 
     def __init__(self, server: AdminServer) -> None:
         self.server = server
@@ -634,26 +656,44 @@ class AdminConnection(asyncio.Protocol):
         self.headers: dict[bytes, bytes] = {}
         self.size = 0
         self.closed = False
-        self._idle: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._awaiting = False  # a request is due: its deadline runs
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        if len(self.server.connections) >= self.server.max_connections:
+            self.close(self.server.busy)  # over the cap: its descriptor goes back now, nothing is read
+            return
         self.server.connections.add(self)
-        self._arm()
+        self._expect_request()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.server.connections.discard(self)
-        if self._idle is not None:
-            self._idle.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
 
-    def _arm(self) -> None:
-        if self._idle is not None:
-            self._idle.cancel()
-        self._idle = asyncio.get_running_loop().call_later(IDLE_CLOSE, self.close)
+    def _set_timer(self, delay: float, then: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = asyncio.get_running_loop().call_later(delay, then)
+
+    def _expect_request(self) -> None:
+        """Start the request deadline, once per request: bytes never re-arm it."""
+        if not self._awaiting:
+            self._awaiting = True
+            self._set_timer(self.server.request_timeout, self._too_slow)
+
+    def _between_requests(self) -> None:
+        self._awaiting = False
+        self._set_timer(IDLE_CLOSE, self.close)
+
+    def _too_slow(self) -> None:
+        self._send_error(408, f"no whole request within header_timeout ({self.server.request_timeout:g}s)")
 
     def data_received(self, data: bytes) -> None:
-        self._arm()
+        if self.closed:
+            return
         self.size += len(data)
         if self.size > MAX_REQUEST:
             self._send_error(431, "request too large")
@@ -661,14 +701,18 @@ class AdminConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade:
-            self._send_error(400, "upgrade not supported")
+            # on_message_complete has refused it already (one request, one answer); nothing more is read
+            if not self.closed:
+                self._send_error(400, "upgrade not supported")
         except httptools.HttpParserError as exc:
-            self._send_error(400, f"malformed request: {exc}")
+            if not self.closed:
+                self._send_error(400, f"malformed request: {exc}")
 
     # httptools callbacks
     def on_message_begin(self) -> None:
         self.url = b""
         self.headers = {}
+        self._expect_request()
 
     def on_url(self, url: bytes) -> None:
         self.url += url
@@ -679,7 +723,11 @@ class AdminConnection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.closed:
             return
+        if self.parser.should_upgrade():  # refused before anything is done: one request, one answer
+            self._send_error(400, "upgrade not supported")
+            return
         self.size = 0
+        self._between_requests()
         method = self.parser.get_method().decode("latin-1")
         try:
             url = httptools.parse_url(self.url)
@@ -708,7 +756,9 @@ class AdminConnection(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def close(self) -> None:
+    def close(self, last: bytes = b"") -> None:
+        if last:
+            self._write(last)
         self.closed = True
         if self.transport is not None:
             self.transport.close()

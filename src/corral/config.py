@@ -204,6 +204,33 @@ class AppConfig:
         maximum=64 * GiB,
         breach="the worker is read only as fast as the client reads (back-pressure)",
     )
+    request_buffering: bool = knob(
+        True,
+        "read a request's whole body before the request goes to a worker (nginx proxy_request_buffering), so a "
+        "slow uploader never holds one: the body is held in memory up to request_buffer, then in a temporary "
+        "file up to max_body. --no-request-buffering streams bodies as they arrive, for an app that reads an "
+        "upload while it comes in; a streamed request cannot be sent again (see upstream_keepalive_timeout)",
+        flag=True,
+    )
+    request_buffer: int = knob(
+        64 * KiB,
+        "request body bytes held in memory per request while it is buffered",
+        unit="bytes",
+        minimum=0,
+        maximum=GiB,
+        breach="the rest of the body goes to a temporary file (up to max_body)",
+    )
+    upstream_keepalive_timeout: float = knob(
+        1.0,
+        "an idle kept-alive connection to a worker is closed after this long: shorter than the idle timeouts of "
+        "common servers (gunicorn 2 s, uvicorn and Node 5 s), so corral, not the worker, closes it first. Should "
+        "a worker close one anyway just as a request goes out on it (no byte of answer, the worker alive), the "
+        "request is sent once more on a fresh connection to the same worker and not held against it",
+        unit="s",
+        minimum=0.01,
+        maximum=DAY,
+        breach="connection closed; the next request opens a new one",
+    )
     health_interval: float = knob(
         5.0,
         "every worker is probed once per interval, busy ones too (never while it holds a request)",
@@ -340,6 +367,14 @@ class ServerConfig:
         "extra Host names a token-less TCP admin channel answers to (besides its address, localhost, 127.0.0.1)",
         breach="421 Misdirected Request; nothing else happens (DNS-rebinding defence)",
         cli=False,
+    )
+    admin_max_connections: int = knob(
+        16,
+        "open admin connections (dashboards, corral's commands, scrapes); each owes a whole request within "
+        "header_timeout of its accept, or of its request's first byte when kept alive",
+        minimum=1,
+        maximum=256,
+        breach="a further connection gets 503 and is closed at once, unread; a late request gets 408, close",
     )
     health_listen: str | None = knob(
         None,

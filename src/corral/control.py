@@ -192,7 +192,8 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
         line = (
             f"app {app['name']} ({app['route']}): {app['ready']}/{app['desired']} ready  "
             f"queue {q['depth']}/{q['max']}  rejected {q['rejected']}  timed out {q['timed_out']}  "
-            f"served {app['served']}  failed {app['failed']}"
+            f"served {app['served']}  failed {app['failed']}  refused {app.get('refused', 0)}  "
+            f"abandoned {app.get('abandoned', 0)}  cut {sum(app.get('cut', {}).values())}"
         )
         if app["autoscale"]:
             a = app["autoscale"]

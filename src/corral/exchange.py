@@ -2,39 +2,54 @@
 
 The client connection (proxy.py) creates an Exchange when a request head has been parsed; its app's
 Pool (pool.py) queues and dispatches it; the worker connection's response parser feeds it. It has two
-halves that finish separately:
+halves that finish separately, and it is counted and logged once, when both have:
 
-* the worker half ends when the whole response has been received, or the worker failed. The worker's
-  slot is released then, in `_release_worker`, the only place that does: responses are buffered (the
-  client transport's buffer up to `response_buffer`, then a temporary file up to
-  `response_buffer_file`, only then back-pressure on the worker), so a slow client never holds a worker;
-* the client half ends when the last byte has been handed to the client transport.
+* the worker half holds one of the worker's slots from dispatch until the worker has finished with the
+  request: its whole response received, or the worker failed. `_release_worker` is the only place a slot
+  is given back. Responses are buffered (the client transport's buffer up to `response_buffer`, then a
+  temporary file up to `response_buffer_file`, only then back-pressure on the worker), so a slow client
+  never holds a worker. A client that leaves does not free the slot of a worker still computing its
+  answer: the worker is busy until it is done, and its answer is read and dropped;
+* the client half ends when the client's socket has taken the last byte, or the client is gone.
 
-`end()` is the one way out. It settles the worker half if it is still open, counts and logs the
-exchange exactly once, and tells the client connection whether it may carry another request.
+Request bodies are read whole before dispatch by default (`request_buffering`, buffers.RequestBody), so
+the worker sees a request only once it can start on it, and time spent waiting for a client is never
+the worker's. `end()` ends the client half; `_finish()` counts and logs the exchange, exactly once.
 """
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from typing import TYPE_CHECKING, Protocol
 
 from . import edge, tracing
+from .buffers import READ_SIZE, RequestBody, Spill
 from .costs import SHORT
-from .scheduler import QUEUED
+from .scheduler import QUEUED, QueueFull
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
     from .worker import Worker
 
-# Reasons the client socket's reading is paused; reading resumes only when none is left.
-PAUSE_PIPELINE, PAUSE_UPSTREAM, PAUSE_BUFFER = 1, 2, 4
-BODY_BUFFER_LIMIT = 256 * 1024  # request body held while queued before reading is paused
-SPILL_READ = 256 * 1024  # bytes moved from the spill file to the client per write
+# Reasons the client socket's reading is paused; reading resumes only when none is left (REFUSED never).
+PAUSE_PIPELINE, PAUSE_UPSTREAM, PAUSE_BUFFER, PAUSE_REFUSED = 1, 2, 4, 8
+BODY_BUFFER_LIMIT = 256 * 1024  # a streamed request body held while queued before reading is paused
+SPILL_READ = READ_SIZE  # bytes moved from the spill file to the client per write
 CLIENT_CLOSED = 499  # logged when the client left before its response was complete (nginx's code)
 
+# How an exchange ended: each is exactly one of these (status, metrics and the access log count them).
+SERVED = "served"  # the client took the worker's whole response
+FAILED = "failed"  # the worker failed it (502, 504, or a response cut by the worker)
+REFUSED = "refused"  # corral answered itself: the edge (4xx), the queue (503), no app (404)
+ABANDONED = "abandoned"  # the client left before it had the whole response
+OUTCOMES = (SERVED, FAILED, REFUSED, ABANDONED)
+
+# Why a response with a head sent did not reach its client whole (`Exchange.cut`).
+CUT_CLIENT = "client closed"
+CUT_SEND_TIMEOUT = "send_timeout"
+CUT_WORKER = "worker failed"
+CUT_REQUEST_TIMEOUT = "request_timeout"
+CUTS = (CUT_CLIENT, CUT_SEND_TIMEOUT, CUT_WORKER, CUT_REQUEST_TIMEOUT)
 
 
 class Client(Protocol):
@@ -43,9 +58,12 @@ class Client(Protocol):
     peer: bytes
     trusted: bool
     closing: bool
+    written: int  # bytes handed to the transport, over the connection's life
 
     def write(self, data: bytes) -> None: ...
     def writing_paused(self) -> bool: ...
+    def taken(self) -> int: ...
+    def wait_flushed(self) -> bool: ...
     def pause(self, why: int) -> None: ...
     def resume(self, why: int) -> None: ...
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None: ...
@@ -59,6 +77,7 @@ class Upstream(Protocol):
     """What an exchange needs of the worker connection carrying its request."""
 
     def write(self, data: bytes) -> None: ...
+    def write_blocked(self) -> bool: ...
     def pause_reading(self) -> None: ...
     def resume_reading(self) -> None: ...
     def close(self) -> None: ...
@@ -66,67 +85,53 @@ class Upstream(Protocol):
 
 
 class Dispatcher(Protocol):
-    """What an exchange needs of its app's pool: its slot back, its counters, its observers."""
+    """What an exchange needs of its app's pool: a worker, its slot back, its counters, its observers."""
 
-    served: int
-    failed: int
     sessions_rejected: int
     ws_idle_timeout: float
 
+    def submit(self, ex: Exchange) -> None: ...
     def release(self, ex: Exchange, conn: Upstream | None, reusable: bool) -> None: ...
     def session_closed(self, worker: Worker) -> None: ...
     def cancel(self, ex: Exchange) -> None: ...
     def worker_failed(self, worker: Worker, why: str) -> None: ...
-    def on_observe(self, ex: Exchange) -> None: ...
-
-
-class Spill:
-    """Response bytes the client has not taken yet, past its transport buffer: a temporary file."""
-
-    __slots__ = ("file", "read_at", "size")
-
-    def __init__(self) -> None:
-        self.file = tempfile.TemporaryFile(prefix="corral-response-")  # noqa: SIM115 (closed in close())
-        self.size = 0  # bytes written and not yet read back
-        self.read_at = 0
-
-    def push(self, data: bytes) -> None:
-        self.file.seek(0, os.SEEK_END)
-        self.file.write(data)
-        self.size += len(data)
-
-    def pop(self, n: int) -> bytes:
-        self.file.seek(self.read_at)
-        data = self.file.read(min(n, self.size))
-        self.read_at += len(data)
-        self.size -= len(data)
-        return data
-
-    def close(self) -> None:
-        self.file.close()
+    def finished(self, ex: Exchange | Refusal) -> None: ...
+    def disk_full(self, what: str, exc: OSError) -> None: ...
 
 
 class Exchange:
     """One request from arrival to its end. Also the scheduler's job."""
 
     __slots__ = (
+        "begun",
+        "body",
         "body_buf",
         "body_buffered",
+        "body_done_at",
         "body_last",
+        "body_out",
+        "body_pos",
+        "body_seen",
         "bytes_out",
         "client",
         "client_gone",
         "cls",
+        "continue_sent",
         "cost",
         "created",
+        "cut",
+        "discarding",
         "dispatched_at",
         "ended",
         "extra_headers",
+        "finished",
         "head",
+        "head_len",
         "head_sent",
         "held_back",
         "keep",
         "out_head",
+        "outcome",
         "pin",
         "pool",
         "prefix",
@@ -135,6 +140,7 @@ class Exchange:
         "request_done",
         "request_id",
         "response_complete",
+        "retried",
         "route",
         "sched_state",
         "served_by",
@@ -143,11 +149,14 @@ class Exchange:
         "spill_limit",
         "status",
         "sticky_token",
+        "submitted",
         "switched",
         "traceparent",
         "upstream",
         "upstream_paused",
+        "wire_start",
         "worker",
+        "worker_done",
     )
 
     def __init__(
@@ -157,6 +166,7 @@ class Exchange:
         pool: Dispatcher | None,
         prefix: bytes = b"",
         spill_limit: int = 0,
+        body_memory: int | None = None,
     ) -> None:
         self.client = client
         self.head = head
@@ -175,15 +185,25 @@ class Exchange:
         self.queued_at = now
         self.dispatched_at = 0.0
         self.body_last = now
+        self.body_done_at = 0.0  # when the last request body byte arrived
         self.sched_state = 0
         self.cls = SHORT
         self.cost = 0.0
         self.route = ""
-        self.body_buf: list[bytes] = []
+        # request_buffering: the whole body is read before the request goes out (None: streamed)
+        self.body = RequestBody(body_memory) if body_memory is not None else None
+        self.body_pos = 0  # bytes of the buffered body handed to the worker connection
+        self.body_buf: list[bytes] = []  # a streamed body's bytes that came before its dispatch
         self.body_buffered = 0
+        self.body_seen = False
         self.request_done = False
+        self.begun = False  # the client connection's current exchange: its answer is the next one due
+        self.submitted = False
+        self.continue_sent = False
         self.out_head = b""  # the response head, held until the first body bytes (one write, not two)
+        self.head_len = 0
         self.head_sent = False  # response bytes have gone toward the client: no error page can follow
+        self.wire_start = -1  # client.written when this exchange's response head went out
         self.relay_chunked = False
         self.response_complete = False  # the worker's whole response is in our hands
         self.keep = False  # the response announced that the client connection stays open
@@ -194,41 +214,55 @@ class Exchange:
         # request deadline does not count them against the worker.
         self.held_back = 0.0
         self.client_gone = False
-        self.ended = False
+        self.discarding = False  # the client left; the worker's answer is read and dropped
+        self.retried = False  # sent once more, on a fresh connection (pool.resend)
+        self.ended = False  # the client half
+        self.worker_done = False  # the worker half: never dispatched, or its slot given back
+        self.finished = False  # counted and logged
+        self.outcome = ""
+        self.cut = ""  # why the client did not get the whole response (CUTS), or ""
         self.status = 0
-        self.bytes_out = 0
+        self.body_out = 0  # response body bytes handed toward the client
+        self.bytes_out = 0  # response body bytes the client took (set when the client half ends)
         self.session = head.websocket  # counted against the worker's max_sessions, not its request slots
         self.switched = False  # the worker answered 101: this exchange became a tunnel
         self.pin: object = None  # sticky: the worker (or worker index) this request must wait for
         self.sticky_token: bytes | None = None  # the client's sticky cookie, if any
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to the response (Set-Cookie)
 
-    # --- the request, toward the worker ------------------------------------------------------
-    def upstream_head(self) -> bytes:
-        self.served_by = self.worker
-        client = self.client
-        return edge.forward_head(
-            self.head, client.peer, self.request_id, client.trusted, prefix=self.prefix, traceparent=self.traceparent
-        )
+    # --- the request, from the client ------------------------------------------------------------
+    def begin(self) -> None:
+        """This is the client connection's current exchange: read its body first, or go to the queue."""
+        self.begun = True
+        if self.body is not None and not self.request_done:
+            if self.head.expect_continue:
+                self._send_continue()  # corral reads the body itself, so it asks for it at once
+            return  # request_end submits it
+        self._submit()
 
-    def flush_body(self, conn: Upstream) -> None:
-        """Called once the worker connection is ours: 100-continue, then whatever body is buffered."""
-        head = self.head
-        if head.expect_continue and not self.request_done and not self.body_buf:
-            self.client.write(edge.CONTINUE)
-        if self.body_buf:
-            data = b"".join(self.body_buf)
-            self.body_buf = []
-            self.body_buffered = 0
-            conn.write(edge.chunk(data) if head.chunked else data)
-            self.client.resume(PAUSE_BUFFER)
-        if self.request_done and head.chunked:
-            conn.write(edge.LAST_CHUNK)
+    def _submit(self) -> None:
+        if self.ended or self.pool is None:
+            return
+        self.submitted = True
+        try:
+            self.pool.submit(self)
+        except QueueFull as full:
+            self.respond_error(503, full.reason, retry_after=full.retry_after)
 
     def request_body(self, data: bytes) -> None:
         self.body_last = time.monotonic()
+        self.body_seen = True
         if self.ended:
             return  # answered already (e.g. 503): the rest of its body is read and dropped
+        body = self.body
+        if body is not None:
+            try:
+                body.add(data)
+            except OSError as exc:
+                if self.pool is not None:
+                    self.pool.disk_full("a request body", exc)
+                self.respond_error(503, "corral could not buffer the request body", retry_after=5)
+            return
         conn = self.upstream
         if conn is not None:
             conn.write(edge.chunk(data) if self.head.chunked else data)
@@ -240,12 +274,85 @@ class Exchange:
 
     def request_end(self) -> None:
         self.request_done = True
+        self.body_done_at = time.monotonic()
+        if self.ended:
+            return
+        if self.body is not None:
+            if self.begun and not self.submitted:
+                self._submit()
+            return
         conn = self.upstream
         if conn is not None and self.head.chunked:
             conn.write(edge.LAST_CHUNK)
 
+    def awaiting_continue(self) -> bool:
+        """The client waits for our 100 Continue before it sends the body: its body clock must not run."""
+        return self.head.expect_continue and not self.continue_sent and not self.body_seen
+
+    def _send_continue(self) -> None:
+        if not self.continue_sent and not self.client_gone:
+            self.continue_sent = True
+            self.client.write(edge.CONTINUE)
+
+    # --- the request, toward the worker ------------------------------------------------------
+    def upstream_head(self) -> bytes:
+        self.served_by = self.worker
+        client = self.client
+        head = self.head
+        if self.body is not None:
+            # Read whole: the worker gets it with a Content-Length, never chunked (nginx does the same).
+            head.chunked = False
+            head.content_length = self.body.size
+        return edge.forward_head(
+            head, client.peer, self.request_id, client.trusted, prefix=self.prefix, traceparent=self.traceparent
+        )
+
+    def flush_body(self, conn: Upstream) -> None:
+        """Called once the worker connection is ours: the buffered body, or 100-continue and what came so far."""
+        if self.body is not None:
+            self.body_pos = 0
+            self.send_body()
+            return
+        head = self.head
+        if head.expect_continue and not self.request_done and not self.body_buf:
+            self._send_continue()
+        if self.body_buf:
+            data = b"".join(self.body_buf)
+            self.body_buf = []
+            self.body_buffered = 0
+            conn.write(edge.chunk(data) if head.chunked else data)
+            self.client.resume(PAUSE_BUFFER)
+        if self.request_done and head.chunked:
+            conn.write(edge.LAST_CHUNK)
+
+    def send_body(self) -> None:
+        """Hand the buffered body to the worker connection as fast as it takes it (again on resume_writing)."""
+        conn, body = self.upstream, self.body
+        if conn is None or body is None:
+            return
+        while self.body_pos < body.size and not conn.write_blocked():
+            data = body.read(self.body_pos)
+            if not data:
+                break
+            self.body_pos += len(data)
+            conn.write(data)
+
+    def _sent_whole(self) -> bool:
+        """The worker has (or has been handed) the whole request."""
+        if self.body is not None:
+            return self.body_pos >= self.body.size
+        return self.request_done and not self.body_buf
+
+    def resendable(self) -> bool:
+        """The request can go out again as it was: its body (if any) is still ours."""
+        if self.head.websocket or self.retried:
+            return False
+        return self.body is not None or not self.head.has_body
+
     # --- the response, from the worker (UpstreamConnection relays the parser's callbacks) --------
     def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
+        if self.discarding:
+            return  # the client left: its exchange keeps the status it was logged with (499)
         self.status = status
         head = self.head
         self.relay_chunked, close_delimited = edge.client_framing(framing, head.version)
@@ -258,25 +365,29 @@ class Exchange:
         self.out_head = edge.response_head(status, headers, self.request_id, self.relay_chunked, conn)
 
     def on_response_body(self, data: bytes) -> None:
-        self.bytes_out += len(data)
+        if self.discarding:
+            return
+        self.body_out += len(data)
         self._deliver(edge.chunk(data) if self.relay_chunked else data)
 
     def on_response_end(self, reusable: bool) -> None:
-        tail = edge.LAST_CHUNK if self.relay_chunked else b""
-        if tail or self.out_head:
-            self._deliver(tail)
+        if not self.discarding:
+            tail = edge.LAST_CHUNK if self.relay_chunked else b""
+            if tail or self.out_head:
+                self._deliver(tail)
         self.response_complete = True
-        if self.pool is not None:
-            self.pool.served += 1
-        self._release_worker(reusable and self.request_done)
-        if self.spill is None:
+        self._release_worker(reusable and self._sent_whole())
+        if not self.ended and self.spill is None and self.client.wait_flushed():
             self.end()
-        # else: client_writable() ends it once the client has taken the spilled bytes
+        # else: client_writable() ends it once the client has taken the rest
 
     def on_upgrade(self, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
         """The worker answered 101 to a WebSocket request: the two connections become one tunnel."""
         conn, worker, pool = self.upstream, self.worker, self.pool
         assert conn is not None and worker is not None and pool is not None
+        if self.ended:  # the client left before the switch: the session never opens
+            self._release_worker(False)
+            return
         self.status = 101
         self.switched = True
         self.response_complete = True
@@ -297,12 +408,15 @@ class Exchange:
 
     def _deliver(self, data: bytes) -> None:
         if self.out_head:
+            self.head_len = len(self.out_head)
             data = self.out_head + data
             self.out_head = b""
         self.head_sent = True
         if self.client_gone or self.ended:
             return
         client = self.client
+        if self.wire_start < 0:
+            self.wire_start = client.written
         if self.spill is None and (not client.writing_paused() or not self.spill_limit):
             client.write(data)
             if client.writing_paused():
@@ -310,8 +424,9 @@ class Exchange:
             return
         if self.spill is None:
             self.spill = Spill()
-        self.spill.push(data)
-        self._pause_upstream_if(self.spill.size >= self.spill_limit)
+        if not self.spill.push(data) and self.pool is not None and self.spill.stuck is not None:
+            self.pool.disk_full("a response", self.spill.stuck)
+        self._pause_upstream_if(self.spill.size >= self.spill_limit or bool(self.spill.held))
 
     def _pause_upstream_if(self, full: bool) -> None:
         conn = self.upstream
@@ -320,8 +435,16 @@ class Exchange:
             self.held_back -= time.monotonic()
             conn.pause_reading()
 
+    def _resume_upstream(self) -> None:
+        if self.upstream_paused and self.upstream is not None:
+            self.upstream_paused = False
+            self.held_back += time.monotonic()
+            self.upstream.resume_reading()
+
     def client_writable(self) -> None:
         """The client transport drained below its low-water mark: feed it from the spill, then the worker."""
+        if self.ended:
+            return
         spill = self.spill
         client = self.client
         if spill is not None:
@@ -331,11 +454,8 @@ class Exchange:
                 return
             spill.close()
             self.spill = None
-        if self.upstream_paused and self.upstream is not None:
-            self.upstream_paused = False
-            self.held_back += time.monotonic()
-            self.upstream.resume_reading()
-        if self.response_complete:
+        self._resume_upstream()
+        if self.response_complete and client.wait_flushed():
             self.end()
 
     # --- the ways it can go wrong ------------------------------------------------------------------
@@ -344,43 +464,70 @@ class Exchange:
         if self.pool is not None and self.worker is not None:
             self.pool.worker_failed(self.worker, why)
         self._release_worker(False)
+        if self.ended:
+            return  # the client had left: nobody to answer
+        self.outcome = FAILED
         if self.head_sent:
-            self._cut(502)
+            self._cut(502, CUT_WORKER)
         else:
-            self.respond_error(502, "the worker failed while handling this request")
+            self.respond_error(502, "the worker failed while handling this request", outcome=FAILED)
 
     def timed_out(self) -> None:
         """Past request_timeout: the pool has already taken the worker out of rotation."""
-        if self.pool is not None:
-            self.pool.failed += 1
         if self.worker is not None:
             self.worker.failed += 1
         self._release_worker(False)
+        if self.ended:
+            return
+        self.outcome = FAILED
         if self.head_sent:
-            self._cut(504)
+            self._cut(504, CUT_REQUEST_TIMEOUT)
         else:
-            self.respond_error(504, "the worker did not answer in time")
+            self.respond_error(504, "the worker did not answer in time", outcome=FAILED)
 
-    def client_left(self, status: int = CLIENT_CLOSED) -> None:
-        """The client closed, stopped reading past send_timeout, or sent something the edge refused."""
+    def client_left(self, status: int = CLIENT_CLOSED, why: str = CUT_CLIENT) -> None:
+        """The client closed, or stopped reading past send_timeout: it gets nothing more."""
         if self.ended:
             return
         self.client_gone = True
         if not self.response_complete:
             self.status = status
+        if self.head_sent:
+            self.cut = why
+        if not self.outcome:
+            self.outcome = ABANDONED
         self.end()
 
-    def _cut(self, status: int) -> None:
+    def refuse(self, status: int) -> None:
+        """The edge refused the rest of this request (its body): the caller answers `status` itself."""
+        if self.ended:
+            return
+        self.client_gone = True  # the answer is the caller's: nothing more is written from here
+        self.status = status
+        self.outcome = REFUSED
+        self.end()
+
+    def _cut(self, status: int, why: str) -> None:
         # A truncated body must look truncated: the client connection closes after what was sent.
         self.status = status
+        self.cut = why
         self.keep = False
         self.end()
 
     # --- corral's own answers -------------------------------------------------------------------
-    def respond_error(self, status: int, message: str, retry_after: int | None = None, json: bool = True) -> None:
+    def respond_error(
+        self,
+        status: int,
+        message: str,
+        retry_after: int | None = None,
+        json: bool = True,
+        outcome: str = REFUSED,
+    ) -> None:
         # JSON like plumber's own errors (a client of the API parses one format); edge refusals stay plain text.
         self.status = status
         self.head_sent = True
+        if not self.outcome:
+            self.outcome = outcome
         self.keep = self.request_done and self.head.keep_alive and not self.client.closing
         if not self.client_gone:
             conn = edge.connection_token(self.head.version, self.keep)
@@ -393,7 +540,7 @@ class Exchange:
     def queue_timed_out(self, retry_after: int) -> None:
         self.respond_error(503, "timed out waiting for a free worker", retry_after=retry_after)
 
-    # --- the one way out ------------------------------------------------------------------------
+    # --- the ways out ---------------------------------------------------------------------------
     def _release_worker(self, reusable: bool) -> None:
         """The only place a worker's slot is given back (and its connection kept or closed)."""
         conn, self.upstream = self.upstream, None
@@ -403,21 +550,95 @@ class Exchange:
             self.upstream_paused = False
             assert self.pool is not None
             self.pool.release(self, conn, reusable)
+        if self.body is not None:
+            self.body.close()  # no second sending once the worker has answered or failed
+        self.worker_done = True
+        self._finish()
+
+    def _settle_worker(self) -> None:
+        """The client half ended first: free the worker half now, or let the worker finish (discard)."""
+        if self.worker_done:
+            return
+        if self.upstream is not None and self.client_gone and self._sent_whole():
+            # The worker is computing the answer: its slot stays taken until it is done, or a client that
+            # leaves could pile R work past max_inflight. Its answer is read and dropped.
+            self.discarding = True
+            self._resume_upstream()
+            return
+        self._release_worker(False)  # queued, connecting, or a half-sent request the worker must not wait on
 
     def end(self) -> None:
+        """The client half ends: it is told whether its connection may carry another request."""
         if self.ended:
             return
         self.ended = True
         pool = self.pool
         if self.sched_state == QUEUED and pool is not None:
             pool.cancel(self)
-        self._release_worker(False)
         if self.spill is not None:
             self.spill.close()
             self.spill = None
+        self.bytes_out = self._took() if self.cut else self.body_out
+        keep = self.keep and self.request_done and self.response_complete and not self.client_gone
+        self._settle_worker()
+        self.client.exchange_done(self, keep)
+        self._finish()
+
+    def _took(self) -> int:
+        """Body bytes of a cut response that reach the client (for a re-chunked body, counted with its chunk
+        framing): when corral cut it (the worker failed or hung), all it had handed to the client's socket,
+        which closes only once they are sent; when the client left, what it had acknowledged."""
+        if self.wire_start < 0:
+            return 0
+        client = self.client
+        out = client.written if self.cut in (CUT_WORKER, CUT_REQUEST_TIMEOUT) else client.taken()
+        return max(0, min(self.body_out, out - self.wire_start - self.head_len))
+
+    def _finish(self) -> None:
+        if self.finished or not (self.ended and self.worker_done):
+            return
+        self.finished = True
+        if not self.outcome:
+            self.outcome = SERVED
+        pool = self.pool
         if pool is not None:
             if self.session and not self.switched and self.status == 503:
                 pool.sessions_rejected += 1
-            pool.on_observe(self)
-        keep = self.keep and self.request_done and self.response_complete and not self.client_gone
-        self.client.exchange_done(self, keep)
+            pool.finished(self)
+
+
+class Refusal:
+    """A request the edge refused before it became an exchange (its head was malformed, too large, or too
+    slow; too many connections): counted and logged like one, with what little is known of it."""
+
+    __slots__ = (
+        "bytes_out",
+        "client",
+        "created",
+        "cut",
+        "dispatched_at",
+        "head",
+        "outcome",
+        "request_id",
+        "served_by",
+        "session",
+        "status",
+        "switched",
+        "traceparent",
+    )
+
+    def __init__(self, client: Client, status: int) -> None:
+        self.client = client
+        self.status = status
+        self.head = edge.RequestHead()
+        self.head.method = self.head.target = b"-"
+        self.created = time.monotonic()
+        self.dispatched_at = 0.0
+        self.served_by: Worker | None = None
+        self.bytes_out = 0
+        self.traceparent = tracing.start()
+        self.request_id = tracing.trace_id(self.traceparent)
+        self.outcome = REFUSED
+        self.cut = ""
+        self.session = False
+        self.switched = False

@@ -288,6 +288,17 @@ def _nginx_buffering(app: AppConfig) -> list[str]:
         f"proxy_buffer_size {size // KiB}k;",
         f"proxy_buffers {n} {size // KiB}k;  # response_buffer",
         f"proxy_max_temp_file_size {app.response_buffer_file};  # response_buffer_file",
+        *_nginx_request_buffering(app),
+    ]
+
+
+def _nginx_request_buffering(app: AppConfig) -> list[str]:
+    """request_buffering / request_buffer as nginx's proxy_request_buffering: memory, then a temporary file."""
+    if not app.request_buffering:
+        return ["proxy_request_buffering off;  # request_buffering = false: bodies stream to the worker"]
+    return [
+        "proxy_request_buffering on;  # request_buffering: a worker sees a request once its body is whole",
+        f"client_body_buffer_size {max(app.request_buffer, KiB) // KiB}k;  # request_buffer",
     ]
 
 
@@ -383,6 +394,12 @@ def _haproxy_backend(t: Target) -> list[str]:
         f"    timeout queue {_secs(app.queue_timeout)}",
         f"    timeout server {_secs(read)}",
         f"    timeout check {_secs(check_timeout)}",
+        *(
+            # HAProxy waits for the body only up to its buffer (tune.bufsize, 16 KiB): larger ones stream
+            ["    option http-buffer-request  # request_buffering (up to tune.bufsize; corral buffers all)"]
+            if app.request_buffering
+            else []
+        ),
         "    option httpchk",
         f"    http-check send meth GET uri {app.health_path or '/'} ver HTTP/1.1 hdr Host localhost",
     ]

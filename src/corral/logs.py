@@ -217,6 +217,8 @@ class AccessLog:
             "client": ex.client.peer.decode(),
             "request_id": ex.request_id.decode("latin-1"),
             "trace_id": ex.traceparent[3:35].decode("latin-1"),  # W3C trace id (tracing.trace_id)
+            "outcome": ex.outcome,  # served, failed, refused, abandoned (exchange.OUTCOMES)
+            "cut": ex.cut,  # why the response did not reach the client whole; "" when it did
         }
         if self.json:
             line = json.dumps(rec) + "\n"
@@ -224,6 +226,8 @@ class AccessLog:
             line = (
                 f'{rec["time"]} {rec["client"]} "{rec["method"]} {rec["path"]}" {rec["status"]} {rec["bytes"]} '
                 f"wait={rec['queue_wait_ms']}ms service={rec['service_ms']}ms worker={rec['worker']} "
-                f"id={rec['request_id']} trace={rec['trace_id']}\n"
+                f"id={rec['request_id']} trace={rec['trace_id']}"
+                + (f" cut={ex.cut.replace(' ', '_')}" if ex.cut else "")
+                + "\n"
             )
         write(self.out, line)

@@ -150,7 +150,7 @@ def _families() -> dict[str, Any]:
         (gauge, "corral_inflight", "Requests held by workers right now", []),
         (gauge, "corral_workers", "Workers by state (busy = ready and holding)", ["state"]),
         (gauge, "corral_workers_desired", "Workers the supervisor aims for", []),
-        (counter, "corral_worker_restarts", "Unplanned worker restarts, by reason", ["reason"]),
+        (counter, "corral_worker_restarts", "Worker restarts, by reason (failures; recycling by count)", ["reason"]),
         (counter, "corral_rejected", "Requests refused at once with 503 because the queue was full", []),
         (
             counter,
@@ -160,6 +160,20 @@ def _families() -> dict[str, Any]:
         ),
         (counter, "corral_queue_timeouts", "Requests answered 503 after waiting queue_timeout", []),
         (counter, "corral_upstream_failures", "Requests a worker failed (502/504: crash, reset, timeout)", []),
+        (
+            counter,
+            "corral_exchanges",
+            "Requests ended, by outcome: served (the client took the whole response), failed (by the worker), "
+            "refused (corral answered: edge 4xx, queue 503), abandoned (the client left first); one access-log "
+            "line each",
+            ["outcome"],
+        ),
+        (
+            counter,
+            "corral_responses_cut",
+            "Responses whose head went out but whose body did not reach the client whole, by why",
+            ["reason"],
+        ),
         (counter, "corral_retries", "Requests moved to another worker because theirs refused the connection", []),
         (
             gauge,
@@ -199,6 +213,11 @@ def _add_traffic(fams: dict[str, Any], app: Any, st: PoolStats) -> None:
         ("corral_sessions_rejected", app.sessions_rejected),
     ):
         fams[family].add_metric([name], value)
+    for outcome, n in (("served", app.served), ("failed", app.failed), ("refused", app.refused),
+                       ("abandoned", app.abandoned)):  # fmt: skip
+        fams["corral_exchanges"].add_metric([name, outcome], n)
+    for reason, n in app.cut.items():
+        fams["corral_responses_cut"].add_metric([name, reason], n)
 
 
 def _add_fleet(fams: dict[str, Any], app: Any) -> None:

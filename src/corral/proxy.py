@@ -12,14 +12,27 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING
 
 from . import edge
-from .exchange import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_UPSTREAM, Exchange
+from .exchange import (
+    CUT_CLIENT,
+    CUT_SEND_TIMEOUT,
+    PAUSE_BUFFER,
+    PAUSE_PIPELINE,
+    PAUSE_REFUSED,
+    PAUSE_UPSTREAM,
+    Exchange,
+    Refusal,
+)
 from .net import bind_tcp
-from .scheduler import QueueFull
+
+# struct tcp_info's tcpi_bytes_acked (Linux 4.1+): what the client's TCP acknowledged, readable even after a reset
+_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_BYTES_ACKED = 120
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -77,9 +90,12 @@ class Proxy:
         self.edge = Edge(server)
         self.router = Router(pools)
         self.pools = pools
+        # Requests refused before their path was known are counted (and logged) with the app on "/", or the
+        # first app when none serves "/".
+        self.default_pool = next((p for p in pools if p.route == "/"), pools[0] if pools else None)
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.AbstractServer | None = None
-        self.refused = 0
+        self.refused_connections = 0
         self._ticker: asyncio.TimerHandle | None = None
         self._tick_n = 0
 
@@ -92,12 +108,27 @@ class Proxy:
             self.server.close()
 
     def close_idle_connections(self) -> None:
+        """The end of a stop's drain: idle connections are closed; an open WebSocket session is told the
+        server is going away (a close frame, status 1001, at a frame boundary) and its worker side closed."""
         for conn in list(self.connections):
-            if conn.current is None:
+            if conn.tunnel is not None:
+                conn.tunnel.go_away()
+            elif conn.current is None:
                 conn.close()
 
+    def open_sessions(self) -> int:
+        """WebSocket tunnels open now (a stop drains them as a reload does)."""
+        return sum(1 for conn in self.connections if conn.tunnel is not None and not conn.tunnel.closed)
+
+    def refused(self, conn: ClientConnection, status: int) -> None:
+        """A request refused before it became an exchange: in the access log and the counters all the same."""
+        pool = self.default_pool
+        if pool is not None:
+            pool.finished(Refusal(conn, status))
+
     def busy(self) -> bool:
-        return any(p.inflight or p.scheduler.depth for p in self.pools)
+        """What a stop waits for (up to graceful_timeout): requests in flight or queued, open sessions."""
+        return any(p.inflight or p.scheduler.depth for p in self.pools) or self.open_sessions() > 0
 
     def _tick(self) -> None:
         # One timer for everything: per-request timers would cost a heap push per request.
@@ -130,28 +161,36 @@ class ClientConnection(asyncio.Protocol):
         self.buffer_limit = -1
         self.last_active = time.monotonic()
         self.head_started = 0.0
-        self.send_progress = 0.0  # when the client last took response bytes (send_timeout)
-        self.send_backlog = 0
+        self.written = 0  # bytes handed to the transport
+        self.flushed = 0  # of those, bytes the kernel had taken when last seen (a lower bound)
+        self.send_progress = 0.0  # when `flushed` last grew, or the backlog was empty (send_timeout)
+        self.flush_wait = False  # an exchange waits for the client to take every byte before it ends
+        self.refusal: bytes | None = None  # an edge error owed after the responses before it
+        self.sock: socket.socket | None = None  # a TCP client's socket: TCP_INFO says what it acknowledged
         self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.send_progress = time.monotonic()
         proxy = self.proxy
-        if len(proxy.connections) >= self.edge.max_connections:
-            proxy.refused += 1
-            transport.write(edge.error_response(503, "too many connections", retry_after=1))  # type: ignore[attr-defined]
-            transport.close()
-            self.closing = True
-            return
-        proxy.connections.add(self)
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
+        if len(proxy.connections) >= self.edge.max_connections:
+            self.closing = True
+            proxy.refused_connections += 1
+            transport.write(edge.error_response(503, "too many connections", retry_after=1))  # type: ignore[attr-defined]
+            transport.close()
+            proxy.refused(self, 503)
+            return
+        proxy.connections.add(self)
+        if peer:
             self.trusted = self.edge.is_trusted(str(peer[0]))
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock = sock if _TCP_INFO is not None else None
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -168,22 +207,29 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # A client that half-closes has given up on anything not yet answered (as nginx assumes).
-        self._abandon()
+        self._unsent_now()
+        self._abandon(CUT_CLIENT)
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closing = True
         self.proxy.connections.discard(self)
-        self._abandon()
+        self._abandon(CUT_CLIENT)
 
     def pause_writing(self) -> None:
         self.write_blocked = True
+        self._unsent_now()
         if self.tunnel is not None:
             self.tunnel.client_full()
 
     def resume_writing(self) -> None:
         self.write_blocked = False
         self.send_progress = time.monotonic()
+        self._unsent_now()
+        if self.flush_wait:
+            self.flush_wait = False
+            if self.transport is not None:  # back to the app's response_buffer (or asyncio's default)
+                self.transport.set_write_buffer_limits(high=self.buffer_limit if self.buffer_limit >= 0 else None)
         if self.tunnel is not None:
             self.tunnel.client_drained()
         elif self.current is not None:
@@ -191,11 +237,46 @@ class ClientConnection(asyncio.Protocol):
 
     # --- what an Exchange uses (exchange.Client) ------------------------------------------------
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            self.written += len(data)
+            transport.write(data)
+            self.flushed = self.written - transport.get_write_buffer_size()
 
     def writing_paused(self) -> bool:
         return self.write_blocked
+
+    def taken(self) -> int:
+        """Bytes of what corral wrote that reached the client: what its TCP acknowledged (asked only when a
+        response is cut, and still known after a reset); without TCP_INFO, what left corral's buffer as last
+        seen (what cannot be seen any more counts as not taken)."""
+        if self.sock is not None:
+            try:
+                info = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED + 8)  # type: ignore[arg-type]
+                if len(info) >= _BYTES_ACKED + 8:
+                    return int(struct.unpack_from("Q", info, _BYTES_ACKED)[0])
+            except OSError:
+                pass  # closed already: fall back on what was seen
+        return self.written - self._unsent_now()
+
+    def _unsent_now(self) -> int:
+        transport = self.transport
+        # A transport that is closing may have dropped its buffer already (abort, a reset): keep the last view.
+        if transport is not None and not transport.is_closing():
+            self.flushed = self.written - transport.get_write_buffer_size()
+        return self.written - self.flushed
+
+    def wait_flushed(self) -> bool:
+        """True if the client's socket has taken every byte; else False, and the current exchange's
+        client_writable() follows once it has (a response is not whole until the client has it)."""
+        transport = self.transport
+        if transport is None or transport.is_closing() or not self._unsent_now():
+            return True
+        if not self.flush_wait:
+            self.flush_wait = True
+            self.write_blocked = True
+            transport.set_write_buffer_limits(high=0, low=0)  # resume_writing once the buffer is empty
+        return False
 
     def switch(self, tunnel: Tunnel) -> None:
         self.tunnel = tunnel
@@ -214,7 +295,12 @@ class ClientConnection(asyncio.Protocol):
             head.target = rest if rest.startswith(b"/") else b"/" + rest
         else:
             prefix = b""
-        ex = Exchange(self, head, pool, prefix, pool.app.response_buffer_file if pool is not None else 0)
+        if pool is None:
+            ex = Exchange(self, head, None, prefix)
+        else:
+            app = pool.app
+            memory = app.request_buffer if app.request_buffering and head.has_body else None
+            ex = Exchange(self, head, pool, prefix, app.response_buffer_file, memory)
         self.parsing = ex
         if self.current is None:
             self.current = ex
@@ -249,11 +335,7 @@ class ClientConnection(asyncio.Protocol):
         if limit != self.buffer_limit and self.transport is not None:
             self.buffer_limit = limit
             self.transport.set_write_buffer_limits(high=limit)
-        try:
-            pool.submit(ex)
-        except QueueFull as full:
-            ex.respond_error(503, full.reason, retry_after=full.retry_after)
-
+        ex.begin()
 
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
         """The exchange has ended: move on to the next pipelined request, or close."""
@@ -272,25 +354,37 @@ class ClientConnection(asyncio.Protocol):
             if not self.pipeline:
                 self.resume(PAUSE_PIPELINE)
             self.start(nxt)
+        elif self.refusal is not None:
+            self.write(self.refusal)  # the edge error owed behind the responses before it
+            self.refusal = None
+            self.close()
+            return
         self.resume(PAUSE_BUFFER)
 
     def reject(self, status: int, reason: str) -> None:
-        """A request the edge refused: answer it (after any response owed first) and close."""
-        self.pause(PAUSE_PIPELINE)
-        self.closing = True
+        """A request the edge refused: counted and logged, answered (after the responses owed before it), and
+        the connection closed: nothing after it can be trusted to be a request."""
+        self.pause(PAUSE_REFUSED)
         ex, self.parsing = self.parsing, None
         cur = self.current
-        if cur is None or ex is cur:
-            if cur is not None and cur.head_sent:
-                self.close()  # a response is under way: a second one cannot follow it
-                return
-            self.write(edge.error_response(status, reason))
-            if cur is not None:
-                self.current = None
-                cur.client_left(status)  # a worker holding half of this request must not wait for the rest
-            self._abandon()
-            self.close()
-        # else: the response owed to earlier requests goes out first; close follows exchange_done
+        if ex is None:
+            self.proxy.refused(self, status)
+        elif ex is not cur:
+            self.pipeline.remove(ex)  # a pipelined request: its answer goes out after the ones before it
+            ex.refuse(status)
+        error = edge.error_response(status, reason)
+        if cur is not None and cur is not ex:
+            self.refusal = error  # exchange_done writes it once the responses before it are out
+            return
+        self.closing = True
+        if cur is not None and cur.head_sent:
+            self.close()  # a response is under way: a second one cannot follow it (the exchange ends cut)
+            return
+        self.write(error)
+        if cur is not None:
+            cur.refuse(status)  # a worker holding half of this request must not wait for the rest
+        self._abandon(CUT_CLIENT)
+        self.close()
 
     def pause(self, why: int) -> None:
         if not self.paused and self.transport is not None:
@@ -309,7 +403,7 @@ class ClientConnection(asyncio.Protocol):
         if self.transport is not None:
             self.transport.close()
 
-    def _abandon(self) -> None:
+    def _abandon(self, why: str) -> None:
         """The client is gone: every exchange it still had ends here (each is logged once)."""
         if self.tunnel is not None:
             self.tunnel.close()
@@ -318,11 +412,11 @@ class ClientConnection(asyncio.Protocol):
         self.pipeline.clear()
         for ex in pending:
             if ex is not None:
-                ex.client_left()
+                ex.client_left(why=why)
 
     def check_timeouts(self, now: float) -> None:
         if self.tunnel is not None:
-            self.tunnel.check_idle(now)
+            self._check_tunnel(self.tunnel, now)
             return
         self._check_send(now)
         ex = self.current
@@ -340,20 +434,37 @@ class ClientConnection(asyncio.Protocol):
             elif now - self.head_started > self.edge.header_timeout:
                 self.reject(408, "request head not received in time")
         elif parsing is not None and not parsing.request_done:
-            if now - parsing.body_last > self.edge.body_timeout:
+            if parsing.awaiting_continue():
+                parsing.body_last = now  # the client waits for our 100 Continue: it cannot be late yet
+            elif now - parsing.body_last > self.edge.body_timeout:
                 self.reject(408, "request body stalled")
         elif ex is None and now - self.last_active > self.edge.keepalive_timeout:
             self.close()
 
+    def _check_tunnel(self, tunnel: Tunnel, now: float) -> None:
+        """A WebSocket tunnel's clocks: send_timeout toward the client, as for a response (nginx applies its
+        send_timeout to a WebSocket too): a client whose socket took none of the worker's bytes held for it
+        that long is cut, the tunnel closed both ways and the session's place freed (counted as a cut by
+        send_timeout); then ws_idle_timeout, with no byte either way."""
+        if tunnel.closed:
+            return  # closed by its other side: this connection is on its way out
+        self._check_send(now)
+        if tunnel.closed:
+            tunnel.cut(CUT_SEND_TIMEOUT)
+            return
+        tunnel.check_idle(now)
+
     def _check_send(self, now: float) -> None:
-        # send_timeout: the client took none of the bytes we hold for it for that long.
-        transport = self.transport
-        backlog = transport.get_write_buffer_size() if transport is not None else 0
-        if backlog < self.send_backlog or not backlog:
+        # send_timeout: the client's socket took none of the bytes we hold for it for that long. Progress is
+        # bytes the kernel took (a slow reader that reads at all is never cut), not the backlog's size.
+        flushed = self.flushed
+        backlog = self._unsent_now()
+        if not backlog or self.flushed > flushed:
             self.send_progress = now
-        self.send_backlog = backlog
-        if backlog and now - self.send_progress > self.edge.send_timeout and transport is not None:
-            transport.abort()  # connection_lost ends the exchange as cut
+        elif now - self.send_progress > self.edge.send_timeout and self.transport is not None:
+            # connection_lost will end the exchange: as cut by send_timeout, with what the client took
+            self._abandon(CUT_SEND_TIMEOUT)
+            self.transport.abort()
 
 
 def make_listener(host: str, port: int) -> socket.socket:

@@ -129,6 +129,12 @@ class Scheduler:
     def _pick_for(self, job: Job) -> Worker | None:
         """pick(), among the workers this job may go to; sessions spread by open sessions first."""
         pin, session = job.pin, job.session
+        if isinstance(pin, Worker):
+            # Pinned to one process: that one or none. A draining one (it has left self.workers) takes the
+            # requests of the sessions it holds (pool._pin pins nothing else to it), never a new session.
+            if session:
+                return pin if pin.has_room and pin.sessions < pin.max_sessions else None
+            return pin if pin.has_room_pinned else None
         best: Worker | None = None
         for w in self.workers:
             if not w.has_room or (session and w.sessions >= w.max_sessions):

@@ -21,6 +21,7 @@ from .logs import AccessLog, reopen_worker_log, say, warn
 from .pool import Pool
 from .proxy import Proxy, make_listener
 from .supervisor import Supervisor, port_free
+from .tunnel import GO_AWAY_GRACE
 from .watch import Watcher
 from .worker import State
 
@@ -312,9 +313,12 @@ class Corral:
         self.stop()
 
     def _drain_note(self, grace: float) -> str:
-        """What the stop waits for: `draining 1 request, up to 30 s; Ctrl-C again to quit now`."""
+        """What the stop waits for: `draining 1 request and 2 WebSocket sessions, up to 30 s; Ctrl-C again to
+        quit now`."""
         held = sum(len(p.inflight) + p.scheduler.depth for p in self.pools)
-        what = f"draining {held} request{'s' * (held != 1)}, up to {grace:g} s" if held else "nothing in flight"
+        sessions = self.proxy.open_sessions() if self.proxy is not None else 0
+        parts = [f"{n} {what}{'s' * (n != 1)}" for n, what in ((held, "request"), (sessions, "WebSocket session")) if n]
+        what = f"draining {' and '.join(parts)}, up to {grace:g} s" if parts else "nothing in flight"
         return what + ("; Ctrl-C again to quit now" if self.interrupted else "")
 
     def quit_now(self) -> None:
@@ -377,9 +381,22 @@ class Corral:
         proxy = self.proxy
         if proxy is not None:
             proxy.stop_accepting()
+            # Open WebSocket sessions count as in flight: they keep working until they close or the deadline
+            # passes, as in a reload's drain; then each gets a close frame (1001 Going Away), not a bare close.
             while proxy.busy() and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+            left = proxy.open_sessions()
+            if left:
+                say(
+                    f"corral: stopping: graceful_timeout passed: closing {left} WebSocket session{'s' * (left != 1)} "
+                    "(1001 going away)"
+                )
             proxy.close_idle_connections()
+            # A session in the middle of one of its worker's messages gets its close frame once the message
+            # is through: its worker must live that long (at most GO_AWAY_GRACE; the tunnel is cut then).
+            going = time.monotonic() + GO_AWAY_GRACE
+            while proxy.open_sessions() and time.monotonic() < going:
+                await asyncio.sleep(0.02)
         for checker in self.checkers:
             checker.stopping = True
         await asyncio.gather(
@@ -397,6 +414,8 @@ class Corral:
         for pool in self.pools:
             say(
                 f"corral: app {pool.name}: served {pool.served}, failed {pool.failed}, "
+                f"refused {pool.outcomes['refused']}, abandoned {pool.outcomes['abandoned']}, "
+                f"cut {sum(pool.cuts.values())}, "
                 f"rejected {pool.scheduler.rejected + pool.scheduler.refused_early}, "
                 f"timed out in queue {pool.scheduler.timed_out}"
             )

@@ -143,7 +143,10 @@ class AppSnap:
     failed: int
     retried: int
     inflight: int  # requests on workers now
-    restarts: dict[str, int] = field(default_factory=dict)  # unplanned restarts by reason
+    refused: int = 0  # answered by corral itself: edge 4xx, queue 503, no app 404
+    abandoned: int = 0  # the client left before it had the whole response
+    cut: dict[str, int] = field(default_factory=dict)  # responses that did not reach the client whole, by why
+    restarts: dict[str, int] = field(default_factory=dict)  # restarts by reason (failures; recycling by count)
     routes: tuple[dict[str, Any], ...] = ()
     autoscale: AutoscaleSnap | None = None
     crash_loop: CrashLoopSnap | None = None
@@ -227,6 +230,9 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         served=pool.served,
         failed=pool.failed,
         retried=pool.retried,
+        refused=pool.outcomes["refused"],
+        abandoned=pool.outcomes["abandoned"],
+        cut=dict(pool.cuts),
         inflight=len(pool.inflight),
         restarts=dict(sup.restarts) if sup else {},
         routes=tuple(pool.costs.table()[:routes]) if routes else (),

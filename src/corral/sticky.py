@@ -9,6 +9,10 @@ A Shiny session lives in one R process, so every request of that session must re
 * ip: rendezvous hashing of the client address over the worker slots (indexes). A slot keeps its index
   across restarts, so a client whose worker died waits for, and lands on, that slot's replacement; only
   scaling changes the mapping, and then only for the clients of the slots that changed.
+
+Either way, a request whose path names a session the pool knows (Shiny's `session/<id>/...`: downloads,
+uploads, data objects; the id learned from the session's first WebSocket message, tunnel.py) goes to the
+process that holds that session, first of all (pool.Pool._pin).
 """
 
 from __future__ import annotations
@@ -45,3 +49,34 @@ def ip_slot(client: bytes, slots: list[int]) -> int | None:
     if not slots:
         return None
     return max(slots, key=lambda slot: hashlib.blake2b(b"%s/%d" % (client, slot), digest_size=8).digest())
+
+
+_SESSION = b"/session/"
+
+
+def session_in_path(target: bytes) -> bytes | None:
+    """The session id a request path names, Shiny's way: `.../session/<id>/...` (None: it names none)."""
+    at = target.find(_SESSION)
+    if at < 0:
+        return None
+    end = len(target)
+    for stop in (b"/", b"?"):
+        found = target.find(stop, at + len(_SESSION))
+        if 0 <= found < end:
+            end = found
+    query = target.find(b"?")
+    if 0 <= query < at:
+        return None  # in the query string, not the path
+    return target[at + len(_SESSION) : end] or None
+
+
+def is_navigation(method: bytes, fetch_mode: bytes | None, accept: bytes | None) -> bool:
+    """A browser loading a page into a tab or frame (not a script, style, fetch or WebSocket of one).
+
+    Fetch Metadata says so where browsers send it (`Sec-Fetch-Mode: navigate`, to HTTPS and localhost
+    origins); elsewhere a navigation is the GET that asks for HTML first (`Accept: text/html,...`)."""
+    if method != b"GET":
+        return False
+    if fetch_mode is not None:
+        return fetch_mode.strip().lower() == b"navigate"
+    return accept is not None and accept.lstrip().lower().startswith(b"text/html")

@@ -97,6 +97,7 @@ class Supervisor:
         self.crash_worker: Worker | None = None  # the last one that exited: its tail is the crash loop's lines
         self.crash_seen = 0.0  # when it exited
         self.crash_looping_since: float | None = None
+        self._killed: dict[Worker, float] = {}  # SIGKILLed as failed by reconcile -> the backoff it began
         pool.on_hung = self.kill_hung
         pool.slot_indexes = lambda: range(self.desired)
 
@@ -179,8 +180,10 @@ class Supervisor:
             return
         if self._kill_if_failed(worker, now):
             return
-        if worker.state is State.READY and worker.max_requests and worker.served >= worker.max_requests:
-            worker.retire_reason = worker.retire_reason or f"served max_requests ({worker.max_requests})"
+        spent = worker.max_requests and worker.served >= worker.max_requests
+        if spent and worker.state is State.READY and worker.retire_reason is None:
+            worker.retire_reason = f"served max_requests ({worker.max_requests})"
+            self._count_restart(worker.retire_reason)  # planned: counted by its reason, never backed off
         self._reconcile_successor(index, worker, now)
 
     def _reconcile_successor(self, index: int, worker: Worker, now: float) -> None:
@@ -209,15 +212,18 @@ class Supervisor:
 
     def _kill_if_failed(self, worker: Worker, now: float) -> bool:
         """SIGKILL a worker too late to start or judged unhealthy (failed probes, a request past its
-        deadline: kill_hung). True when it was."""
+        deadline: kill_hung, refused connections). True when it was. Such a kill is a failure like a
+        crash: counted by its reason, backed off, and towards crash_limit."""
         if worker.state is State.STARTING and now - worker.born > self.app.startup_timeout:
-            self._stop(worker, f"not ready after startup_timeout ({self.app.startup_timeout:g}s)", kill=True)
-            return True
-        if worker.state is State.UNHEALTHY and not worker.external:
+            why = f"not ready after startup_timeout ({self.app.startup_timeout:g}s)"
+        elif worker.state is State.UNHEALTHY and not worker.external:
             # A hung R handler cannot be cancelled, and a process that stopped answering may not heed SIGTERM.
-            self._stop(worker, worker.stop_reason or "unhealthy", kill=True)
-            return True
-        return False
+            why = worker.stop_reason or "unhealthy"
+        else:
+            return False
+        self._killed[worker] = self._record_failure(worker, why, now)
+        self._stop(worker, why, kill=True)
+        return True
 
     def _replace_in_place(self, worker: Worker) -> None:
         # Behind nginx/HAProxy (--supervise-only) the worker ports are in their config: a reload or
@@ -374,15 +380,30 @@ class Supervisor:
         worker.state = State.STOPPED
         self.pool.set_state(worker, State.STOPPED)
         self.pool.forget(worker)
-        if was is State.STOPPING or self.stopping:
+        delay = self._killed.pop(worker, None)  # killed as failed: counted and backed off at the kill
+        if delay is not None and not self.stopping and self.slots.get(worker.index) is worker:
+            self._emit(worker, State.STOPPED, f"{how} ({worker.stop_reason}); restarting in {delay:.1f}s")
+        elif was is State.STOPPING or self.stopping:
             self._emit(worker, State.STOPPED, f"{how} ({worker.stop_reason or 'stopped'})")
         else:
             self._schedule_restart(worker, how, never_ready)
         self.wake()
 
     def _schedule_restart(self, worker: Worker, how: str, never_ready: bool) -> None:
+        """A worker exited by itself (or never started): a failure, restarted with backoff."""
+        reason = worker.stop_reason or ("exited before ready" if never_ready else "exited")
+        delay = self._record_failure(worker, reason, self.clock())
+        worker.failed += worker.inflight
+        self._emit(worker, State.STOPPED, f"{how}; {reason}; restarting in {delay:.1f}s")
+        if never_ready and worker.tail and not self.ever_ready:
+            self.last_tail = list(worker.tail)
+
+    def _record_failure(self, worker: Worker, reason: str, now: float) -> float:
+        """One failure of slot `worker.index`: a crash, a failed start, or a kill or replacement corral
+        decided (hung, failed probes, not ready in time, over max_memory). Counted by its reason and
+        for the slot, counted towards crash_limit, and the slot's next start backed off (0.1 s doubling
+        to 15 s, reset once the worker had been healthy BACKOFF_RESET). Returns that backoff."""
         index = worker.index
-        now = self.clock()
         healthy_for = now - worker.ready_at if worker.ready_at else 0.0
         if healthy_for >= BACKOFF_RESET:
             self.failures[index] = 0
@@ -390,15 +411,19 @@ class Supervisor:
         self.failures[index] = n
         delay = min(BACKOFF_START * 2 ** (n - 1), BACKOFF_MAX)
         self._backoff_until[index] = now + delay
-        reason = worker.stop_reason or ("exited before ready" if never_ready else "exited")
-        self.restarts[reason.split(" (")[0]] = self.restarts.get(reason.split(" (")[0], 0) + 1
+        self._count_restart(reason)
         self.index_restarts[index] = self.index_restarts.get(index, 0) + 1
         self.exits.append(now)
         self.crash_worker, self.crash_seen = worker, now
-        worker.failed += worker.inflight
-        self._emit(worker, State.STOPPED, f"{how}; {reason}; restarting in {delay:.1f}s")
-        if never_ready and worker.tail and not self.ever_ready:
-            self.last_tail = list(worker.tail)
+        return delay
+
+    def _count_restart(self, reason: str) -> None:
+        """corral_worker_restarts_total{reason}: the reason without its details in parentheses, and
+        without numbers that change from one restart to the next (a memory size)."""
+        label = reason.split(" (")[0]
+        if label.endswith("over max_memory"):
+            label = "over max_memory"
+        self.restarts[label] = self.restarts.get(label, 0) + 1
 
     def _check_fatal(self) -> None:
         # An app that cannot start at all (syntax error, missing package) must not loop silently.
@@ -409,8 +434,10 @@ class Supervisor:
                 return
             last = self.crash_worker
             tail = (list(last.tail) if last is not None else []) or self.last_tail or ["(the worker printed nothing)"]
+            late = last is not None and (last.stop_reason or "").startswith("not ready after startup_timeout")
+            how = f" (the last was killed: {last.stop_reason})" if late and last is not None else ""
             self.fatal = (
-                f"app '{self.app.name}' cannot start: every worker exited before it was ready.\n"
+                f"app '{self.app.name}' cannot start: every worker exited before it was ready{how}.\n"
                 "Last lines the worker printed:\n" + "\n".join(f"    {line}" for line in tail[-15:])
             )
 
@@ -486,6 +513,9 @@ class Supervisor:
                 if rss > limit:
                     mb = rss / 1048576
                     worker.retire_reason = f"memory {mb:.0f}MB over max_memory ({self.app.max_memory:g}MB)"
+                    # A failure, though replaced gently (its successor first): a leak that refills at
+                    # once backs off and shows as a crash loop rather than churning processes.
+                    self._record_failure(worker, worker.retire_reason, self.clock())
 
     def _emit(self, worker: Worker, state: State, reason: str) -> None:
         event(worker, state.value, reason)

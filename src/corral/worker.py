@@ -122,6 +122,19 @@ class Worker:
         )
 
     @property
+    def has_room_pinned(self) -> bool:
+        """has_room for a request pinned to this very process (its sticky cookie, or its session named in the
+        path): a draining worker still takes those, since the sessions it holds live nowhere else. The pool
+        pins to a draining worker only while it holds sessions; nothing else reaches it."""
+        return (
+            (self.state is State.READY or self.state is State.DRAINING)
+            and self.inflight < self.max_inflight
+            and not self.probing
+            and not self.probe_due
+            and not self.quarantined
+        )
+
+    @property
     def holding(self) -> bool:
         """Still owes a response or holds a session. A worker is stopped only when this is False
         (or when graceful_timeout has passed)."""
