@@ -397,3 +397,37 @@ def test_a_pipelined_request_refused_at_the_edge_gets_its_error_after_the_first_
     assert statuses == [200, 400]
     counts_add_up(rig)
     conn_settled(c)
+
+
+# --- found by the red team: bytes behind an upgrade request are the tunnel's, never a request's --------
+WS = (
+    b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+)
+
+
+def test_bytes_behind_a_pipelined_upgrade_reach_only_its_tunnel_after_the_101():
+    rig = Rig()
+    c = Conn(rig)
+    c.send(get("/a") + WS + b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+    first = c.upstream()
+    assert b"/smuggled" not in first.transport.data, "an upgrade's bytes reached another request's worker"
+    before = len(first.transport.data)
+    first.data_received(ok(b"a"))
+    ws = c.upstream()  # the kept connection, now carrying the upgrade request
+    sent = ws.transport.data[before if ws is first else 0 :]
+    assert sent.startswith(b"GET /ws ") and b"/smuggled" not in sent
+    ws.data_received(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n")
+    assert ws.transport.data.endswith(b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")  # as frames, after the 101
+
+
+def test_a_declined_upgrade_drops_the_bytes_behind_it_and_its_connection():
+    rig = Rig()
+    c = Conn(rig)
+    c.send(WS + b"GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n")
+    ws = c.upstream()
+    ws.data_received(ok(b"no websocket here"))
+    assert b"/smuggled" not in ws.transport.data
+    assert ws.transport.closed and not reused(rig, ws)
+    [resp] = c.responses()
+    assert resp.status == 200 and c.transport.closed

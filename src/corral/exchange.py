@@ -122,6 +122,7 @@ class Exchange:
         "cut",
         "discarding",
         "dispatched_at",
+        "early",
         "ended",
         "extra_headers",
         "finished",
@@ -196,6 +197,7 @@ class Exchange:
         self.body_buf: list[bytes] = []  # a streamed body's bytes that came before its dispatch
         self.body_buffered = 0
         self.body_seen = False
+        self.early: list[bytes] = []  # bytes behind a WebSocket upgrade request: the tunnel's, after a 101
         self.request_done = False
         self.begun = False  # the client connection's current exchange: its answer is the next one due
         self.submitted = False
@@ -376,7 +378,8 @@ class Exchange:
             if tail or self.out_head:
                 self._deliver(tail)
         self.response_complete = True
-        self._release_worker(reusable and self._sent_whole())
+        # A declined upgrade's connection is not reused: the worker may still take it for one being upgraded.
+        self._release_worker(reusable and self._sent_whole() and not self.head.websocket)
         if not self.ended and self.spill is None and self.client.wait_flushed():
             self.end()
         # else: client_writable() ends it once the client has taken the rest
@@ -398,13 +401,24 @@ class Exchange:
         conn.switch(tunnel)
         self.upstream = None  # the connection is the tunnel's now: releasing the slot must not reuse it
         self._release_worker(False)
+        early, self.early = self.early, []
+        for data in early:
+            tunnel.from_client(data)
+        self.client.resume(PAUSE_BUFFER)
         if rest:
             tunnel.from_worker(rest)
         self.end()
 
     def tunnel_data(self, data: bytes) -> None:
-        """Frames a client sent right behind its upgrade request, before the worker's 101."""
-        self.request_body(data)
+        """Bytes a client sent right behind its upgrade request: held until the worker's 101, and dropped
+        if the worker declines. Sent before, a worker that declines would read them as a request of its
+        own, one corral never checked (request smuggling)."""
+        if self.ended:
+            return
+        self.early.append(data)
+        self.body_buffered += len(data)
+        if self.body_buffered > BODY_BUFFER_LIMIT:
+            self.client.pause(PAUSE_BUFFER)
 
     def _deliver(self, data: bytes) -> None:
         if self.out_head:

@@ -33,6 +33,7 @@ from .net import bind_tcp
 # struct tcp_info's tcpi_bytes_acked (Linux 4.1+): what the client's TCP acknowledged, readable even after a reset
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _BYTES_ACKED = 120
+_TCP_ESTABLISHED = 1  # tcpi_state, the first byte
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -154,6 +155,7 @@ class ClientConnection(asyncio.Protocol):
         self.trusted = False
         self.current: Exchange | None = None  # the exchange whose response is being produced
         self.parsing: Exchange | None = None  # the exchange whose request bytes are arriving
+        self.upgrading: Exchange | None = None  # a WebSocket upgrade request: every later byte is its tunnel's
         self.pipeline: deque[Exchange] = deque()
         self.paused = 0
         self.closing = False
@@ -268,9 +270,14 @@ class ClientConnection(asyncio.Protocol):
 
     def wait_flushed(self) -> bool:
         """True if the client's socket has taken every byte; else False, and the current exchange's
-        client_writable() follows once it has (a response is not whole until the client has it)."""
+        client_writable() follows once it has (a response is not whole until the client has it). A transport
+        already closing has failed (a reset on write): connection_lost will end the exchange as cut."""
         transport = self.transport
-        if transport is None or transport.is_closing() or not self._unsent_now():
+        if transport is None:
+            return True
+        if transport.is_closing():
+            return False
+        if not self._unsent_now():
             return True
         if not self.flush_wait:
             self.flush_wait = True
@@ -302,6 +309,8 @@ class ClientConnection(asyncio.Protocol):
             memory = app.request_buffer if app.request_buffering and head.has_body else None
             ex = Exchange(self, head, pool, prefix, app.response_buffer_file, memory)
         self.parsing = ex
+        if head.websocket:
+            self.upgrading = ex
         if self.current is None:
             self.current = ex
             self.start(ex)
@@ -322,8 +331,8 @@ class ClientConnection(asyncio.Protocol):
         # Bytes behind a WebSocket upgrade request, before the switch: frames the worker reads after its 101.
         if self.tunnel is not None:
             self.tunnel.from_client(data)
-        elif self.current is not None:
-            self.current.tunnel_data(data)
+        elif self.upgrading is not None:  # the upgrade request's, even while it waits behind another
+            self.upgrading.tunnel_data(data)
 
     # --- running exchanges -----------------------------------------------------------------
     def start(self, ex: Exchange) -> None:
@@ -418,6 +427,12 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             self._check_tunnel(self.tunnel, now)
             return
+        if self.paused and self._peer_gone():
+            # Not reading (a pipelined request waits, a queued body is full), so no EOF or reset can reach
+            # us: the kernel's view of the connection tells instead, and what the client left is dropped.
+            self._abandon(CUT_CLIENT)
+            self.close()
+            return
         self._check_send(now)
         ex = self.current
         parsing = self.parsing
@@ -440,6 +455,16 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(408, "request body stalled")
         elif ex is None and now - self.last_active > self.edge.keepalive_timeout:
             self.close()
+
+    def _peer_gone(self) -> bool:
+        """The client closed or reset its end (TCP state no longer ESTABLISHED), as far as TCP_INFO says."""
+        if self.sock is None:
+            return False
+        try:
+            state = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)  # type: ignore[arg-type]
+        except OSError:
+            return False
+        return bool(state) and state[0] != _TCP_ESTABLISHED
 
     def _check_tunnel(self, tunnel: Tunnel, now: float) -> None:
         """A WebSocket tunnel's clocks: send_timeout toward the client, as for a response (nginx applies its
