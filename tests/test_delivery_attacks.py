@@ -1,4 +1,6 @@
-"""Attacks on the data path over real sockets (found by a red-team review of issue #19's rewrite; each failed on 91e9b81).
+"""Attacks on the data path over real sockets, found by a red-team review of the issue-19 rewrite.
+
+Each failed on 91e9b81.
 
 Client's view first (status, every byte), then corral's own account (access log) and the worker's.
 """
