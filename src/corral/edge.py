@@ -9,6 +9,7 @@ HTTP version, Host rules, CONNECT, Expect, and the header rewriting a proxy owes
 
 from __future__ import annotations
 
+import json as _json
 import re
 from http import HTTPStatus
 from typing import Protocol
@@ -979,11 +980,12 @@ def error_response(
     connection: bytes | None = b"close",
     retry_after: int | None = None,
     json: bool = False,
+    head_only: bool = False,
 ) -> bytes:
-    """A short plain error page: no paths, versions or traces."""
+    """A short plain error page: no paths, versions or traces. `head_only`: the answer to a HEAD request, its
+    Content-Length and no body (a body would be read as the start of the next response)."""
     if json:
-        text = message.replace('"', "'")
-        body = f'{{"error": "{text}", "status": {status}}}\n'.encode()
+        body = _json.dumps({"error": message, "status": status}).encode() + b"\n"
         ctype = b"application/json"
     else:
         body = f"{status} {message}\n".encode()
@@ -1003,7 +1005,7 @@ def error_response(
         parts += [b"x-request-id: ", request_id, b"\r\n"]
     if connection is not None:
         parts += [b"connection: ", connection, b"\r\n"]
-    parts += [b"\r\n", body]
+    parts += [b"\r\n", b"" if head_only else body]
     return b"".join(parts)
 
 

@@ -473,9 +473,10 @@ class Exchange:
             self.end()
 
     # --- the ways it can go wrong ------------------------------------------------------------------
-    def upstream_failed(self, why: str) -> None:
-        """The worker connection broke or lied mid-exchange: this request alone pays (502)."""
-        if self.pool is not None and self.worker is not None:
+    def upstream_failed(self, why: str, blame: bool = True) -> None:
+        """The worker connection broke or lied mid-exchange: this request alone pays (502). `blame`: count
+        it against the worker (not when the worker had closed a kept-alive connection while idle)."""
+        if blame and self.pool is not None and self.worker is not None:
             self.pool.worker_failed(self.worker, why)
         self._release_worker(False)
         if self.ended:
@@ -545,11 +546,14 @@ class Exchange:
         self.keep = self.request_done and self.head.keep_alive and not self.client.closing
         if not self.client_gone:
             conn = edge.connection_token(self.head.version, self.keep)
+            head_only = self.head.method == b"HEAD"
             self.client.write(
-                edge.error_response(status, message, self.request_id, conn, retry_after=retry_after, json=json)
+                edge.error_response(status, message, self.request_id, conn, retry_after, json, head_only)
             )
         self.response_complete = True
-        self.end()
+        if self.client_gone or self.client.wait_flushed():
+            self.end()
+        # else: client_writable() ends it once the client has the page (or connection_lost, as cut)
 
     def queue_timed_out(self, retry_after: int) -> None:
         self.respond_error(503, "timed out waiting for a free worker", retry_after=retry_after)

@@ -292,11 +292,12 @@ class Pool:
                 return
         self.loop.create_task(self._open(ex, worker))
 
-    def may_resend(self, ex: Exchange, worker: Worker) -> bool:
+    @staticmethod
+    def closed_while_idle(worker: Worker) -> bool:
         """A kept-alive connection closed with no byte of answer: the worker closed it while idle (gunicorn,
         uvicorn, Node do), not because of this request, if the worker process still lives. nginx's rule
-        for cached connections."""
-        if not ex.resendable() or ex.ended or worker.state not in (State.READY, State.DRAINING):
+        for cached connections: not held against the worker."""
+        if worker.state not in (State.READY, State.DRAINING):
             return False
         return worker.proc is None or worker.proc.poll() is None
 
@@ -579,10 +580,12 @@ class UpstreamConnection(asyncio.Protocol):
         ex, self.exchange = self.exchange, None
         if ex is None:
             return
-        if self.reused and not self.answered and self.pool.may_resend(ex, self.worker):
-            self.pool.resend(ex, self.worker)
-        else:
+        if not (self.reused and not self.answered and self.pool.closed_while_idle(self.worker)):
             ex.upstream_failed("worker closed the connection")
+        elif ex.resendable() and not ex.ended:
+            self.pool.resend(ex, self.worker)
+        else:  # the client left, or its streamed body is gone: no second try, and not the worker's failure
+            ex.upstream_failed("worker had closed the kept-alive connection", blame=False)
 
     def finish(self, reusable: bool) -> None:
         """The exchange is over: keep the connection for the next one, or close it."""

@@ -200,7 +200,10 @@ class ClientConnection(asyncio.Protocol):
             return
         now = time.monotonic()
         self.last_active = now
-        if not self.reader.in_head and self.parsing is None:
+        parsing = self.parsing
+        if parsing is not None:
+            parsing.body_last = now  # any byte of the body counts, chunk framing too (as nginx counts reads)
+        elif not self.reader.in_head:
             self.head_started = now
         try:
             self.reader.feed(data)
@@ -208,8 +211,17 @@ class ClientConnection(asyncio.Protocol):
             self.reject(exc.status, exc.reason)
 
     def eof_received(self) -> bool:
-        # A client that half-closes has given up on anything not yet answered (as nginx assumes).
+        # A client that half-closes has given up on anything not yet answered (as nginx assumes). An answer
+        # corral already holds whole still goes to it, through the half-closed connection; then it closes
+        # (or send_timeout cuts it, should the client not read it either).
         self._unsent_now()
+        cur = self.current
+        if cur is not None and cur.response_complete and not cur.ended and not cur.switched:
+            self.closing = True
+            pending, self.pipeline = list(self.pipeline), deque()
+            for ex in pending:
+                ex.client_left()
+            return True  # keep the transport open for writing: exchange_done closes it
         self._abandon(CUT_CLIENT)
         return False
 
@@ -241,9 +253,12 @@ class ClientConnection(asyncio.Protocol):
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():
+            was_flushed = self.flushed == self.written
             self.written += len(data)
             transport.write(data)
             self.flushed = self.written - transport.get_write_buffer_size()
+            if was_flushed and self.flushed != self.written:
+                self.send_progress = time.monotonic()  # send_timeout counts from when bytes began to wait
 
     def writing_paused(self) -> bool:
         return self.write_blocked
