@@ -603,9 +603,10 @@ class Exchange:
         self._finish()
 
     def _took(self) -> int:
-        """Body bytes of a cut response that reach the client (for a re-chunked body, counted with its chunk
-        framing): when corral cut it (the worker failed or hung), all it had handed to the client's socket,
-        which closes only once they are sent; when the client left, what it had acknowledged."""
+        """Body bytes of a cut response that went to the client (nginx's $body_bytes_sent; for a re-chunked
+        body, counted with its chunk framing): when corral cut it (the worker failed or hung), all it had
+        handed to the client's socket, which closes only once they are sent; when the client left, what its
+        socket had taken by then."""
         if self.wire_start < 0:
             return 0
         client = self.client

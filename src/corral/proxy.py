@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
-import struct
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -30,10 +29,9 @@ from .exchange import (
 )
 from .net import bind_tcp
 
-# struct tcp_info's tcpi_bytes_acked (Linux 4.1+): what the client's TCP acknowledged, readable even after a reset
+# struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
-_BYTES_ACKED = 120
-_TCP_ESTABLISHED = 1  # tcpi_state, the first byte
+_TCP_ESTABLISHED = 1
 
 if TYPE_CHECKING:
     from .config import ServerConfig
@@ -168,7 +166,7 @@ class ClientConnection(asyncio.Protocol):
         self.send_progress = 0.0  # when `flushed` last grew, or the backlog was empty (send_timeout)
         self.flush_wait = False  # an exchange waits for the client to take every byte before it ends
         self.refusal: bytes | None = None  # an edge error owed after the responses before it
-        self.sock: socket.socket | None = None  # a TCP client's socket: TCP_INFO says what it acknowledged
+        self.sock: socket.socket | None = None  # a TCP client's socket: TCP_INFO says whether it is still open
         self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -264,16 +262,9 @@ class ClientConnection(asyncio.Protocol):
         return self.write_blocked
 
     def taken(self) -> int:
-        """Bytes of what corral wrote that reached the client: what its TCP acknowledged (asked only when a
-        response is cut, and still known after a reset); without TCP_INFO, what left corral's buffer as last
-        seen (what cannot be seen any more counts as not taken)."""
-        if self.sock is not None:
-            try:
-                info = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _BYTES_ACKED + 8)  # type: ignore[arg-type]
-                if len(info) >= _BYTES_ACKED + 8:
-                    return int(struct.unpack_from("Q", info, _BYTES_ACKED)[0])
-            except OSError:
-                pass  # closed already: fall back on what was seen
+        """Bytes of what corral wrote that the client's socket took: left corral's buffer for the kernel, as
+        last seen (after a reset the buffer is gone: what was not seen to leave counts as not taken). Not what
+        the client's TCP acknowledged: a delayed ACK that a reset replaces would hide bytes the client read."""
         return self.written - self._unsent_now()
 
     def _unsent_now(self) -> int:
