@@ -180,7 +180,32 @@ class FakeLoop:
 
 
 # --- transports ----------------------------------------------------------------------------------------
-class ClientTransport:
+class _Transport:
+    """What both fake transports share: reading on and off, writelines, the peer's address."""
+
+    reading: bool
+    peer: Any
+
+    def write(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def writelines(self, chunks: list[bytes]) -> None:
+        self.write(b"".join(chunks))
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.peer if name == "peername" else default
+
+
+class ClientTransport(_Transport):
     """corral's side of a client socket, with asyncio's write flow control (pause past `high`, resume when the
     client has read it all), close() that flushes and abort() that drops. Writes after close go to `late`."""
 
@@ -220,18 +245,6 @@ class ClientTransport:
             self.writing_paused = True
             self.protocol.pause_writing()
 
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.write(b"".join(chunks))
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_reading(self) -> bool:
-        return self.reading
-
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -246,9 +259,6 @@ class ClientTransport:
 
     def is_closing(self) -> bool:
         return self.closed
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return self.peer if name == "peername" else default
 
     def get_write_buffer_size(self) -> int:
         return len(self.buf)
@@ -281,7 +291,7 @@ class ClientTransport:
             self.protocol.connection_lost(exc)
 
 
-class UpstreamTransport:
+class UpstreamTransport(_Transport):
     """corral's side of a worker socket. `wire` is everything corral wrote; bytes from `peer_closed_at` on were
     written after the worker had closed its end and never reached it."""
 
@@ -303,18 +313,6 @@ class UpstreamTransport:
         self.wire += data
         self.on_write()
 
-    def writelines(self, chunks: list[bytes]) -> None:
-        self.write(b"".join(chunks))
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_reading(self) -> bool:
-        return self.reading
-
     def close(self) -> None:
         self.closed = True
 
@@ -323,9 +321,6 @@ class UpstreamTransport:
 
     def is_closing(self) -> bool:
         return self.closed
-
-    def get_extra_info(self, name: str, default: object = None) -> object:
-        return self.peer if name == "peername" else default
 
     def get_write_buffer_size(self) -> int:
         return 0

@@ -19,24 +19,14 @@ import json
 import os
 import signal
 import socket
-import sys
 import time
 
 import pytest
-from conftest import HERE, corral_cli, get, poll, read_response
+from conftest import corral_cli, get, poll, read_response
 
 websockets = pytest.importorskip("websockets")
+from test_websocket import run, ws_args  # noqa: E402  (the echo worker and the runner the tunnel tests use)
 from websockets.asyncio.client import connect  # noqa: E402
-
-WS = str(HERE / "ws_echo_worker.py")
-
-
-def ws_args(*extra: str) -> list[str]:
-    return [*extra, "--", sys.executable, WS, "{port}"]
-
-
-def run(coro):
-    return asyncio.run(asyncio.wait_for(coro, 120))
 
 
 def _status(port: int) -> dict:
