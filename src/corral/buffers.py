@@ -112,10 +112,6 @@ class Spill:
         self.size -= len(data)
         return data
 
-    @property
-    def in_memory(self) -> int:
-        return sum(len(b) for b in self.held)
-
     def close(self) -> None:
         self.held.clear()
         if self.file is not None:

@@ -640,9 +640,7 @@ class Refusal:
         "outcome",
         "request_id",
         "served_by",
-        "session",
         "status",
-        "switched",
         "traceparent",
     )
 
@@ -659,5 +657,3 @@ class Refusal:
         self.request_id = tracing.trace_id(self.traceparent)
         self.outcome = REFUSED
         self.cut = ""
-        self.session = False
-        self.switched = False

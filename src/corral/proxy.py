@@ -94,7 +94,6 @@ class Proxy:
         self.default_pool = next((p for p in pools if p.route == "/"), pools[0] if pools else None)
         self.connections: set[ClientConnection] = set()
         self.server: asyncio.AbstractServer | None = None
-        self.refused_connections = 0
         self._ticker: asyncio.TimerHandle | None = None
         self._tick_n = 0
 
@@ -179,7 +178,6 @@ class ClientConnection(asyncio.Protocol):
             self.peer = str(peer[0]).encode()
         if len(proxy.connections) >= self.edge.max_connections:
             self.closing = True
-            proxy.refused_connections += 1
             transport.write(edge.error_response(503, "too many connections", retry_after=1))  # type: ignore[attr-defined]
             transport.close()
             proxy.refused(self, 503)
