@@ -1,9 +1,10 @@
 """corral's optional compiled data path: CORRAL_COMPILE=1 at install time compiles it with Cython.
 
-The modules in corral.COMPILED are plain Python, compiled as they are (no .pyx, no C written by hand). By
-default corral installs as pure Python: on CPython 3.11 that is the faster build for plumber workers, while
-the compiled one serves ~15 % more requests when the proxy itself is the bottleneck (bench/RESULTS.md,
-issue 13). Without Cython or a C compiler the compiled build falls back to pure Python, module by module.
+The modules of corral's edge/ and datapath/ (corral.COMPILED) are plain Python, compiled as they are (no .pyx,
+no C written by hand). By default corral installs as pure Python: on CPython 3.11 that is the faster build
+for plumber workers, while the compiled one serves ~15 % more requests when the proxy itself is the
+bottleneck (bench/RESULTS.md, issue 13). Without Cython or a C compiler the compiled build falls back to
+pure Python, module by module.
 At run time CORRAL_PURE_PYTHON=1 makes a compiled install import the .py files instead (tests, benchmarks).
 """
 
@@ -52,7 +53,8 @@ def extensions() -> list:
     # annotation_typing off: annotations stay documentation, so compiled and pure Python behave the same.
     # binding off: methods become C methods (cheaper to bind and call) instead of introspectable cyfunctions.
     directives = {"language_level": "3", "annotation_typing": False, "binding": False}
-    return cythonize([f"src/corral/{m}.py" for m in COMPILED], compiler_directives=directives, quiet=True)
+    sources = [f"src/corral/{m.replace('.', '/')}.py" for m in COMPILED]
+    return cythonize(sources, compiler_directives=directives, quiet=True)
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

@@ -94,7 +94,7 @@ def extract(commit: str, dest: Path) -> Path:
 
 def check_imports_from(build: CorralBuild, src: Path) -> None:
     """The extracted tree, not the editable install of the current one, must be what `-m corral` runs."""
-    probe = [sys.executable, "-c", "import corral.cli, corral; print(corral.__file__)"]
+    probe = [sys.executable, "-c", "import corral.cli.main, corral; print(corral.__file__)"]
     out = subprocess.run(probe, capture_output=True, text=True, env=build.env(), timeout=60, check=False)
     where = Path(out.stdout.strip()).resolve() if out.returncode == 0 else None
     if where is None or not where.is_relative_to(src.resolve()):

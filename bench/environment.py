@@ -39,7 +39,7 @@ def ensure_tools(log: Callable[[str], None]) -> None:
 
 
 def corral_importable() -> bool:
-    return _run([sys.executable, "-c", "import corral.cli"]).returncode == 0
+    return _run([sys.executable, "-c", "import corral.cli.main"]).returncode == 0
 
 
 def ensure_corral(log: Callable[[str], None]) -> str | None:
@@ -63,7 +63,7 @@ def corral_command() -> list[str] | None:
     found = shutil.which("corral")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from corral.cli import main; sys.argv[0] = 'corral'; main()"]
+    return [sys.executable, "-c", "import sys; from corral.cli.main import main; sys.argv[0] = 'corral'; main()"]
 
 
 def _first_line(argv: list[str]) -> str:

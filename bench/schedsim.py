@@ -1,7 +1,7 @@
 """Replay T4's arrival schedules through the REAL corral scheduler in simulated time (issue 8).
 
 The proxy, sockets and plumber are replaced by an event loop with deterministic service times; the
-queueing decisions are corral.scheduler.Scheduler's own (and corral.costs.RouteCosts learns the
+queueing decisions are corral.datapath.scheduler.Scheduler's own (and corral.datapath.costs.RouteCosts learns the
 route classes, warmed up with the 20 /fast requests the bench sends first). Policies that are not
 in the scheduler yet are small subclasses here that only override how a long request may borrow the
 reserve, so a variant that wins can move into scheduler.py unchanged.
@@ -35,9 +35,9 @@ import loadgen
 from scenarios import FAST, SEED, SLOW
 from stats import percentile
 
-from corral.costs import LONG, MIN_SAMPLES, SHORT, RouteCosts
-from corral.scheduler import QUEUED, QueueFull, Scheduler
-from corral.worker import State, Worker
+from corral.datapath.costs import LONG, MIN_SAMPLES, SHORT, RouteCosts
+from corral.datapath.scheduler import QUEUED, QueueFull, Scheduler
+from corral.datapath.worker import State, Worker
 
 WORKERS = 4
 FAST_S = 0.0027  # /fast on an idle plumber worker (bench service_times)

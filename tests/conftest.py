@@ -18,7 +18,8 @@ import pytest
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
-STUB = str(HERE / "stub_worker.py")
+SUPPORT = HERE / "support"  # stub and evil workers, rigs, apps
+STUB = str(SUPPORT / "stub_worker.py")
 EXAMPLE_R = str(ROOT / "examples" / "plumber" / "plumber.R")
 HAVE_R = shutil.which("Rscript") is not None
 

@@ -25,7 +25,8 @@ COMPILED_BUILD = os.environ.get("CORRAL_COMPILE") == "1"  # scripts/test sets it
 
 
 def _compiled(name: str) -> Path | None:
-    return next((p for s in importlib.machinery.EXTENSION_SUFFIXES if (p := PACKAGE / f"{name}{s}").exists()), None)
+    stem = PACKAGE / name.replace(".", "/")
+    return next((p for s in importlib.machinery.EXTENSION_SUFFIXES if (p := Path(f"{stem}{s}")).exists()), None)
 
 
 def _where(pythonpath: Path | None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,18 +64,18 @@ def test_pure_python_switch_imports_every_module_from_source():
 
 @pytest.mark.skipif(PURE or not COMPILED_BUILD, reason="needs the compiled build (CI's first pass)")
 def test_a_source_edited_after_its_build_runs_as_pure_python(tmp_path):
-    """Editing edge.py in a checkout must take effect at once, not wait for a rebuild."""
+    """Editing edge/request.py in a checkout must take effect at once, not wait for a rebuild."""
     copy = tmp_path / "corral"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__", "*.c"), copy_function=shutil.copy2)
-    edited = copy / "edge.py"
-    later = _compiled("edge").stat().st_mtime + 60  # type: ignore[union-attr]
+    edited = copy / "edge" / "request.py"
+    later = _compiled("edge.request").stat().st_mtime + 60  # type: ignore[union-attr]
     os.utime(edited, (later, later))
     out = _where(tmp_path)
     assert out.returncode == 0, out.stderr
     files = out.stdout.split("\n")[: len(package.COMPILED)]
-    assert files[package.COMPILED.index("edge")] == str(edited)
+    assert files[package.COMPILED.index("edge.request")] == str(edited)
     assert all(not f.endswith(".py") for f in files if f != str(edited)), files
-    assert "edge.py changed after it was compiled; running it as pure Python" in out.stderr
+    assert "request.py changed after it was compiled; running it as pure Python" in out.stderr
     assert out.stdout.split("\n")[-2].startswith("compiled: ")  # the rest stays compiled
 
 

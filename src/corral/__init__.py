@@ -12,16 +12,24 @@ from pathlib import Path
 
 __version__ = "0.1.0"
 
-# The data-path modules setup.py compiles with Cython under CORRAL_COMPILE=1 (the same .py source either
-# way): what py-spy shows on every proxied request (bench/RESULTS.md, issue 13).
-COMPILED = ("edge", "exchange", "proxy", "pool", "scheduler", "tunnel", "sticky")
+# The subpackages setup.py compiles with Cython under CORRAL_COMPILE=1, every module but __init__ (the same
+# .py source either way): what py-spy shows on every proxied request (bench/RESULTS.md, issue 13).
+COMPILED_PACKAGES = ("edge", "datapath")
 _HERE = Path(__file__).parent
+
+
+def compiled_modules() -> list[str]:
+    """The modules the compiled build compiles, as 'package.module' names under corral."""
+    return [f"{pkg}.{path.stem}" for pkg in COMPILED_PACKAGES for path in sorted((_HERE / pkg).glob("[!_]*.py"))]
+
+
+COMPILED = tuple(compiled_modules())
 _SLACK_S = 2.0  # a wheel stores times to 2 s; an installed .py may look that much newer than its module
 
 
 def _compiled_file(name: str) -> Path | None:
     for suffix in importlib.machinery.EXTENSION_SUFFIXES:
-        path = _HERE / f"{name}{suffix}"
+        path = _HERE / f"{name.replace('.', '/')}{suffix}"
         if path.exists():
             return path
     return None
@@ -30,18 +38,19 @@ def _compiled_file(name: str) -> Path | None:
 class _SourceFinder(importlib.abc.MetaPathFinder):
     """Imports a data-path module from its .py file when asked to (CORRAL_PURE_PYTHON=1 for all of them, or a
     comma list such as `pool,scheduler`, so that tests and benchmarks can run the pure-Python build of an
-    installed compiled one, or measure one module at a time), and when its compiled module is older than the
-    source: an edited checkout never runs stale compiled code."""
+    installed compiled one, or measure one module at a time: `datapath.pool` or `pool`), and when its compiled
+    module is older than the source: an edited checkout never runs stale compiled code."""
 
     def __init__(self, pure: str) -> None:
         names = {n.strip() for n in pure.split(",")}
-        self.pure = set(COMPILED) if pure.strip() in ("1", "all") else names & set(COMPILED)
+        short = {m.rpartition(".")[2]: m for m in COMPILED}
+        self.pure = set(COMPILED) if pure.strip() in ("1", "all") else {short.get(n, n) for n in names} & set(COMPILED)
 
     def find_spec(self, fullname: str, path: object = None, target: object = None) -> ModuleSpec | None:
-        package, _, name = fullname.rpartition(".")
-        if package != __name__ or name not in COMPILED:
+        prefix, _, name = fullname.partition(".")
+        if prefix != __name__ or name not in COMPILED:
             return None
-        source, compiled = _HERE / f"{name}.py", _compiled_file(name)
+        source, compiled = _HERE / f"{name.replace('.', '/')}.py", _compiled_file(name)
         if compiled is None or not source.exists():
             return None
         if name not in self.pure:
@@ -60,7 +69,7 @@ def build() -> str:
         return "compiled (Cython)"
     if not native:
         return "pure Python"
-    return "compiled: " + ", ".join(sorted(m.__name__.rpartition(".")[2] for m in native))
+    return "compiled: " + ", ".join(sorted(m.__name__.partition(".")[2] for m in native))
 
 
 sys.meta_path.insert(0, _SourceFinder(os.environ.get("CORRAL_PURE_PYTHON", "")))

@@ -13,17 +13,21 @@ import time
 import traceback
 from typing import Any
 
-from . import build, config, health, launch, logs, probes, snapshot, sockdir, systemd, tracing
-from .admin import AdminError, AdminServer
-from .autoscale import Autoscaler, Policy
+from . import build, config, logs
 from .config import Config, autoscaled, worker_ports
-from .logs import AccessLog, reopen_worker_log, say, warn
-from .pool import Pool
-from .proxy import Proxy, make_listener
-from .supervisor import Supervisor, port_free
-from .tunnel import GO_AWAY_GRACE
-from .watch import Watcher
-from .worker import State
+from .datapath import tracing
+from .datapath.client import Proxy, make_listener
+from .datapath.pool import Pool
+from .datapath.tunnel import GO_AWAY_GRACE
+from .datapath.worker import State
+from .logs import AccessLog, say, warn
+from .ops import probes, snapshot, systemd
+from .ops.admin import AdminError, AdminServer
+from .ops.autoscale import Autoscaler, Policy
+from .supervision import health, launch, sockdir
+from .supervision.output import reopen_worker_log
+from .supervision.supervisor import Supervisor, port_free
+from .supervision.watch import Watcher
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a core task died; no port at all beats a port that serves nothing
 

@@ -24,12 +24,12 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import EXAMPLE_R, HAVE_R, ROOT, STUB, corral_cli, free_ports, get, poll, read_response, stub_args
+from conftest import EXAMPLE_R, HAVE_R, ROOT, STUB, SUPPORT, corral_cli, free_ports, get, poll, read_response, stub_args
 
-from corral.control import AdminClient, locate
+from corral.cli.verbs import AdminClient, locate
 from corral.logring import Ring
 
-CHATTY = str(Path(__file__).parent / "chatty_worker.py")
+CHATTY = str(SUPPORT / "chatty_worker.py")
 STAMP = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z"
 
 
@@ -82,7 +82,7 @@ def test_logs_follow_shows_a_line_logged_just_after_the_history_was_read(corral,
     # The interleaving the test below meets only by chance (it failed so under load): a worker's line is
     # logged right after `corral logs -f` read the history, before it starts following. The real corral
     # and the real client run, printing as they do; the hook only fixes that order.
-    from corral import control
+    from corral.cli import verbs as control
 
     c = corral(chatty_args(), workers=2)
     real_entries, real_sleep, printed = control._entries, time.sleep, []

@@ -1,4 +1,4 @@
-"""The per-route cost learner (corral.costs), in-process: route keys, classification, declared routes,
+"""The per-route cost learner (corral.datapath.costs), in-process: route keys, classification, declared routes,
 the bounded route table and how fast old costs decay. Pure: no clock, no sockets.
 
 The basics (ids collapsed, learn and re-learn, a bounded table, declared classes win, a route running
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from corral.costs import ALPHA, LONG, MAX_ROUTES, MIN_SAMPLES, RING, SHORT, RouteCosts, route_key
+from corral.datapath.costs import ALPHA, LONG, MAX_ROUTES, MIN_SAMPLES, RING, SHORT, RouteCosts, route_key
 
 
 # --- route keys ---------------------------------------------------------------------------------

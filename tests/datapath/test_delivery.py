@@ -25,11 +25,12 @@ from test_exchange import (
     settled,
 )
 
-from corral import buffers, edge
+from corral import edge
 from corral.config import ServerConfig
-from corral.exchange import Refusal
-from corral.scheduler import QUEUED
-from corral.worker import State
+from corral.datapath import buffers
+from corral.datapath.exchange import Refusal
+from corral.datapath.scheduler import QUEUED
+from corral.datapath.worker import State
 
 
 def head_length(data: bytes) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from conftest import poll, read_response, stub_args
 
-from corral.control import AdminClient, locate
+from corral.cli.verbs import AdminClient, locate
 
 WS_HEAD = (
     b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"

@@ -20,7 +20,7 @@ import pytest
 from conftest import closed_by_peer, get, poll, read_response, stub_args
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral.control import AdminClient, locate
+from corral.cli.verbs import AdminClient, locate
 
 
 def access_log(path: Path, n: int) -> list[dict]:

@@ -88,7 +88,7 @@ def test_admission_control_refuses_at_once_when_the_predicted_wait_is_too_long(c
 def test_learned_route_costs_are_visible_in_status_and_metrics(corral):
     from prometheus_client.parser import text_string_to_metric_families
 
-    from corral.control import AdminClient, locate
+    from corral.cli.verbs import AdminClient, locate
 
     c = corral(stub_args("--long-threshold", "0.2"), workers=1)
     teach(c.port, "/sleep-long?s=0.25")

@@ -9,8 +9,9 @@ import re
 import pytest
 from conftest import HAVE_R, corral_cli, get, stub_args
 
-from corral import edge, tracing
-from corral.envfile import EnvFileError, parse
+from corral import edge
+from corral.config.envfile import EnvFileError, parse
+from corral.datapath import tracing
 
 TRACEPARENT = re.compile(r"00-([0-9a-f]{32})-([0-9a-f]{16})-0[23]")
 CLIENT_TP = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"

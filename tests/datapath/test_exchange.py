@@ -24,11 +24,11 @@ import pytest
 
 from corral import edge
 from corral.config import AppConfig, ServerConfig
-from corral.exchange import CLIENT_CLOSED, PAUSE_BUFFER, PAUSE_UPSTREAM, SPILL_READ, Exchange
-from corral.pool import Pool, UpstreamConnection
-from corral.proxy import ClientConnection, Proxy
-from corral.scheduler import QUEUED
-from corral.worker import State, Worker
+from corral.datapath.client import ClientConnection, Proxy
+from corral.datapath.exchange import CLIENT_CLOSED, PAUSE_BUFFER, PAUSE_UPSTREAM, SPILL_READ, Exchange
+from corral.datapath.pool import Pool, UpstreamConnection
+from corral.datapath.scheduler import QUEUED
+from corral.datapath.worker import State, Worker
 
 
 # --- fakes ------------------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ from hypothesis.stateful import (
     rule,
     run_state_machine_as_test,
 )
-from machine_fakes import (
+from support.machine_fakes import (
     ClientTransport,
     Clock,
     FakeLoop,
@@ -100,9 +100,9 @@ from machine_fakes import (
 )
 
 from corral.config import AppConfig, ServerConfig
-from corral.pool import Pool
-from corral.proxy import ClientConnection, Proxy
-from corral.worker import State, Worker
+from corral.datapath.client import ClientConnection, Proxy
+from corral.datapath.pool import Pool
+from corral.datapath.worker import State, Worker
 
 SKIP = {name.strip() for name in os.environ.get("CORRAL_MACHINE_SKIP", "").split(",") if name.strip()}
 ONLY = {name.strip() for name in os.environ.get("CORRAL_MACHINE_ONLY", "").split(",") if name.strip()}

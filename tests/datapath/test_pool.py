@@ -12,10 +12,10 @@ import time
 
 from test_exchange import FakeClient, Rig, get, ok, reused, settled
 
-from corral.costs import LONG
-from corral.pool import PROBE_GRACE
-from corral.scheduler import QUEUED
-from corral.worker import State
+from corral.datapath.costs import LONG
+from corral.datapath.pool import PROBE_GRACE
+from corral.datapath.scheduler import QUEUED
+from corral.datapath.worker import State
 
 
 def refused() -> OSError:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from corral.costs import LONG, MAX_ROUTES, SHORT, RouteCosts, route_key
-from corral.scheduler import CANCELLED, DISPATCHED, EXPIRED, QUEUED, RESERVE_MIN_SHORTS, QueueFull, Scheduler
-from corral.worker import State, Worker
+from corral.datapath.costs import LONG, MAX_ROUTES, SHORT, RouteCosts, route_key
+from corral.datapath.scheduler import CANCELLED, DISPATCHED, EXPIRED, QUEUED, RESERVE_MIN_SHORTS, QueueFull, Scheduler
+from corral.datapath.worker import State, Worker
 
 
 class J:

@@ -271,7 +271,7 @@ CONFIG = b'{"config":{"workerId":"","sessionId":"af741da77f94d218f0d7113e9b8d98f
 
 
 def test_frames_find_the_session_id_and_every_frame_boundary_however_the_bytes_are_split():
-    from corral.tunnel import Frames
+    from corral.datapath.tunnel import Frames
 
     frames = [_frame(b"\x00" * 300, 2), _frame(b"", 9), _frame(CONFIG), _frame(b"x" * 70_000), _frame(b"y" * 200)]
     stream = b"".join(frames)
@@ -287,7 +287,7 @@ def test_frames_find_the_session_id_and_every_frame_boundary_however_the_bytes_a
 
 
 def test_only_the_first_frames_are_read_for_a_session_id():
-    from corral.tunnel import Frames, session_id
+    from corral.datapath.tunnel import Frames, session_id
 
     f = Frames()
     for _ in range(4):
@@ -303,7 +303,7 @@ def test_only_the_first_frames_are_read_for_a_session_id():
 
 
 def test_session_in_path_and_page_loads():
-    from corral import sticky
+    from corral.datapath import sticky
 
     assert sticky.session_in_path(b"/session/ab12/download/d?w=") == b"ab12"
     assert sticky.session_in_path(b"/dash/session/ab12/upload/7?w=") == b"ab12"

@@ -44,14 +44,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import HERE, poll
-from soak_client import Req, Session, run_session
-from soak_worker import pattern
+from conftest import SUPPORT, poll
+from support.soak_client import Req, Session, run_session
+from support.soak_worker import pattern
 
 SEED = int(os.environ.get("CORRAL_SOAK_SEED", "19"))
 SECONDS = float(os.environ.get("CORRAL_SOAK_SECONDS", "40"))
 THREADS = 6
-SOAK_WORKER = str(HERE / "soak_worker.py")
+SOAK_WORKER = str(SUPPORT / "soak_worker.py")
 MiB = 1024 * 1024
 
 REQUEST_TIMEOUT = 3.0
@@ -491,13 +491,13 @@ def coverage(sessions: list[Session]) -> str:
 
 
 def _status(port: int) -> dict:
-    from corral.control import AdminClient, locate
+    from corral.cli.verbs import AdminClient, locate
 
     return AdminClient(locate(port, None)).ok("GET", "/status")
 
 
 def _metrics(port: int) -> str:
-    from corral.control import AdminClient, locate
+    from corral.cli.verbs import AdminClient, locate
 
     doc = AdminClient(locate(port, None)).ok("GET", "/metrics")
     return doc.decode() if isinstance(doc, bytes) else str(doc)

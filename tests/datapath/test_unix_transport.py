@@ -13,9 +13,9 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE_R, HAVE_R, HERE, corral_cli, get, post_bodies_reach_r
+from conftest import EXAMPLE_R, HAVE_R, HERE, SUPPORT, corral_cli, get, post_bodies_reach_r
 
-UNIX_STUB = str(HERE / "unix_stub_worker.py")
+UNIX_STUB = str(SUPPORT / "unix_stub_worker.py")
 NOBODY = 65534
 DEFAULT_TRANSPORT: dict[str, str | None] = {"CORRAL_AUTO_TRANSPORT": None}  # whatever the CI pass sets
 IS_ROOT = os.geteuid() == 0
@@ -84,7 +84,7 @@ def test_plumber_workers_serve_on_unix_sockets(corral):
 def _delayed_acks(transport: str, n: int, log: Path) -> dict:
     """tests/delayed_acks.py in a network namespace of its own (see there)."""
     env = dict(os.environ, DELAYED_ACKS_LOG=str(log), PYTHONPATH=str(HERE))
-    script = f"ip link set lo up && exec {sys.executable} {HERE / 'delayed_acks.py'} {transport} {n}"
+    script = f"ip link set lo up && exec {sys.executable} {SUPPORT / 'delayed_acks.py'} {transport} {n}"
     r = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stdout + r.stderr + (log.read_text() if log.exists() else "")
     return json.loads(r.stdout.strip().splitlines()[-1])
@@ -242,7 +242,7 @@ def short_tmp():
 
 
 def test_socket_directory_is_made_private_and_sweeps_dead_corrals(short_tmp):
-    from corral import sockdir
+    from corral.supervision import sockdir
 
     base = short_tmp / "corral"
     gone = subprocess.Popen(["true"])
@@ -264,7 +264,7 @@ def test_socket_directory_is_made_private_and_sweeps_dead_corrals(short_tmp):
 
 
 def test_a_socket_directory_others_may_write_to_is_refused(tmp_path):
-    from corral import sockdir
+    from corral.supervision import sockdir
 
     base = tmp_path / "shared"
     base.mkdir()
@@ -274,7 +274,7 @@ def test_a_socket_directory_others_may_write_to_is_refused(tmp_path):
 
 
 def test_a_socket_path_too_long_for_sockaddr_un_is_an_error(tmp_path):
-    from corral import sockdir
+    from corral.supervision import sockdir
 
     base = tmp_path / ("x" * 90)
     d = sockdir.SocketDir(str(base))

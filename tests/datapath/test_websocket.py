@@ -15,12 +15,12 @@ import sys
 
 import psutil
 import pytest
-from conftest import HERE, get, read_response, request
+from conftest import SUPPORT, get, read_response, request
 
 websockets = pytest.importorskip("websockets")
 from websockets.asyncio.client import connect  # noqa: E402
 
-WS = str(HERE / "ws_echo_worker.py")
+WS = str(SUPPORT / "ws_echo_worker.py")
 
 
 def ws_args(*extra: str) -> list[str]:

@@ -6,8 +6,8 @@ import pytest
 
 from corral import edge
 from corral.config import ServerConfig
+from corral.datapath.client import Edge
 from corral.edge import EdgeError, EdgeLimits, RequestReader, ResponseReader, UpstreamError
-from corral.proxy import Edge
 
 # Every status RequestReader may raise; the proxy adds 408 from its timers.
 READER_STATUSES = {400, 413, 414, 417, 431, 501, 505}

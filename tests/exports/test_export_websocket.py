@@ -21,13 +21,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import HERE, CorralProc, free_ports
+from conftest import SUPPORT, CorralProc, free_ports
 
 websockets = pytest.importorskip("websockets", reason="the websockets package (test extras) is not installed")
 from websockets.exceptions import ConnectionClosedOK  # noqa: E402
 from websockets.sync.client import ClientConnection, connect  # noqa: E402
 
-ECHO = str(HERE / "ws_echo_worker.py")
+ECHO = str(SUPPORT / "ws_echo_worker.py")
 HAVE_NGINX = shutil.which("nginx") is not None
 HAVE_HAPROXY = shutil.which("haproxy") is not None
 CLIENTS = [f"127.0.0.{i}" for i in range(2, 14)]  # Linux answers on all of 127/8

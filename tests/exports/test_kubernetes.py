@@ -24,7 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kubernetes_validate.utils import all_versions
 
-from corral import kube
+from corral.exports import kubernetes as kube
 
 # The Kubernetes minor versions in support when this was written (each is supported about 14 months);
 # kubernetes-validate ships their schemas, so nothing is fetched.

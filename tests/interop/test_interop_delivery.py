@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import HERE, poll, read_response
-from soak_worker import pattern, pattern_pieces
+from conftest import SUPPORT, poll, read_response
+from support.soak_worker import pattern, pattern_pieces
 
-SOAK = str(HERE / "soak_worker.py")
-APPS = HERE / "apps"
+SOAK = str(SUPPORT / "soak_worker.py")
+APPS = SUPPORT / "apps"
 
 
 def soak_args(*extra: str, worker: tuple[str, ...] = ()) -> list[str]:
@@ -46,7 +46,7 @@ def lines_by_id(path: Path, prefix: str, count: int) -> dict[str, dict]:
 
 
 def status_doc(port: int) -> dict:
-    from corral.control import AdminClient, locate
+    from corral.cli.verbs import AdminClient, locate
 
     return AdminClient(locate(port, None)).ok("GET", "/status")
 

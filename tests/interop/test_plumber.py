@@ -15,7 +15,7 @@ import pytest
 from conftest import (
     EXAMPLE_R,
     HAVE_R,
-    HERE,
+    SUPPORT,
     free_ports,
     get,
     plumber_transport,
@@ -86,7 +86,7 @@ def test_plumber_worker_killed_mid_request_is_restarted(plumber):
 
 
 def test_directory_app_with_entrypoint_runs_in_its_own_directory(corral):
-    c = corral([str(HERE / "apps" / "entry")], workers=1)
+    c = corral([str(SUPPORT / "apps" / "entry")], workers=1)
     assert get(c.port, "/ping").json() == ["pong"]
     assert get(c.port, "/cwd").json() == {"cwd": ["entry"]}
 
@@ -103,7 +103,7 @@ def test_app_that_cannot_start_exits_nonzero_showing_the_r_error():
             str(port),
             "-w",
             "2",
-            str(HERE / "apps" / "broken" / "plumber.R"),
+            str(SUPPORT / "apps" / "broken" / "plumber.R"),
         ],
         capture_output=True,
         text=True,

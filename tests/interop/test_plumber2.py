@@ -13,12 +13,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import HAVE_R, HERE, corral_cli, get
+from conftest import HAVE_R, SUPPORT, corral_cli, get
 
 from corral.config import AppConfig, resolve_plumber
-from corral.launch import LaunchError, r_engine, worker_argv, worker_env
+from corral.supervision.launch import LaunchError, r_engine, worker_argv, worker_env
 
-STANDIN = HERE / "apps" / "plumber2_standin"
+STANDIN = SUPPORT / "apps" / "plumber2_standin"
 
 ROUTES = """
 #* @get /hello

@@ -25,11 +25,11 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import HAVE_R, ROOT, corral_cli, poll
+from conftest import HAVE_R, ROOT, SUPPORT, corral_cli, poll
 
 from corral import config as C
-from corral.cli import build_config
-from corral.launch import worker_argv
+from corral.cli.main import build_config
+from corral.supervision.launch import worker_argv
 
 EXAMPLE_SHINY = str(ROOT / "examples" / "shiny")
 APP_R = "library(shiny)\nshinyApp(fluidPage('hi'), function(input, output) {})\n"
@@ -131,7 +131,7 @@ CONNECTED = (
 @pytest.fixture(scope="module")
 def browser() -> Iterator:
     pytest.importorskip("websockets", reason="the websockets package (test extras) is not installed")
-    from cdp import Browser
+    from support.cdp import Browser
 
     b = Browser()
     yield b
@@ -248,7 +248,7 @@ def test_rolling_reload_with_a_session_open_fails_no_page_load(shiny, browser):
 
 
 # --- issue 20: a session's downloads and uploads find its process, through reloads and across tabs --------
-FILES_APP = str(ROOT / "tests" / "apps" / "shiny_files")
+FILES_APP = str(SUPPORT / "apps" / "shiny_files")
 WHO = "(document.getElementById('who').textContent.match(/^pid \\d+, worker \\d+$/) || [''])[0]"
 FILES_CONNECTED = f"window.Shiny && Shiny.shinyapp && Shiny.shinyapp.isConnected() && {WHO}"
 SESSION_ID = "Shiny.shinyapp.config && Shiny.shinyapp.config.sessionId"

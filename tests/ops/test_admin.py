@@ -14,7 +14,7 @@ import sys
 from conftest import corral_cli, free_ports, get, request, stub_args
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral.control import AdminClient, locate
+from corral.cli.verbs import AdminClient, locate
 from corral.net import host_names, host_refusal
 
 
@@ -303,8 +303,8 @@ def test_a_bad_admin_address_is_one_line_not_a_traceback():
 
 def test_the_cli_verbs_do_not_import_the_server_stack():
     code = (
-        "import corral.control, sys; "
-        "assert 'corral.supervisor' not in sys.modules and 'corral.admin' not in sys.modules "
+        "import corral.cli.verbs, sys; "
+        "assert 'corral.supervision.supervisor' not in sys.modules and 'corral.ops.admin' not in sys.modules "
         "and 'prometheus_client' not in sys.modules"
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)

@@ -14,7 +14,7 @@ import time
 
 from conftest import STUB, child_env, free_ports, get, poll, read_response, request
 
-from corral.control import AdminClient
+from corral.cli.verbs import AdminClient
 
 FD_LIMIT = 256  # corral's whole open-file limit (soft and hard: corral raises soft to hard at start)
 CLIENTS = 400  # admin connections the test opens: far past what 256 descriptors hold

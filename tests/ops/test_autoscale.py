@@ -10,11 +10,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from corral import config, snapshot
-from corral.autoscale import Autoscaler, Observation, Policy, decide, observation
+from corral import config
 from corral.config import AppConfig
-from corral.costs import RouteCosts
-from corral.worker import State, Worker
+from corral.datapath.costs import RouteCosts
+from corral.datapath.worker import State, Worker
+from corral.ops import snapshot
+from corral.ops.autoscale import Autoscaler, Observation, Policy, decide, observation
 
 POLICY = Policy(min_workers=2, max_workers=6, scale_up_wait=1.0, idle_timeout=10.0)
 

@@ -7,12 +7,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from pathlib import Path
 
 import pytest
-from conftest import free_ports, get, stub_args
+from conftest import ROOT, free_ports, get, stub_args
 
-from corral.control import AdminClient
+from corral.cli.verbs import AdminClient
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 ROW = re.compile(r'<tr class="worker" data-index="(\d+)" data-pid="(\d+)" data-state="([a-z]+)"')
@@ -117,6 +116,6 @@ def test_series_feeds_the_charts(corral):
 
 
 def test_dashboard_page_is_self_contained():
-    page = (Path(__file__).parent.parent / "src" / "corral" / "dashboard.html").read_text()
+    page = (ROOT / "src" / "corral" / "ops" / "dashboard.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN, works offline
     assert "fetch(" in page and "/status" in page and "/series" in page

@@ -8,14 +8,14 @@ import sys
 import time
 
 import pytest
-from conftest import HERE, corral_cli, free_ports, stub_args
+from conftest import SUPPORT, corral_cli, free_ports, stub_args
 
-from corral.control import AdminClient
+from corral.cli.verbs import AdminClient
 
 pytest.importorskip("websockets", reason="the websockets package (test extras) is not installed")
 from websockets.sync.client import connect
 
-ECHO = str(HERE / "ws_echo_worker.py")
+ECHO = str(SUPPORT / "ws_echo_worker.py")
 
 
 def _metric(text: str, name: str, app: str) -> float:

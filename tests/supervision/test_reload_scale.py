@@ -12,8 +12,8 @@ import time
 import pytest
 from conftest import HAVE_R, STUB, corral_cli, get, read_response, stub_args
 
-from corral.autoscale import Memory, Observation, Policy, decide
-from corral.control import AdminClient, ControlError, locate
+from corral.cli.verbs import AdminClient, ControlError, locate
+from corral.ops.autoscale import Memory, Observation, Policy, decide
 
 
 class Load:

@@ -12,7 +12,7 @@ from datetime import datetime
 from conftest import free_ports, get, poll, stub_args
 from prometheus_client.parser import text_string_to_metric_families
 
-from corral.control import AdminClient, locate
+from corral.cli.verbs import AdminClient, locate
 
 # /health passes once (the readiness probe) and fails from then on: every worker is killed for failed probes.
 SICKENS = """

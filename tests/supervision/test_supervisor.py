@@ -13,11 +13,11 @@ import signal
 
 import pytest
 
-from corral import supervisor as supmod
 from corral.config import AppConfig, Config
-from corral.scheduler import Scheduler
-from corral.supervisor import Supervisor
-from corral.worker import State, Worker
+from corral.datapath.scheduler import Scheduler
+from corral.datapath.worker import State, Worker
+from corral.supervision import supervisor as supmod
+from corral.supervision.supervisor import Supervisor
 
 
 class FakePool:

@@ -11,7 +11,7 @@ import pytest
 from conftest import HAVE_R, corral_cli, get, read_response
 
 from corral.config import AppConfig, ServerConfig
-from corral.watch import watch_plan
+from corral.supervision.watch import watch_plan
 
 needs_r = pytest.mark.skipif(not HAVE_R, reason="R is not installed (scripts/setup installs it)")
 

@@ -15,7 +15,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from soak_worker import pattern
+from support.soak_worker import pattern
 
 HANG = 30.0  # a socket that neither answers nor closes for this long: recorded as a hang
 CONTINUE_WAIT = 2.0  # how long a client with Expect: 100-continue waits before sending anyway (curl: 1 s)

@@ -9,10 +9,10 @@ from typing import Any
 
 import click
 
-from . import config as C
-from . import control
-from .config import AppConfig, Config, ConfigError, ServerConfig
-from .launch import preflight, transport
+from .. import config as C
+from ..config import AppConfig, Config, ConfigError, ServerConfig
+from ..supervision.launch import preflight, transport
+from . import verbs as control
 
 ENV_PREFIX = "CORRAL_"  # every option of run/check/export can also come from CORRAL_<OPTION> (containers)
 
@@ -337,7 +337,7 @@ def _default_name(app: AppConfig) -> str:
 def serve(cfg: Config, balance: bool = True) -> int:
     import uvloop
 
-    from .server import Corral, StartupError
+    from ..server import Corral, StartupError
 
     problems = launch_problems(cfg)
     for problem in problems:
@@ -497,7 +497,7 @@ def export(
             sys.exit(2)
         _export_kubernetes(config_path, image, hpa, name, replicas, max_replicas)
         return
-    from . import export as X
+    from ..exports import common as X
 
     cfg = _checked_or_exit(app_or_command, config_path, upstreams, name, knobs)
     if kind == "systemd":
@@ -513,7 +513,7 @@ def _export_kubernetes(
 ) -> None:
     """The config is checked as `corral check` does, except for R and commands on this machine: they
     run in the image, not here."""
-    from . import kube
+    from ..exports import kubernetes as kube
 
     try:
         cfg = C.load_toml(config_path, strict=False)

@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from .net import TOKEN_ENV, AddressError, is_loopback, parse_address, socket_dirs
+from ..net import TOKEN_ENV, AddressError, is_loopback, parse_address, socket_dirs
 
 DEFAULT_PORT = 8000
 STATE_STYLE = {
@@ -467,7 +467,7 @@ def _entries(client: AdminClient, path: str) -> list[dict[str, Any]]:
 
 
 def _show(entries: list[dict[str, Any]], as_json: bool, colour: bool) -> None:
-    from .logring import render
+    from ..logring import render
 
     for e in entries:
         click.echo(json.dumps(e) if as_json else render(e, colour))
@@ -499,7 +499,7 @@ def logs(
     The running corral keeps the last log_buffer lines (default 2000) in memory; the access log is
     not among them (it has --access-log).
     """
-    from .logring import matches
+    from ..logring import matches
 
     colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
     try:

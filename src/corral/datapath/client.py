@@ -16,7 +16,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from . import edge
+from .. import edge
+from ..net import bind_tcp
 from .exchange import (
     CUT_CLIENT,
     CUT_SEND_TIMEOUT,
@@ -27,14 +28,13 @@ from .exchange import (
     Exchange,
     Refusal,
 )
-from .net import bind_tcp
 
 # struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _TCP_ESTABLISHED = 1
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..config import ServerConfig
     from .pool import Pool
     from .tunnel import Tunnel
 

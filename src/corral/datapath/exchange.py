@@ -22,7 +22,8 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from . import edge, tracing
+from .. import edge
+from . import tracing
 from .buffers import READ_SIZE, RequestBody, Spill
 from .costs import SHORT
 from .scheduler import QUEUED, QueueFull

@@ -17,16 +17,17 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from . import edge, sticky
-from .config import effective_workers, sticky_mode
+from .. import edge
+from ..config import effective_workers, sticky_mode
+from ..logs import say
+from . import sticky
 from .costs import SHORT, RouteCosts, route_key
 from .exchange import CUTS, OUTCOMES, PAUSE_UPSTREAM
-from .logs import say
 from .scheduler import Scheduler
 from .worker import State, Worker
 
 if TYPE_CHECKING:
-    from .config import AppConfig
+    from ..config import AppConfig
     from .exchange import Exchange, Refusal
     from .tunnel import Tunnel
 

@@ -15,8 +15,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .config import (
+from .. import __version__
+from ..config import (
     AppConfig,
     Config,
     KiB,

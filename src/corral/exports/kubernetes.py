@@ -25,10 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .config import Config, MiB, autoscaled, effective_workers, first_port, parse_admin, parse_health, port_span
-from .export import STOP_MARGIN, stop_bound
-from .net import is_loopback
+from .. import __version__
+from ..config import Config, MiB, autoscaled, effective_workers, first_port, parse_admin, parse_health, port_span
+from ..net import is_loopback
+from .common import STOP_MARGIN, stop_bound
 
 APP_DIR = "/app"  # where the image keeps the API and corral.toml (deploy/Dockerfile)
 CONFIG_FILE = "corral.toml"

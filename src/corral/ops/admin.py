@@ -39,8 +39,9 @@ import httptools
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import __version__, logs, metrics, probes, snapshot
-from .net import (
+from .. import __version__, logs
+from ..datapath.worker import State
+from ..net import (
     TOKEN_ENV,
     AddressError,
     bind_tcp,
@@ -50,11 +51,11 @@ from .net import (
     is_loopback,
     parse_address,
 )
-from .supervisor import tree_rss
-from .worker import State
+from ..supervision.supervisor import tree_rss
+from . import metrics, probes, snapshot
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
     from .snapshot import AppSnap, WorkerSnap
 
 MAX_REQUEST = 64 * 1024  # an admin request is a line and a few headers
@@ -536,7 +537,7 @@ class AdminServer:
 
     def page(self) -> bytes:
         if self._page is None:
-            self._page = resources.files("corral").joinpath("dashboard.html").read_bytes()
+            self._page = resources.files("corral.ops").joinpath("dashboard.html").read_bytes()
         return self._page
 
     def _pick(self, app: str | None) -> tuple[list[str], tuple[int, bytes, str] | None]:

@@ -23,15 +23,15 @@ import time
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
+from ..logs import say
 from . import snapshot
-from .logs import say
 from .snapshot import ceiling
 
 if TYPE_CHECKING:
-    from .config import AppConfig
-    from .pool import Pool
+    from ..config import AppConfig
+    from ..datapath.pool import Pool
+    from ..supervision.supervisor import Supervisor
     from .snapshot import AppSnap
-    from .supervisor import Supervisor
 
 TICK = 0.1
 

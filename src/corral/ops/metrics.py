@@ -16,13 +16,13 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
-from .logs import AccessLog
-from .supervisor import tree_rss
-from .worker import State
+from ..datapath.worker import State
+from ..logs import AccessLog
+from ..supervision.supervisor import tree_rss
 
 if TYPE_CHECKING:
-    from .exchange import Exchange
-    from .pool import Pool
+    from ..datapath.exchange import Exchange
+    from ..datapath.pool import Pool
 
 # Upper bounds in seconds, shared by queue wait and service time: fine enough below 10 ms for a
 # fast plumber handler, long enough for the slow ones a queue exists for.

@@ -18,10 +18,11 @@ import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from . import net, snapshot
+from .. import net
+from . import snapshot
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 PATHS = ("/livez", "/readyz")
 MAX_HEAD = 8192  # a probe is a request line and a few headers

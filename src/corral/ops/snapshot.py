@@ -16,14 +16,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from . import config
-from .worker import State
+from .. import config
+from ..datapath.worker import State
 
 if TYPE_CHECKING:
-    from .config import AppConfig
-    from .pool import Pool
-    from .supervisor import Supervisor
-    from .worker import Worker
+    from ..config import AppConfig
+    from ..datapath.pool import Pool
+    from ..datapath.worker import Worker
+    from ..supervision.supervisor import Supervisor
 
 ROUTES = 50  # busiest learned routes kept (the learner tracks up to 512)
 

@@ -15,12 +15,12 @@ import errno
 import time
 from typing import TYPE_CHECKING
 
-from .logs import event
-from .worker import State, Worker
+from ..datapath.worker import State, Worker
+from ..logs import event
 
 if TYPE_CHECKING:
-    from .config import AppConfig
-    from .pool import Pool
+    from ..config import AppConfig
+    from ..datapath.pool import Pool
 
 
 REFUSED = "connection refused"  # nothing listens there: certain, unlike a timeout
@@ -165,7 +165,7 @@ class HealthChecker:
 
 
 def external_workers(app: AppConfig) -> list[Worker]:
-    from .config import parse_upstream
+    from ..config import parse_upstream
 
     out = []
     index = 0

@@ -7,9 +7,8 @@ import re
 import shutil
 from pathlib import Path
 
-from . import envfile
-from .config import SERVER_YML, AppConfig, resolve_plumber, resolve_shiny
-from .net import is_loopback
+from ..config import SERVER_YML, AppConfig, envfile, resolve_plumber, resolve_shiny
+from ..net import is_loopback
 
 
 class LaunchError(Exception):

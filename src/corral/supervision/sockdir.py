@@ -17,7 +17,7 @@ import shutil
 import stat
 import tempfile
 
-from .net import socket_dirs
+from ..net import socket_dirs
 
 SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
 _OURS = re.compile(r"workers-(\d+)-\w+")

@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from ..config import AppConfig, Config, connect_host, effective_workers, parse_crash_limit, worker_ports
+from ..datapath.worker import State, Worker
+from ..logs import event, say, warn
 from . import health, launch, sockdir
-from .config import AppConfig, Config, connect_host, effective_workers, parse_crash_limit, worker_ports
-from .logs import WorkerOutput, event, say, warn
-from .worker import State, Worker
+from .output import WorkerOutput
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from ..datapath.pool import Pool
 
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
 CRASH_LINES = 10  # last output lines kept with a crash loop

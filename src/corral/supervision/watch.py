@@ -21,8 +21,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .config import AppConfig, ServerConfig, resolve_plumber, resolve_shiny
-from .logs import say, warn
+from ..config import AppConfig, ServerConfig, resolve_plumber, resolve_shiny
+from ..logs import say, warn
 
 DEBOUNCE_MS = 1600  # a batch of changes is cut after this long at most...
 STEP_MS = 100  # ...or once no new change has come for this long

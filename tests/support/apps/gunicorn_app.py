@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from urllib.parse import parse_qs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # tests/, for soak_worker.pattern
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for support.soak_worker.pattern
 
-from soak_worker import pattern
+from support.soak_worker import pattern
 
 
 def app(environ, start_response):

@@ -1,0 +1,1 @@
+"""The data path: client connections, exchanges, dispatch to workers, the queue, tunnels."""

@@ -1,0 +1,1 @@
+"""Configuration for the engines users already run: nginx, HAProxy, systemd, Kubernetes."""

@@ -1,0 +1,1 @@
+"""What operators see and drive: the admin channel, status, metrics, probes, systemd, autoscaling."""
