@@ -1,6 +1,7 @@
-"""Admin channel addresses and the Host rule, shared by the server (admin.py) and the CLI verbs (control.py).
+"""Addresses: ports, IP and loopback tests, the admin channel's address and its Host rule, and binding.
 
-No corral imports: `corral status` loads this, not the server stack.
+Written once here for the configuration, the server (ops/admin.py) and the CLI verbs (cli/verbs.py). No corral
+imports: `corral status` loads this, not the server stack.
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ import os
 import socket
 from collections.abc import Iterable
 
+PORT_MAX = 65535
 TOKEN_ENV = "CORRAL_ADMIN_TOKEN"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]")
 
 
 class AddressError(ValueError):
-    """An admin address that cannot be parsed; the message is one line for the operator."""
+    """An admin address that cannot be parsed; the message is one line for the operator, without the key's
+    name (the caller knows whether it was `server.admin` or `--admin`)."""
 
 
 def socket_dirs() -> list[str]:
@@ -34,25 +37,41 @@ def default_socket(port: int) -> str:
 
 def parse_address(spec: str) -> tuple[str, str, int]:
     """`unix:/path` -> ("unix", path, 0); `HOST:PORT` / `[v6]:PORT` -> ("tcp", host, port)."""
-    if spec.startswith("unix:"):
-        path = spec[5:]
-        if not path:
-            raise AddressError(f"admin address {spec!r}: give a path after unix:")
-        return "unix", path, 0
+    if spec.startswith("unix:") and len(spec) > len("unix:"):
+        return "unix", spec[len("unix:") :], 0
     host, sep, port_s = spec.rpartition(":")
     host = host.strip("[]")
-    if not sep or not host or not port_s.isascii() or not port_s.isdigit() or not 0 < int(port_s) < 65536:
-        raise AddressError(f"admin address {spec!r} must be HOST:PORT or unix:/path")
+    if spec.startswith("unix:") or not sep or not host or not valid_port(port_s):
+        raise AddressError(f"must be HOST:PORT with a port in 1..{PORT_MAX}, or unix:/path (got {spec!r})")
     return "tcp", host, int(port_s)
 
 
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
+def valid_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and 0 < int(text) <= PORT_MAX
+
+
+def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]"))
     except ValueError:
-        return False
+        return None
+
+
+def is_ip(host: str) -> bool:
+    """An IP address literal (IPv6 with or without brackets), not a name."""
+    return _ip(host) is not None
+
+
+def is_loopback(host: str) -> bool:
+    """Only this host can connect: localhost, 127.0.0.0/8, ::1 (bracketed or not)."""
+    addr = _ip(host)
+    return host == "localhost" or (addr is not None and addr.is_loopback)
+
+
+def reaches_loopback(host: str) -> bool:
+    """A listener bound here also takes loopback connections: a loopback address, or every address."""
+    addr = _ip(host)
+    return is_loopback(host) or (addr is not None and addr.is_unspecified)
 
 
 # --- the Host rule -------------------------------------------------------------------------------

@@ -334,7 +334,7 @@ class Corral:
                         os.killpg(w.proc.pid, signal.SIGKILL)
         if self.admin is not None:
             with contextlib.suppress(Exception):
-                self.admin._unlink()  # `corral ls` must not list a corral that is gone
+                self.admin.unlink_socket()  # `corral ls` must not list a corral that is gone
         sockdir.remove()  # os._exit skips atexit
         say("corral: second Ctrl-C: stopped at once (requests in flight were cut, workers killed)")
         os._exit(130)

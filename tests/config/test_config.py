@@ -287,7 +287,7 @@ def test_every_run_option_is_a_toml_key_of_the_same_name(tmp_path):
             if default is None or f.name in ("name", "command", "plumber", "upstreams"):
                 continue
             raw = {f.name: default}
-            built = C._build(cls, raw, table, problems := [])
+            built = C.build_section(cls, raw, table, problems := [])
             assert problems == [] and getattr(built, f.name) == default, (f.name, problems)
 
 

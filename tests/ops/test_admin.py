@@ -298,7 +298,8 @@ def test_scale_above_the_worker_ceiling_is_refused_and_changes_nothing(corral):
 # --- the CLI verbs ---------------------------------------------------------------------------------
 def test_a_bad_admin_address_is_one_line_not_a_traceback():
     r = cli("status", "--admin", "garbage")
-    assert r.returncode == 2 and r.stderr.strip() == "corral: admin address 'garbage' must be HOST:PORT or unix:/path"
+    want = "corral: admin address: must be HOST:PORT with a port in 1..65535, or unix:/path (got 'garbage')"
+    assert r.returncode == 2 and r.stderr.strip() == want
 
 
 def test_the_cli_verbs_do_not_import_the_server_stack():

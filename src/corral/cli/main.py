@@ -89,7 +89,7 @@ def _default_text(f: Any) -> str:
     if d is None or d == "" or d is dataclasses.MISSING or isinstance(d, bool):
         return ""
     if isinstance(d, (int, float)):
-        d = C._human(d, f.metadata["unit"]) if f.metadata["unit"] in ("s", "bytes") else C._num(d)
+        d = C.unit_text(d, f.metadata["unit"]) if f.metadata["unit"] in ("s", "bytes") else C.plain_number(d)
     return f" [default: {d}]"
 
 
@@ -254,7 +254,7 @@ def build_config(
     given = {k: v for k, v in knobs.items() if v is not None}
     # Options that are not numbers at all: reported first, in the same one-line style, with the rest.
     bad = [
-        f"{v.where or 'command line: ' + C.option_name(k)}: must be {C._type_word(v.want)} (got {v.raw!r})"
+        f"{v.where or 'command line: ' + C.option_name(k)}: must be {C.type_word(v.want)} (got {v.raw!r})"
         for k, v in given.items()
         if isinstance(v, Invalid)
     ]
@@ -445,7 +445,7 @@ def _run_argv(
         if isinstance(value, bool):
             out.append(param.opts[0] if value else param.secondary_opts[0])
         elif isinstance(value, (int, float)):
-            out += [param.opts[0], C._num(value)]
+            out += [param.opts[0], C.plain_number(value)]
         else:
             out += [param.opts[0], str(Path(value).resolve()) if Path(value).exists() else value]
     if len(args) == 1 and _looks_like_app(args[0]):

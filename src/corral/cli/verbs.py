@@ -97,7 +97,7 @@ def _parse(address: str) -> tuple[str, str, int]:
     try:
         return parse_address(address)
     except AddressError as exc:
-        raise ControlError(str(exc), exit_code=2) from None
+        raise ControlError(f"admin address: {exc}", exit_code=2) from None
 
 
 def _why(exc: BaseException) -> str:

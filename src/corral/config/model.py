@@ -22,8 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..net import PORT_MAX, is_ip, parse_address, reaches_loopback, valid_port
+
 # Bounds shared by several knobs.
-PORT_MAX = 65535
 WORKERS_MAX = 4096  # workers per app: far beyond what one machine runs, small enough to plan ports and fds for
 DAY = 86400
 MONTH = 30 * DAY
@@ -519,7 +520,7 @@ def load_toml(path: str | Path, strict: bool = True) -> Config:
     for key in data:
         if key not in ("server", "app"):
             problems.append(f"{where}: {key}: {_misplaced(key, None) or _unknown('section', key, ['server', 'app'])}")
-    server = _build(ServerConfig, data.get("server", {}), f"{where}: server", problems)
+    server = build_section(ServerConfig, data.get("server", {}), f"{where}: server", problems)
     apps_raw = data.get("app", [])
     if isinstance(apps_raw, dict):
         apps_raw = [apps_raw]  # a lone [app] table: read it as the one [[app]]
@@ -530,7 +531,7 @@ def load_toml(path: str | Path, strict: bool = True) -> Config:
     for i, raw in enumerate(apps_raw):
         name = raw.get("name") if isinstance(raw, dict) else None
         label = name if isinstance(name, str) else f"#{i + 1}"
-        apps.append(_build(AppConfig, raw, f"{where}: app '{label}'", problems))
+        apps.append(build_section(AppConfig, raw, f"{where}: app '{label}'", problems))
     cfg = Config(server=server, apps=apps, source=where)
     base = path.resolve().parent
     for app in cfg.apps:
@@ -549,7 +550,7 @@ def load_toml(path: str | Path, strict: bool = True) -> Config:
     return cfg
 
 
-def _build(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
+def build_section(cls: type, raw: Any, where: str, problems: list[str]) -> Any:
     obj = cls()
     if not isinstance(raw, dict):
         problems.append(f"{where}: must be a table")
@@ -593,7 +594,7 @@ def _coerce_check(cls: type, key: str, value: Any) -> str | None:
     if want is int and isinstance(value, bool):
         return f"must be an integer (got {value!r})"
     if not isinstance(value, want):
-        return f"must be {_type_word(want)} (got {value!r})"
+        return f"must be {type_word(want)} (got {value!r})"
     if want is list and not all(isinstance(v, str) for v in value):
         return f"must be a list of strings (got {value!r})"
     if want is dict:
@@ -603,7 +604,7 @@ def _coerce_check(cls: type, key: str, value: Any) -> str | None:
     return None
 
 
-def _type_word(t: type) -> str:
+def type_word(t: type) -> str:
     return {
         int: "an integer",
         float: "a number",
@@ -646,11 +647,11 @@ def validate(cfg: Config) -> list[str]:
 def _validate(cfg: Config, problems: list[str]) -> None:
     where = cfg.source
     _check_ranges(cfg.server, f"{where}: server", problems)
-    if cfg.server.host != "localhost" and not _is_ip(cfg.server.host):
+    if cfg.server.host != "localhost" and not is_ip(cfg.server.host):
         problems.append(f"{where}: server: host: must be an IP address such as 0.0.0.0 (got {cfg.server.host!r})")
     if cfg.server.admin is not None:
         try:
-            kind, _, admin_port = parse_admin(cfg.server.admin)
+            kind, _, admin_port = parse_address(cfg.server.admin)
         except ValueError as exc:
             problems.append(f"{where}: server: admin: {exc}")
         else:
@@ -703,7 +704,7 @@ def _check_health(cfg: Config, problems: list[str]) -> None:
                     f"{label}: health_listen: port {port} is the public port; the health listener needs its own port"
                 )
             with contextlib.suppress(ValueError):
-                if server.admin is not None and parse_admin(server.admin)[::2] == ("tcp", port):
+                if server.admin is not None and parse_address(server.admin)[::2] == ("tcp", port):
                     problems.append(f"{label}: health_listen: port {port} is also the admin channel's")
     if not _in_range(server, "ready_min"):
         return
@@ -764,9 +765,9 @@ def range_problem(f: dataclasses.Field[Any], value: Any) -> str | None:
         return f"must be a finite number (got {value!r})"
     lo, hi = f.metadata["minimum"], f.metadata["maximum"]
     if lo is not None and value < lo:
-        return f"must be >= {_num(lo)} (got {value!r})"
+        return f"must be >= {plain_number(lo)} (got {value!r})"
     if hi is not None and value > hi:
-        return f"must be <= {_num(hi)} (got {value!r})"
+        return f"must be <= {plain_number(hi)} (got {value!r})"
     return None
 
 
@@ -775,8 +776,8 @@ def _in_range(obj: Any, *names: str) -> bool:
     return all(range_problem(fs[n], getattr(obj, n)) is None for n in names)
 
 
-def _num(x: float) -> str:
-    """A bound as written in a message: 65535, 0.05, 2592000 (never 2.592e+06)."""
+def plain_number(x: float) -> str:
+    """A number as written in a message, a flag or a generated file: 65535, 0.05, 2592000 (never 2.592e+06)."""
     return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
@@ -800,7 +801,7 @@ def _check_source(app: AppConfig, label: str, problems: list[str]) -> None:
         problems.append(
             f"{label}: shiny: {app.shiny!r} is not a directory with app.R calling shinyApp(), or ui.R + server.R"
         )
-    if not _is_ip(app.worker_host):
+    if not is_ip(app.worker_host):
         problems.append(f"{label}: worker_host: must be an IP address such as 0.0.0.0 (got {app.worker_host!r})")
     if app.engine != "auto" and (app.shiny or app.command):
         problems.append(f"{label}: engine: applies to plumber apps only (this one is a {sources[0]})")
@@ -850,7 +851,7 @@ def _check_ports(cfg: Config, problems: list[str]) -> None:
     owner: dict[int, str] = {cfg.server.port: "the public listener"} if public_ok else {}
     with contextlib.suppress(ValueError):
         if cfg.server.admin is not None:
-            kind, _, admin_port = parse_admin(cfg.server.admin)
+            kind, _, admin_port = parse_address(cfg.server.admin)
             if kind == "tcp":
                 owner.setdefault(admin_port, "the admin channel")
     with contextlib.suppress(ValueError):
@@ -893,7 +894,7 @@ def _check_ports(cfg: Config, problems: list[str]) -> None:
         for spec in app.upstreams:
             with contextlib.suppress(ValueError):
                 for host, port in parse_upstream(spec):
-                    if _is_local(host) and port in owner:
+                    if reaches_loopback(host) and port in owner:
                         problems.append(
                             f"{cfg.source}: app '{app.name}': upstreams: {host}:{port} is {owner[port]} of this corral"
                         )
@@ -902,24 +903,6 @@ def _check_ports(cfg: Config, problems: list[str]) -> None:
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 _ROUTE = re.compile(r"/[A-Za-z0-9._~!$&'()*+,;=:@/-]*")
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
-def _is_local(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return addr.is_loopback or addr.is_unspecified
 
 
 # --- derived values ---------------------------------------------------------------------------
@@ -1047,24 +1030,11 @@ def parse_upstream(spec: str) -> list[tuple[str, int]]:
     return [(host.strip("[]"), p) for p in range(lo, hi + 1)]
 
 
-def parse_admin(spec: str) -> tuple[str, str, int]:
-    """`unix:/path` -> ("unix", path, 0); `HOST:PORT` / `[v6]:PORT` -> ("tcp", host, port).
-    Raises ValueError naming the accepted forms."""
-    if spec.startswith("unix:") and len(spec) > len("unix:"):
-        return "unix", spec[len("unix:") :], 0
-    host, sep, port_s = spec.rpartition(":")
-    host = host.strip("[]")
-    if spec.startswith("unix:") or not sep or not host or not port_s.isdigit() or not 0 < int(port_s) <= PORT_MAX:
-        raise ValueError(f"must be HOST:PORT with a port in 1..{PORT_MAX}, or unix:/path (got {spec!r})")
-    return "tcp", host, int(port_s)
-
-
 def parse_health(spec: str) -> tuple[str, int]:
     """`HOST:PORT` / `[v6]:PORT` of the health listener -> (host, port). Raises ValueError naming the form."""
     host, sep, port_s = spec.rpartition(":")
     host = host.strip("[]")
-    ok = sep and (host == "localhost" or _is_ip(host)) and port_s.isascii() and port_s.isdigit()
-    if not ok or not 0 < int(port_s) <= PORT_MAX:
+    if not (sep and (host == "localhost" or is_ip(host)) and valid_port(port_s)):
         raise ValueError(f"must be HOST:PORT with an IP address and a port in 1..{PORT_MAX}, e.g. 0.0.0.0:9000 "
                          f"(got {spec!r})")
     return host, int(port_s)
@@ -1147,23 +1117,23 @@ def range_text(f: dataclasses.Field[Any]) -> str:
     lo, hi = f.metadata["minimum"], f.metadata["maximum"]
     if lo is None and hi is None:
         return ""
-    return f"{_human(lo, f.metadata['unit'])} .. {_human(hi, f.metadata['unit'])}"
+    return f"{unit_text(lo, f.metadata['unit'])} .. {unit_text(hi, f.metadata['unit'])}"
 
 
-def _human(x: float | None, unit: str) -> str:
+def unit_text(x: float | None, unit: str) -> str:
     if x is None:
         return "-"
     if unit == "s":
         for size, name in ((DAY, "d"), (3600, "h")):
             if x >= size and x % size == 0:
-                return f"{_num(x / size)} {name}"
-        return f"{_num(x)} s"
+                return f"{plain_number(x / size)} {name}"
+        return f"{plain_number(x)} s"
     if unit == "bytes":
         for size, name in ((GiB, "GiB"), (MiB, "MiB"), (KiB, "KiB")):
             if x >= size and x % size == 0:
-                return f"{_num(x / size)} {name}"
-        return _num(x)
-    return _num(x)
+                return f"{plain_number(x / size)} {name}"
+        return plain_number(x)
+    return plain_number(x)
 
 
 REFERENCE_BEGIN = "<!-- reference: generated by `python -m corral.config --update docs/configuration.md` -->"

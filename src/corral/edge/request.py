@@ -973,6 +973,26 @@ def _status_line(status: int) -> bytes:
     return line
 
 
+def answer(
+    status: int,
+    body: bytes,
+    ctype: bytes = b"text/plain; charset=utf-8",
+    connection: bytes | None = b"close",
+    headers: bytes = b"",
+    head_only: bool = False,
+) -> bytes:
+    """A whole response corral writes itself (an error page, a probe, an admin answer): one builder, so
+    every one has the same status line, Content-Length and Connection. `headers`: more header lines, each
+    ending CRLF. `head_only`: the answer to a HEAD request, its Content-Length and no body (a body would be
+    read as the start of the next response)."""
+    parts = [b"HTTP/1.1 ", _status_line(status), b"content-type: ", ctype, b"\r\ncontent-length: "]
+    parts += [str(len(body)).encode(), b"\r\n", headers]
+    if connection is not None:
+        parts += [b"connection: ", connection, b"\r\n"]
+    parts += [b"\r\n", b"" if head_only else body]
+    return b"".join(parts)
+
+
 def error_response(
     status: int,
     message: str,
@@ -982,31 +1002,19 @@ def error_response(
     json: bool = False,
     head_only: bool = False,
 ) -> bytes:
-    """A short plain error page: no paths, versions or traces. `head_only`: the answer to a HEAD request, its
-    Content-Length and no body (a body would be read as the start of the next response)."""
+    """A short plain error page: no paths, versions or traces."""
     if json:
         body = _json.dumps({"error": message, "status": status}).encode() + b"\n"
         ctype = b"application/json"
     else:
         body = f"{status} {message}\n".encode()
         ctype = b"text/plain; charset=utf-8"
-    parts = [
-        b"HTTP/1.1 ",
-        _status_line(status),
-        b"content-type: ",
-        ctype,
-        b"\r\ncontent-length: ",
-        str(len(body)).encode(),
-        b"\r\n",
-    ]
+    headers = b""
     if retry_after is not None:
-        parts += [b"retry-after: ", str(retry_after).encode(), b"\r\n"]
+        headers += b"retry-after: %d\r\n" % retry_after
     if request_id:
-        parts += [b"x-request-id: ", request_id, b"\r\n"]
-    if connection is not None:
-        parts += [b"connection: ", connection, b"\r\n"]
-    parts += [b"\r\n", b"" if head_only else body]
-    return b"".join(parts)
+        headers += b"x-request-id: " + request_id + b"\r\n"
+    return answer(status, body, ctype, connection, headers, head_only)
 
 
 CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"

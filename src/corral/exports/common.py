@@ -23,6 +23,7 @@ from ..config import (
     connect_host,
     first_port,
     parse_upstream,
+    plain_number,
     port_span,
     reserved_fds,
     sticky_mode,
@@ -509,7 +510,8 @@ def systemd(
             "# corral tells systemd when every worker is ready (READY=1), around reloads and when it stops.",
             "Type=notify",
             "NotifyAccess=main",
-            f"# READY=1 comes once every worker answers: each has startup_timeout ({_num(_startup(cfg))} s), twice",
+            f"# READY=1 comes once every worker answers: each has startup_timeout "
+            f"({plain_number(_startup(cfg))} s), twice",
             f"# over if its first start fails, plus {START_MARGIN} s for corral itself.",
             f"TimeoutStartSec={math.ceil(2 * _startup(cfg)) + START_MARGIN}",
             "# corral sends WATCHDOG=1 from its event loop every WatchdogSec/2: a loop that hangs is restarted.",
@@ -525,7 +527,7 @@ def systemd(
             "RestartPreventExitStatus=2",
             "# corral serves on for shutdown_delay, drains in-flight requests (graceful_timeout), then stops its",
             "# workers (kill_timeout): at most shutdown_delay + max(graceful_timeout) + max(kill_timeout) + 1",
-            f"# = {_num(stop)} s, plus a {STOP_MARGIN} s margin.",
+            f"# = {plain_number(stop)} s, plus a {STOP_MARGIN} s margin.",
             "KillSignal=SIGTERM",
             "KillMode=mixed",
             f"TimeoutStopSec={math.ceil(stop) + STOP_MARGIN}",
@@ -596,10 +598,6 @@ def _nofile_lines(cfg: Config) -> list[str]:
         "# each client connection can need an upstream connection too, besides corral's own files",
         f"LimitNOFILE={max(65536, 2 * mc + reserved_fds(cfg))}",
     ]
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 EXPORTERS = {"nginx": nginx, "haproxy": haproxy}

@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import __version__
-from ..config import Config, MiB, autoscaled, effective_workers, first_port, parse_admin, parse_health, port_span
-from ..net import is_loopback
+from ..config import Config, MiB, autoscaled, effective_workers, first_port, parse_health, plain_number, port_span
+from ..net import is_loopback, parse_address
 from .common import STOP_MARGIN, stop_bound
 
 APP_DIR = "/app"  # where the image keeps the API and corral.toml (deploy/Dockerfile)
@@ -76,7 +76,7 @@ def scalar(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        return _num(value)
+        return plain_number(value)
     text = str(value)
     if _PLAIN.fullmatch(text) and text.lower() not in _RESERVED:
         return text
@@ -233,8 +233,8 @@ def health_port(cfg: Config) -> int:
     if cfg.server.health_listen is not None:
         return parse_health(cfg.server.health_listen)[1]
     used = {cfg.server.port}
-    if cfg.server.admin is not None and parse_admin(cfg.server.admin)[0] == "tcp":
-        used.add(parse_admin(cfg.server.admin)[2])
+    if cfg.server.admin is not None and parse_address(cfg.server.admin)[0] == "tcp":
+        used.add(parse_address(cfg.server.admin)[2])
     for app in cfg.apps:
         if not app.upstreams:
             base = first_port(cfg, app)
@@ -251,7 +251,7 @@ def run_args(cfg: Config, hport: int) -> list[str]:
     health = f"[{any_host}]:{hport}" if ":" in any_host else f"{any_host}:{hport}"
     args = ["run", "-c", f"{APP_DIR}/{CONFIG_FILE}", "--host", any_host, "--health-listen", health]
     if cfg.server.shutdown_delay == 0:
-        args += ["--shutdown-delay", _num(POD_SHUTDOWN_DELAY)]
+        args += ["--shutdown-delay", plain_number(POD_SHUTDOWN_DELAY)]
     return args
 
 
@@ -274,7 +274,7 @@ def prestop_command(cfg: Config) -> list[str]:
     spec = cfg.server.admin
     if spec is None:
         return [*cmd, "-p", str(cfg.server.port)]  # the default unix socket, found by the public port
-    kind, host, port = parse_admin(spec)
+    kind, host, port = parse_address(spec)
     if kind == "unix":
         return [*cmd, "--admin", spec]
     if not is_loopback(host):
@@ -372,8 +372,8 @@ def deployment(
     ]
     env: list[Any] = [{"name": "PYTHONUNBUFFERED", "value": "1"}]
     admin = cfg.server.admin
-    if admin is not None and parse_admin(admin)[0] == "tcp":
-        _, host, aport = parse_admin(admin)
+    if admin is not None and parse_address(admin)[0] == "tcp":
+        _, host, aport = parse_address(admin)
         if not is_loopback(host):
             ports.append({"name": "admin", "containerPort": aport, "protocol": "TCP"})
             if cfg.server.admin_token is None:
@@ -478,7 +478,8 @@ def pod_spec(
             "preStop": {
                 Note(
                     "`corral stop` over the admin channel begins the same stop as SIGTERM (/readyz 503, then\n"
-                    f"serving on for shutdown_delay = {_num(delay)} s, then the drain) and returns at once; the "
+                    f"serving on for shutdown_delay = {plain_number(delay)} s, then the drain) and returns at once; "
+                    "the "
                     "SIGTERM after it\nchanges nothing. An exec of corral itself: no shell, nothing the image "
                     "lacks, and the stop\nbegins even if a wrapper in front of corral were to swallow SIGTERM."
                 ): None,
@@ -501,7 +502,8 @@ def pod_spec(
     }
     return {
         Note(
-            f"shutdown_delay {_num(delay)} s + graceful_timeout {_num(drain)} s + kill_timeout {_num(kill)} s "
+            f"shutdown_delay {plain_number(delay)} s + graceful_timeout {plain_number(drain)} s + "
+            f"kill_timeout {plain_number(kill)} s "
             f"+ 1 s, and {STOP_MARGIN} s for the\npreStop hook and exit: corral always ends by itself before "
             "the kubelet's SIGKILL"
         ): None,
@@ -599,10 +601,6 @@ def autoscaler(cfg: Config, name: str, labels: dict[str, str], replicas: int, ma
             "signal; fixed workers per pod are simpler to reason about (docs/scaling-out.md)."
         )
     return document(obj, comments)
-
-
-def _num(x: float) -> str:
-    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def source_text(path: str) -> str:

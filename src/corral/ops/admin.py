@@ -39,7 +39,7 @@ import httptools
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .. import __version__, logs
+from .. import __version__, edge, logs
 from ..datapath.worker import State
 from ..net import (
     TOKEN_ENV,
@@ -422,7 +422,7 @@ class AdminServer:
         try:
             kind, host, port = parse_address(spec)
         except AddressError as exc:
-            raise AdminError(str(exc)) from None
+            raise AdminError(f"admin: {exc}") from None
         if kind == "unix":
             if server.admin is None:
                 _private_dir(os.path.dirname(host))
@@ -441,7 +441,7 @@ class AdminServer:
         hosts = None if token else host_names(host, port, server.admin_hosts)
         return cls(cfg, sock, f"{host}:{port}" if ":" not in host else f"[{host}]:{port}", None, token, hosts)
 
-    def _unlink(self) -> None:
+    def unlink_socket(self) -> None:
         if self.path is not None:
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
@@ -474,7 +474,7 @@ class AdminServer:
             self.server.close()
         for conn in list(self.connections):
             conn.close()
-        self._unlink()
+        self.unlink_socket()
 
     async def _sample(self) -> None:
         assert self.series is not None
@@ -613,19 +613,6 @@ def _cross_site(headers: dict[bytes, bytes]) -> bool:
     return origin.split(b"://", 1)[-1] != host
 
 
-REASONS = {
-    200: "OK",
-    202: "Accepted",
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    408: "Request Timeout",
-    421: "Misdirected Request",
-    503: "Service Unavailable",
-    431: "Request Header Fields Too Large",
-}
 SECURITY_HEADERS = (
     b"Cache-Control: no-store\r\nX-Content-Type-Options: nosniff\r\n"
     b"Content-Security-Policy: default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
@@ -634,11 +621,8 @@ SECURITY_HEADERS = (
 
 
 def response(status: int, body: bytes, ctype: str, keep_alive: bool, extra: bytes = b"") -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Type: {ctype}\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: {'keep-alive' if keep_alive else 'close'}\r\n"
-    ).encode()
-    return head + SECURITY_HEADERS + extra + b"\r\n" + body
+    connection = b"keep-alive" if keep_alive else b"close"
+    return edge.answer(status, body, ctype.encode(), connection, SECURITY_HEADERS + extra)
 
 
 class AdminConnection(asyncio.Protocol):

@@ -18,7 +18,7 @@ import socket
 import time
 from typing import TYPE_CHECKING, Protocol
 
-from .. import net
+from .. import edge, net
 from . import snapshot
 
 if TYPE_CHECKING:
@@ -28,7 +28,6 @@ PATHS = ("/livez", "/readyz")
 MAX_HEAD = 8192  # a probe is a request line and a few headers
 READ_TIMEOUT = 5.0  # a connection that has not sent its request head by then is closed
 MAX_CONNECTIONS = 128  # open probe connections; beyond, new ones are closed at once
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 503: "Service Unavailable"}
 
 
 class ProbeError(Exception):
@@ -62,11 +61,7 @@ def answer(path: str, corral: Watched) -> tuple[int, bytes]:
 
 
 def response(status: int, body: bytes, head_only: bool = False, extra: bytes = b"") -> bytes:
-    head = (
-        f"HTTP/1.1 {status} {REASONS.get(status, 'Status')}\r\nContent-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Length: {len(body)}\r\nCache-Control: no-store\r\nConnection: close\r\n"
-    ).encode()
-    return head + extra + b"\r\n" + (b"" if head_only else body)
+    return edge.answer(status, body, headers=b"cache-control: no-store\r\n" + extra, head_only=head_only)
 
 
 def route(line: bytes, corral: Watched) -> bytes:

@@ -27,6 +27,7 @@ import psutil
 from ..config import AppConfig, Config, connect_host, effective_workers, parse_crash_limit, worker_ports
 from ..datapath.worker import State, Worker
 from ..logs import event, say, warn
+from ..net import PORT_MAX
 from . import health, launch, sockdir
 from .output import WorkerOutput
 
@@ -40,7 +41,6 @@ TICK = 0.1
 # exit and the end of its pipes are separate events, and a child it left behind may hold the pipes open.
 OUTPUT_GRACE = 2.0
 MEMORY_EVERY = 2.0
-PORT_MAX = 65535
 _PR_SET_PDEATHSIG = 1
 
 
