@@ -429,13 +429,24 @@ def main() -> int:
     ap.add_argument("--duration", type=float, default=10.0)
     ap.add_argument("--warm", type=float, default=3.0)
     ap.add_argument("--only", default="T1,T2,T3")
-    ap.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
-                    help="all targets up at once, taking turns for ROUNDS rounds (use a short --duration)")
-    ap.add_argument("--bound", action="store_true",
-                    help="with --interleave, T1: also corral --max-inflight 16 and the workers loaded directly")
+    ap.add_argument(
+        "--interleave",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="all targets up at once, taking turns for ROUNDS rounds (use a short --duration)",
+    )
+    ap.add_argument(
+        "--bound",
+        action="store_true",
+        help="with --interleave, T1: also corral --max-inflight 16 and the workers loaded directly",
+    )
     ap.add_argument("--t4-duration", type=float, default=20.0, help="seconds of T4's schedule per measurement")
-    ap.add_argument("--sched", action="store_true",
-                    help="with --interleave: unix-normal (--worker-scheduling normal), peers over SCHED_OTHER workers")
+    ap.add_argument(
+        "--sched",
+        action="store_true",
+        help="with --interleave: unix-normal (--worker-scheduling normal), peers over SCHED_OTHER workers",
+    )
     ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (unix)")
     ap.add_argument("--builds", action="store_true",
                     help="also run the tree as pure Python (`tcp-py`, `unix-py`; CORRAL_PURE_PYTHON=1) next to its "
@@ -453,8 +464,12 @@ def main() -> int:
     print("\n" + table)
     OUT.mkdir(exist_ok=True)
     out = OUT / f"transport-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.write_text(json.dumps({"args": {**vars(args), "only": sorted(args.only)}, "loads": bench.loads,
-                               "results": bench.results}, indent=1))
+    out.write_text(
+        json.dumps(
+            {"args": {**vars(args), "only": sorted(args.only)}, "loads": bench.loads, "results": bench.results},
+            indent=1,
+        )
+    )
     print(f"\nraw: {out}")
     return 0
 

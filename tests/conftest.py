@@ -203,8 +203,14 @@ def corral_cli(
     *args: str, timeout: float = 60, cwd: Path | str | None = None, env: dict[str, str | None] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`python -m corral ARGS` to completion, output captured (for commands expected to end by themselves)."""
-    return subprocess.run([sys.executable, "-m", "corral", *args], capture_output=True, text=True, timeout=timeout,
-                          cwd=cwd, env=child_env(**(env or {})))
+    return subprocess.run(
+        [sys.executable, "-m", "corral", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=cwd,
+        env=child_env(**(env or {})),
+    )
 
 
 def stub_args(*extra: str) -> list[str]:

@@ -19,7 +19,6 @@ def _lint_imports() -> str:
 
 def test_import_contracts_are_kept():
     # --no-cache: nothing written into the tree; cwd: lint-imports reads the contracts from pyproject.toml there
-    r = subprocess.run([_lint_imports(), "--no-cache"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([_lint_imports(), "--no-cache"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, f"lint-imports exited {r.returncode}:\n{r.stdout}\n{r.stderr}"
     assert "0 broken" in r.stdout

@@ -37,9 +37,7 @@ def test_declined_upgrade_does_not_smuggle_early_bytes_into_the_next_clients_ans
     request's answer (with the smuggler's X-Forwarded-For, which corral strips from every real request)."""
     log = tmp_path / "access.log"
     seen = tmp_path / "stub.log"
-    c = corral(
-        stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)}
-    )
+    c = corral(stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)})
     smuggled = b"GET /sleep?s=2&smuggled=1 HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
     with socket.create_connection(("127.0.0.1", c.port), timeout=30) as a:
         a.sendall(WS_HEAD + smuggled)
@@ -76,16 +74,12 @@ def test_queued_request_of_a_client_that_left_while_pipelining_is_never_dispatch
     worker anyway, computed, and logged `served` 200 with every byte, though its client had gone."""
     log = tmp_path / "access.log"
     seen = tmp_path / "stub.log"
-    c = corral(
-        stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)}
-    )
+    c = corral(stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)})
     with socket.create_connection(("127.0.0.1", c.port), timeout=30) as x:
         x.sendall(b"GET /sleep?s=3&who=x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         poll("x on the worker", lambda: seen.exists() and "who=x" in seen.read_text())
         y = socket.create_connection(("127.0.0.1", c.port), timeout=30)
-        y.sendall(
-            b"GET /sleep?s=0.5&who=y1 HTTP/1.1\r\nHost: t\r\n\r\nGET /?who=y2 HTTP/1.1\r\nHost: t\r\n\r\n"
-        )
+        y.sendall(b"GET /sleep?s=0.5&who=y1 HTTP/1.1\r\nHost: t\r\n\r\nGET /?who=y2 HTTP/1.1\r\nHost: t\r\n\r\n")
         poll("y1 queued", lambda: queue_depth(c.port) == 1)
         reset(y)
         assert read_response(x).status == 200
@@ -105,9 +99,7 @@ def test_response_to_a_client_that_left_while_pipelining_is_not_logged_as_served
     (a pipelined request waits), writes the answer into a dead socket, and logs it `served` 200 whole."""
     log = tmp_path / "access.log"
     seen = tmp_path / "stub.log"
-    c = corral(
-        stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)}
-    )
+    c = corral(stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)})
     y = socket.create_connection(("127.0.0.1", c.port), timeout=30)
     y.sendall(b"GET /sleep?s=1.5&who=y1 HTTP/1.1\r\nHost: t\r\n\r\nGET /?who=y2 HTTP/1.1\r\nHost: t\r\n\r\n")
     poll("y1 on the worker", lambda: seen.exists() and "who=y1" in seen.read_text())

@@ -99,9 +99,7 @@ def test_a_slow_uploader_does_not_hold_the_only_worker(corral, tmp_path):
 
 
 def test_a_streamed_slow_upload_never_gets_a_healthy_worker_killed(corral):
-    c = corral(
-        stub_args("--no-request-buffering", "--request-timeout", "3", "--body-timeout", "5"), workers=1
-    )
+    c = corral(stub_args("--no-request-buffering", "--request-timeout", "3", "--body-timeout", "5"), workers=1)
     pid = c.worker_pids()[0]
     with socket.create_connection(("127.0.0.1", c.port), timeout=30) as s:
         s.sendall(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\n")

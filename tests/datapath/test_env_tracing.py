@@ -32,7 +32,7 @@ def test_env_file_syntax():
         "SINGLE='literal $HOME \\n # not a comment'\n"
         'DOUBLE="line1\\nline2 \\"quoted\\" \\\\ $HOME"\n'
         'MULTI="-----BEGIN KEY-----\n'
-        'abc\n'
+        "abc\n"
         '-----END KEY-----" # trailing comment\n'
         "DUP=first\n"
         "DUP=second\n"

@@ -288,9 +288,28 @@ def test_fd_exhaustion_answers_503_and_never_counts_against_workers(tmp_path):
 
     port = free_ports(10)
     out = tmp_path / "corral.log"
-    argv = [sys.executable, "-m", "corral", "run", "-p", str(port), "-w", "2", "--max-connections", "2000",
-            "--health-path", "/health", "--health-interval", "0.2", "--health-fails", "1",
-            "--", sys.executable, str(SUPPORT / "stub_worker.py"), "{port}"]
+    argv = [
+        sys.executable,
+        "-m",
+        "corral",
+        "run",
+        "-p",
+        str(port),
+        "-w",
+        "2",
+        "--max-connections",
+        "2000",
+        "--health-path",
+        "/health",
+        "--health-interval",
+        "0.2",
+        "--health-fails",
+        "1",
+        "--",
+        sys.executable,
+        str(SUPPORT / "stub_worker.py"),
+        "{port}",
+    ]
     limit = _fd_limits(spare=100)  # this client must be able to hold more sockets than corral may
     with open(out, "wb") as sink:
         proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, preexec_fn=_limit_fds(limit))

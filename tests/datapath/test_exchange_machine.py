@@ -173,8 +173,18 @@ def body_for(tag: str, n: int) -> bytes:
 class CReq:
     """A request as its client composed it."""
 
-    def __init__(self, client: Client, rid: str, kind: str, method: bytes, wire: bytes, head_len: int,
-                 body: bytes = b"", expect: bool = False, close: bool = False) -> None:
+    def __init__(
+        self,
+        client: Client,
+        rid: str,
+        kind: str,
+        method: bytes,
+        wire: bytes,
+        head_len: int,
+        body: bytes = b"",
+        expect: bool = False,
+        close: bool = False,
+    ) -> None:
         self.client = client
         self.rid = rid
         self.kind = kind  # "good", or "bad": the edge must refuse it
@@ -426,8 +436,12 @@ class ExchangeMachine(RuleBasedStateMachine):
             return  # another of its requests: the worker is being killed already
         held = [r for r in self._wreqs(worker) if not r.finished and not r.dead]
         if not any(r.active >= REQUEST_TIMEOUT - EPS for r in held):
-            worked = ", ".join(f"/{r.rid}: {'whole' if r.complete else 'body still coming'}, worked {r.active:.2f}s"
-                               for r in held) or "nothing"
+            worked = (
+                ", ".join(
+                    f"/{r.rid}: {'whole' if r.complete else 'body still coming'}, worked {r.active:.2f}s" for r in held
+                )
+                or "nothing"
+            )
             self.fail("hung-unjustified", f"worker {worker.index} declared hung ({why}) while holding {worked}")
         for r in held:
             self.hung.add(r.rid)
@@ -447,8 +461,11 @@ class ExchangeMachine(RuleBasedStateMachine):
     def _client_abort(self, c: Client) -> None:
         t = c.t
         if t.buf and t.stall_since is not None and self.clock.now - t.stall_since < SEND_TIMEOUT - CHECK_SLACK:
-            self.fail("send-timeout-early", f"client {c.idx} aborted with {len(t.buf)} unread bytes after only "
-                      f"{self.clock.now - t.stall_since:.2f}s without reading (send_timeout {SEND_TIMEOUT})")
+            self.fail(
+                "send-timeout-early",
+                f"client {c.idx} aborted with {len(t.buf)} unread bytes after only "
+                f"{self.clock.now - t.stall_since:.2f}s without reading (send_timeout {SEND_TIMEOUT})",
+            )
 
     def _client_closed(self, c: Client) -> None:
         if c.closed_by_corral_seq is None:
@@ -460,7 +477,9 @@ class ExchangeMachine(RuleBasedStateMachine):
         idx = len(self.clients)
         holder: list[Client] = []
         t = ClientTransport(
-            conn, ("127.0.0.1", 40000 + idx), self.clock,
+            conn,
+            ("127.0.0.1", 40000 + idx),
+            self.clock,
             on_write=lambda data: self._client_write(holder[0], data),
             on_abort=lambda: self._client_abort(holder[0]),
         )
@@ -576,8 +595,15 @@ class ExchangeMachine(RuleBasedStateMachine):
 
     def _starter_slots(self) -> list[int]:
         room = len(self.clients) < MAX_CONNECTIONS
-        return [i for i, c in enumerate(self.slots)
-                if (c is not None and self._can_start(c)) or (room and self._done_with(c))] if self.ready else []
+        return (
+            [
+                i
+                for i, c in enumerate(self.slots)
+                if (c is not None and self._can_start(c)) or (room and self._done_with(c))
+            ]
+            if self.ready
+            else []
+        )
 
     def _starter(self, c: int) -> Client:
         slot = self._cyclic(self._starter_slots(), c)
@@ -730,8 +756,10 @@ class ExchangeMachine(RuleBasedStateMachine):
                 r.complete = True
                 creq = self.reqs.get(r.rid)
                 if creq is not None and bytes(r.body) != creq.body:
-                    self.fail("request-body", f"worker got body {bytes(r.body)[:60]!r} for /{r.rid}, "
-                              f"the client sent {creq.body[:60]!r}")
+                    self.fail(
+                        "request-body",
+                        f"worker got body {bytes(r.body)[:60]!r} for /{r.rid}, the client sent {creq.body[:60]!r}",
+                    )
 
     def _receipt(self, wc: WConn, rid: str, method: bytes) -> None:
         creq = self.reqs.get(rid)
@@ -743,11 +771,16 @@ class ExchangeMachine(RuleBasedStateMachine):
         if creq is not None:
             c = creq.client
             if c.left_known:
-                self.fail("dispatched-after-client-left", f"/{rid} reached worker {wc.worker.index} after its "
-                          f"client {c.idx} had gone")
+                self.fail(
+                    "dispatched-after-client-left",
+                    f"/{rid} reached worker {wc.worker.index} after its client {c.idx} had gone",
+                )
             if self.buffering and not creq.whole_in:
-                self.fail("buffering", f"/{rid} reached worker {wc.worker.index} with {creq.delivered} of its "
-                          f"{len(creq.wire)} bytes in (request_buffering is on)")
+                self.fail(
+                    "buffering",
+                    f"/{rid} reached worker {wc.worker.index} with {creq.delivered} of its "
+                    f"{len(creq.wire)} bytes in (request_buffering is on)",
+                )
         earlier = self.receipts[rid]
         if earlier:
             first = earlier[0]
@@ -760,8 +793,11 @@ class ExchangeMachine(RuleBasedStateMachine):
                 and not wc.reqs
             )
             if not ok:
-                self.fail("dispatched-twice", f"/{rid} reached a worker again ({wc!r}, after {earlier!r}: "
-                          f"first on request #{first.seq} of its connection, answer bytes {first.any_byte})")
+                self.fail(
+                    "dispatched-twice",
+                    f"/{rid} reached a worker again ({wc!r}, after {earlier!r}: "
+                    f"first on request #{first.seq} of its connection, answer bytes {first.any_byte})",
+                )
         r = WReq(rid, wc, len(wc.reqs), method)
         wc.reqs.append(r)
         earlier.append(r)
@@ -882,8 +918,9 @@ class ExchangeMachine(RuleBasedStateMachine):
         send=st.sampled_from(["all", "head", "part-of-head"]),
     )
     @applies(lambda self: self._starter_slots())
-    def client_request(self, c: int, method: bytes, body_len: int, chunked: bool, expect: bool, close: bool,
-                       send: str) -> None:
+    def client_request(
+        self, c: int, method: bytes, body_len: int, chunked: bool, expect: bool, close: bool, send: str
+    ) -> None:
         cl = self._starter(c)
         req = self._compose(cl, method, body_len, chunked, expect, close)
         n = {"all": self._sendable(cl, req), "head": req.head_len, "part-of-head": req.head_len // 2}[send]
@@ -1081,8 +1118,17 @@ class ExchangeMachine(RuleBasedStateMachine):
         self.settle()
 
     def _late_bodies(self) -> list[WReq]:
-        return [r for wc in self.wconns if not wc.t.closed and wc.t.peer_closed_at is None
-                for r in wc.reqs if r.finished and r.late_body] if self.ready else []
+        return (
+            [
+                r
+                for wc in self.wconns
+                if not wc.t.closed and wc.t.peer_closed_at is None
+                for r in wc.reqs
+                if r.finished and r.late_body
+            ]
+            if self.ready
+            else []
+        )
 
     @rule(i=st.integers(0, 7))
     @applies(lambda self: self._late_bodies())
@@ -1108,8 +1154,11 @@ class ExchangeMachine(RuleBasedStateMachine):
     def _idle_conns(self) -> list[WConn]:
         if not self.ready:
             return []
-        return [wc for wc in self.wconns
-                if not wc.t.closed and wc.t.peer_closed_at is None and wc.busy() is None and not wc.ops]
+        return [
+            wc
+            for wc in self.wconns
+            if not wc.t.closed and wc.t.peer_closed_at is None and wc.busy() is None and not wc.ops
+        ]
 
     @rule(i=st.integers(0, 7))
     @applies(lambda self: self._idle_conns())
@@ -1151,8 +1200,11 @@ class ExchangeMachine(RuleBasedStateMachine):
     @applies(lambda self: self.ready and sum(len(v) for v in self.loop.errors.values()) < 2)
     def worker_refuses_next_connection(self, w: int, out_of_fds: bool) -> None:
         worker = self._pick(self.workers, w)
-        err = OSError(errno.EMFILE, "Too many open files") if out_of_fds else ConnectionRefusedError(
-            errno.ECONNREFUSED, "Connection refused")
+        err = (
+            OSError(errno.EMFILE, "Too many open files")
+            if out_of_fds
+            else ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        )
         self.loop.errors.setdefault(worker.port, []).append(err)
 
     @rule(w=st.integers(0, 1))
@@ -1174,8 +1226,12 @@ class ExchangeMachine(RuleBasedStateMachine):
     def _revivable(self) -> list[Worker]:
         if not self.ready:
             return []
-        return [w for w in self.workers if w.state is not State.READY
-                and all(wc.t.lost for wc in self.wconns if wc.worker is w and w.index in self.killed)]
+        return [
+            w
+            for w in self.workers
+            if w.state is not State.READY
+            and all(wc.t.lost for wc in self.wconns if wc.worker is w and w.index in self.killed)
+        ]
 
     @rule(w=st.integers(0, 1))
     @applies(lambda self: self._revivable())
@@ -1220,8 +1276,10 @@ class ExchangeMachine(RuleBasedStateMachine):
         for w in self.workers:
             stale = sum(1 for i in self.stale.values() if i == w.index)
             if w.failed > self.worker_faults[w.index] + stale:
-                self.fail("failed-count", f"worker {w.index} counted {w.failed} failures, it failed "
-                          f"{self.worker_faults[w.index]} times")
+                self.fail(
+                    "failed-count",
+                    f"worker {w.index} counted {w.failed} failures, it failed {self.worker_faults[w.index]} times",
+                )
         for c in self.clients:
             self._check_responses(c)
 
@@ -1236,8 +1294,11 @@ class ExchangeMachine(RuleBasedStateMachine):
             elif wc.lost and not wc.t.lost:
                 working.append(f"{wc.lost[0]} (sent after the worker closed {wc!r})")
         if w.inflight != len(working) or w.inflight > w.max_inflight:
-            self.fail("slots", f"worker {w.index} ({w.state.value}): inflight={w.inflight} (max {w.max_inflight}) "
-                      f"but the worker is working on {working or 'nothing'}")
+            self.fail(
+                "slots",
+                f"worker {w.index} ({w.state.value}): inflight={w.inflight} (max {w.max_inflight}) "
+                f"but the worker is working on {working or 'nothing'}",
+            )
 
     def _check_responses(self, c: Client) -> None:
         resps, err = c.responses()
@@ -1253,28 +1314,40 @@ class ExchangeMachine(RuleBasedStateMachine):
             xfor = resp.headers.get(b"x-for")
             if xfor is not None:
                 if req.kind != "good" or xfor.decode() != req.rid:
-                    self.fail("response-crossed", f"client {c.idx} got the answer to /{xfor.decode()} as its "
-                              f"answer #{i} ({req!r})")
+                    self.fail(
+                        "response-crossed",
+                        f"client {c.idx} got the answer to /{xfor.decode()} as its answer #{i} ({req!r})",
+                    )
                     continue
                 plan = next((r.plan for r in reversed(self.receipts[req.rid]) if r.plan is not None), None)
                 if plan is None:
                     self.fail("response-crossed", f"client {c.idx}: an answer to /{req.rid} no worker sent")
                 elif resp.status != plan.status or not plan.body.startswith(bytes(resp.body)):
-                    self.fail("response-bytes", f"client {c.idx}: answer to /{req.rid} is {resp!r}, the worker "
-                              f"sent {plan.status} {plan.body[:40]!r}")
+                    self.fail(
+                        "response-bytes",
+                        f"client {c.idx}: answer to /{req.rid} is {resp!r}, the worker "
+                        f"sent {plan.status} {plan.body[:40]!r}",
+                    )
                 elif resp.complete and len(resp.body) != len(plan.body) and plan.framing != "close":
                     # (a close-delimited body ends where the worker's connection does, however it ends)
-                    self.fail("response-bytes", f"client {c.idx}: answer to /{req.rid} looks whole with "
-                              f"{len(resp.body)} of the worker's {len(plan.body)} body bytes")
+                    self.fail(
+                        "response-bytes",
+                        f"client {c.idx}: answer to /{req.rid} looks whole with "
+                        f"{len(resp.body)} of the worker's {len(plan.body)} body bytes",
+                    )
                 continue
             if resp.status not in CORRAL_STATUSES:
                 self.fail("client-bytes", f"client {c.idx}: unexpected status {resp.status} for {req!r}")
             elif resp.status == 502 and req.rid not in self.faults and req.rid not in self.stale:
-                self.fail("corral-error-unjustified", f"client {c.idx}: 502 for /{req.rid}, which no worker failed "
-                          f"({self._story(req)})")
+                self.fail(
+                    "corral-error-unjustified",
+                    f"client {c.idx}: 502 for /{req.rid}, which no worker failed ({self._story(req)})",
+                )
             elif resp.status == 504 and req.rid not in self.hung:
-                self.fail("corral-error-unjustified", f"client {c.idx}: 504 for /{req.rid}, which no hung worker "
-                          f"held ({self._story(req)})")
+                self.fail(
+                    "corral-error-unjustified",
+                    f"client {c.idx}: 504 for /{req.rid}, which no hung worker held ({self._story(req)})",
+                )
 
     def _story(self, req: CReq) -> str:
         got = self.receipts.get(req.rid) or []
@@ -1342,10 +1415,17 @@ class ExchangeMachine(RuleBasedStateMachine):
             self._check_step()
             if self.pending:
                 return
-        stuck = [f"client {c.idx}: {c.reqs[-3:]!r}, transport {'closed' if c.t.closed else 'open'}, "
-                 f"{'reading' if c.t.reading else 'not reading'}" for c in self.clients if not c.t.lost]
-        self.fail("stuck", f"200 s after everyone finished, still open: {stuck}; workers "
-                  f"{[(w.index, w.state.value, w.inflight) for w in self.workers]}, queue {self.pool.scheduler.depth}")
+        stuck = [
+            f"client {c.idx}: {c.reqs[-3:]!r}, transport {'closed' if c.t.closed else 'open'}, "
+            f"{'reading' if c.t.reading else 'not reading'}"
+            for c in self.clients
+            if not c.t.lost
+        ]
+        self.fail(
+            "stuck",
+            f"200 s after everyone finished, still open: {stuck}; workers "
+            f"{[(w.index, w.state.value, w.inflight) for w in self.workers]}, queue {self.pool.scheduler.depth}",
+        )
 
     def _final_checks(self) -> None:
         pool = self.pool
@@ -1394,8 +1474,10 @@ class ExchangeMachine(RuleBasedStateMachine):
                 if answer is not None and not c.t.aborted:
                     taken = max(taken, len(answer.body))
                 if s.bytes_out is not None and s.bytes_out > taken:
-                    self.fail("logged-more-than-taken", f"client {c.idx}: {s!r} but the client took {taken} body "
-                              f"bytes of {resp!r}")
+                    self.fail(
+                        "logged-more-than-taken",
+                        f"client {c.idx}: {s!r} but the client took {taken} body bytes of {resp!r}",
+                    )
             if ended:
                 continue  # an answer that said close (or was cut) ends the connection: nothing may follow it
             if resp is not None and resp.complete:
@@ -1410,8 +1492,10 @@ class ExchangeMachine(RuleBasedStateMachine):
                 continue  # corral never had it (or not its head): nothing was asked
             if req.kind == "bad" or not req.head_in:
                 if answer is None and not client_first:
-                    self.fail("no-response", f"client {c.idx}: {req!r} was refused (connection closed) without "
-                              f"its error response")
+                    self.fail(
+                        "no-response",
+                        f"client {c.idx}: {req!r} was refused (connection closed) without its error response",
+                    )
                 continue
             if (resp is None or resp.status is None) and client_first:
                 continue  # the client left before it got any of it: abandoned, not cut
@@ -1426,11 +1510,15 @@ class ExchangeMachine(RuleBasedStateMachine):
                 continue  # an edge refusal is logged as it is written, then the connection closes (documented)
             for s in logs:
                 if not s.cut:
-                    self.fail("cut-not-logged", f"client {c.idx}: connection ended {what} to {req!r} ({how}; "
-                              f"corral wrote {answer!r}), logged as {s!r}")
+                    self.fail(
+                        "cut-not-logged",
+                        f"client {c.idx}: connection ended {what} to {req!r} ({how}; "
+                        f"corral wrote {answer!r}), logged as {s!r}",
+                    )
         if len(refusals) > 1 or (refused is not None and len(refusals) != 1):
-            self.fail("refusal-not-logged", f"client {c.idx} was refused with {refused!r}; logged refusals: "
-                      f"{refusals!r}")
+            self.fail(
+                "refusal-not-logged", f"client {c.idx} was refused with {refused!r}; logged refusals: {refusals!r}"
+            )
 
 
 # CORRAL_MACHINE_RULES_OFF=rule,rule: those rules never run (steers the search around a known defect).

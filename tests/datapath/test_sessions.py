@@ -315,4 +315,3 @@ def test_session_in_path_and_page_loads():
     assert sticky.is_navigation(b"GET", None, b"text/html,application/xhtml+xml")  # no Fetch Metadata (plain http)
     assert not sticky.is_navigation(b"GET", None, b"*/*")
     assert not sticky.is_navigation(b"POST", b"navigate", b"text/html")
-

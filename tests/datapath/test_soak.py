@@ -191,8 +191,13 @@ def plan_session(index: int) -> Session:
         if post:
             req.method = "POST"
             r = rng.random()
-            size = rng.randint(0, 2000) if r < 0.5 else rng.randint(2000, 200_000) if r < 0.85 else rng.randint(
-                200_000, 2 * MiB)
+            size = (
+                rng.randint(0, 2000)
+                if r < 0.5
+                else rng.randint(2000, 200_000)
+                if r < 0.85
+                else rng.randint(200_000, 2 * MiB)
+            )
             req.upload = pattern(rng.getrandbits(40), size)
             if not pipelined:
                 req.chunked_upload = version == "1.1" and rng.random() < 0.3
@@ -214,8 +219,13 @@ def plan_session(index: int) -> Session:
             req.read_mode = "normal"
     last = sess.reqs[-1]
     if (
-        not pipelined and len(sess.reqs) == 1 and not last.expect and last.send_mode in ("whole", "trickle")
-        and last.read_mode != "abort" and last.refusal is None and rng.random() < 0.05
+        not pipelined
+        and len(sess.reqs) == 1
+        and not last.expect
+        and last.send_mode in ("whole", "trickle")
+        and last.read_mode != "abort"
+        and last.refusal is None
+        and rng.random() < 0.05
     ):
         sess.half_close = True
     if version == "1.0" and rng.random() < 0.5:
@@ -377,12 +387,18 @@ def judge(sessions: list[Session], lines: list[dict], seen: list[str], v: Verdic
         sess = session_of[rid]
         # Bytes arrive in order: a head the client sent whole on a connection corral had not closed, and did
         # not reset, reached corral before anything else happened to that connection.
-        head_arrived = not req.client_abort and not req.behind_close and not (
-            req.prev_sent is not None and req.t_sent - req.prev_sent >= KEEPALIVE_TIMEOUT
-        ) and (not sess.pipelined or req is sess.reqs[0])
+        head_arrived = (
+            not req.client_abort
+            and not req.behind_close
+            and not (req.prev_sent is not None and req.t_sent - req.prev_sent >= KEEPALIVE_TIMEOUT)
+            and (not sess.pipelined or req is sess.reqs[0])
+        )
         if head_arrived and not evidence and not got:
-            v.bad("not logged", f"the client sent this head whole and nothing closed its connection before, "
-                  f"but there is no log line: {req.describe()}{before(req)}")
+            v.bad(
+                "not logged",
+                f"the client sent this head whole and nothing closed its connection before, "
+                f"but there is no log line: {req.describe()}{before(req)}",
+            )
             continue
         if evidence and not got:
             if req.status in REFUSALS and req.headers.get("x-request-id") != rid:
@@ -401,19 +417,24 @@ def judge(sessions: list[Session], lines: list[dict], seen: list[str], v: Verdic
             v.notes["no answer"] += 1
             cause = _cause_of_cut(req, line, session_of)
             if cause is None:
-                v.bad("lost answer", f"the connection ended without an answer: {req.describe()} line={line}"
-                      f"{before(req)}")
+                v.bad(
+                    "lost answer", f"the connection ended without an answer: {req.describe()} line={line}{before(req)}"
+                )
             if line is not None and _claims_delivery(line) and not req.client_abort:
-                v.bad("log says delivered", f"the client got no answer but the log has no cut: {req.describe()} "
-                      f"line={line}")
+                v.bad(
+                    "log says delivered",
+                    f"the client got no answer but the log has no cut: {req.describe()} line={line}",
+                )
             continue
         if req.from_worker:
             if req.headers.get("x-soak-seed") != str(req.seed) or req.headers.get("x-soak-rid") != rid:
                 v.bad("crossed answer", f"worker headers {req.headers}: {req.describe()}")
                 continue
             if not expected.startswith(bytes(req.body)):
-                at = next((i for i, (a, b) in enumerate(zip(req.body, expected, strict=False)) if a != b),
-                          min(len(req.body), len(expected)))
+                at = next(
+                    (i for i, (a, b) in enumerate(zip(req.body, expected, strict=False)) if a != b),
+                    min(len(req.body), len(expected)),
+                )
                 v.bad("wrong bytes", f"body differs from the worker's at byte {at}: {req.describe()}")
                 continue
             whole = req.complete and len(req.body) == len(expected)
@@ -422,8 +443,11 @@ def judge(sessions: list[Session], lines: list[dict], seen: list[str], v: Verdic
         if whole:
             v.notes[f"whole {req.status}"] += 1
             if not req.from_worker and _own_answer_cause(req) is None:
-                v.bad(f"unexplained {req.status}", f"{req.describe()} body={bytes(req.body[:200])!r} line={line} "
-                      f"(reached a worker: {seen_count.get(rid, 0)} times)")
+                v.bad(
+                    f"unexplained {req.status}",
+                    f"{req.describe()} body={bytes(req.body[:200])!r} line={line} "
+                    f"(reached a worker: {seen_count.get(rid, 0)} times)",
+                )
             if not req.from_worker and not seen_count.get(rid) and req.status == 502:
                 v.notes["502 for a request no worker read"] += 1
             if req.from_worker and req.status != 200:
@@ -435,8 +459,10 @@ def judge(sessions: list[Session], lines: list[dict], seen: list[str], v: Verdic
             if cut:
                 v.bad("log says cut", f"the client got the answer whole, the log says cut={cut!r}: {req.describe()}")
             if req.from_worker and line.get("bytes") != len(expected):
-                v.bad("log bytes", f"whole answer of {len(expected)} bytes logged as {line.get('bytes')}: "
-                      f"{req.describe()}")
+                v.bad(
+                    "log bytes",
+                    f"whole answer of {len(expected)} bytes logged as {line.get('bytes')}: {req.describe()}",
+                )
             continue
         # Cut: the client saw the connection end before the declared end (or, HTTP/1.0 close-delimited, short).
         v.notes["cut"] += 1
@@ -447,26 +473,38 @@ def judge(sessions: list[Session], lines: list[dict], seen: list[str], v: Verdic
             continue
         full = len(expected) if req.from_worker else None
         if not cut and not req.client_abort:
-            v.bad("cut not logged", f"the client saw the answer cut, the log has no cut: {req.describe()} "
-                  f"line={line}")
+            v.bad("cut not logged", f"the client saw the answer cut, the log has no cut: {req.describe()} line={line}")
         # A client that closes with bytes unread in its socket has them counted: its TCP took them.
-        if cut and not req.client_abort and full is not None and isinstance(line.get("bytes"), int) \
-                and line["bytes"] >= full:
+        if (
+            cut
+            and not req.client_abort
+            and full is not None
+            and isinstance(line.get("bytes"), int)
+            and line["bytes"] >= full
+        ):
             v.bad("cut logged whole", f"a cut answer logged with all its bytes: {req.describe()} line={line}")
         if not cut and req.client_abort and full is not None and line.get("bytes") != full:
-            v.bad("log bytes", f"a delivered answer logged with {line.get('bytes')} of {full} bytes: "
-                  f"{req.describe()} line={line}")
+            v.bad(
+                "log bytes",
+                f"a delivered answer logged with {line.get('bytes')} of {full} bytes: {req.describe()} line={line}",
+            )
         if isinstance(line.get("bytes"), int) and req.from_worker and line["bytes"] < len(req.body):
-            v.bad("log bytes", f"the client read {len(req.body)} body bytes, the log says {line['bytes']}: "
-                  f"{req.describe()} line={line}")
+            v.bad(
+                "log bytes",
+                f"the client read {len(req.body)} body bytes, the log says {line['bytes']}: "
+                f"{req.describe()} line={line}",
+            )
 
     # Lines without one of our request ids: refusals logged before the id was read. One per refusal the
     # client got without its id, nothing else.
     extra = Counter(line.get("status") for line in unknown)
     missing = Counter(unmatched_refusals)
     if extra != missing:
-        v.bad("refusal lines", f"log lines without a request id by status {dict(extra)}; refusals the clients "
-              f"got without their id {dict(missing)}; lines: {unknown[:5]}")
+        v.bad(
+            "refusal lines",
+            f"log lines without a request id by status {dict(extra)}; refusals the clients "
+            f"got without their id {dict(missing)}; lines: {unknown[:5]}",
+        )
 
 
 def coverage(sessions: list[Session]) -> str:
@@ -522,8 +560,9 @@ def test_soak_misbehaving_clients_and_workers(corral, tmp_path):
 
     assert c.proc.poll() is None, f"{header}\ncorral exited ({c.proc.returncode}):\n{c.log()[-4000:]}"
     try:
-        doc = poll("every worker idle (inflight 0, queue 0)", lambda: (d := _status(c.port)) and _idle(d) and d,
-                   timeout=30)
+        doc = poll(
+            "every worker idle (inflight 0, queue 0)", lambda: (d := _status(c.port)) and _idle(d) and d, timeout=30
+        )
     except AssertionError:
         pytest.fail(f"{header}\nnot idle 30 s after the last client left:\n{json.dumps(_status(c.port))[:3000]}")
     text = access.read_text()
@@ -537,17 +576,24 @@ def test_soak_misbehaving_clients_and_workers(corral, tmp_path):
     counters = {k: app.get(k, doc["totals"].get(k)) for k in names}
     present = {k: n for k, n in counters.items() if isinstance(n, int)}
     if sum(present.values()) != len(lines) or len(present) != len(names):
-        v.bad("counters", f"status counters {counters} (missing: {[k for k in names if k not in present]}) add "
-              f"up to {sum(present.values())}, the access log has {len(lines)} lines")
-    metric = sum(float(m.group(1)) for m in re.finditer(r'^corral_requests_total\{[^}]*\} (\S+)$', _metrics(c.port),
-                                                         re.M))
+        v.bad(
+            "counters",
+            f"status counters {counters} (missing: {[k for k in names if k not in present]}) add "
+            f"up to {sum(present.values())}, the access log has {len(lines)} lines",
+        )
+    metric = sum(
+        float(m.group(1)) for m in re.finditer(r"^corral_requests_total\{[^}]*\} (\S+)$", _metrics(c.port), re.M)
+    )
     if metric != len(lines):
         v.bad("metrics", f"corral_requests_total adds up to {metric:g}, the access log has {len(lines)} lines")
     deaths = sum(1 for s in sessions for r in s.reqs if r.death and r.head_sent)
     restarts = app.get("restarts_total", 0)
     if restarts > deaths:
-        v.bad("collateral deaths", f"{restarts} worker restarts ({app.get('restarts')}) for {deaths} requests that "
-              f"asked a worker to die or outlast request_timeout")
+        v.bad(
+            "collateral deaths",
+            f"{restarts} worker restarts ({app.get('restarts')}) for {deaths} requests that "
+            f"asked a worker to die or outlast request_timeout",
+        )
     own = [ln for ln in c.log().splitlines() if not ln.startswith("[")]
     if any(ln.startswith("Traceback") for ln in own):
         v.bad("corral traceback", "\n".join(own[-60:]))

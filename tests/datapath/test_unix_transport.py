@@ -152,8 +152,10 @@ def test_nobody_but_corral_can_connect_to_a_worker_socket(corral):
     ("args", "expected"),
     [
         (["--worker-transport", "unix", "--", sys.executable, UNIX_STUB, "{port}"], "pass {socket} instead"),
-        (["--worker-transport", "tcp", "--", sys.executable, UNIX_STUB, "{socket}"],
-         "{socket} is replaced only with worker_transport unix (or auto)"),
+        (
+            ["--worker-transport", "tcp", "--", sys.executable, UNIX_STUB, "{socket}"],
+            "{socket} is replaced only with worker_transport unix (or auto)",
+        ),
         (["--worker-transport", "unix", "--upstream", "127.0.0.1:9000"], "worker_transport: has no effect"),
         (["--worker-transport", "udp", "--", sys.executable, UNIX_STUB], "must be one of auto, tcp, unix"),
     ],

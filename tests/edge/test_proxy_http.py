@@ -95,8 +95,9 @@ def test_connect_failure_moves_the_request_to_another_worker(corral, tmp_path):
     ports = [base, base + 1]
     stubs = [subprocess.Popen([sys.executable, STUB, str(p)], stdout=subprocess.DEVNULL) for p in ports]
     try:
-        c = corral(["--upstream", f"127.0.0.1:{ports[0]}-{ports[1]}", "--health-interval", "60"], workers=None,
-                   ready=False)
+        c = corral(
+            ["--upstream", f"127.0.0.1:{ports[0]}-{ports[1]}", "--health-interval", "60"], workers=None, ready=False
+        )
         c.wait_for(rf"ready: 127.0.0.1:{ports[1]}", timeout=30)
         c.wait_for(rf"ready: 127.0.0.1:{ports[0]}", timeout=30)
         stubs[0].kill()

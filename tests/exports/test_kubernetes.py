@@ -305,7 +305,7 @@ def test_the_pod_serves_probes_where_declared_and_its_prestop_and_sigterm_stop_i
     worker = f"trap '' TERM; exec {PY} {STUB} \"$0\""  # ignores SIGTERM: the kill must come in time too
     toml = tmp_path / "corral.toml"
     toml.write_text(
-        f"[server]\nport = {block}\nhealth_listen = \"127.0.0.1:{block + 1}\"\nshutdown_delay = 1.5\n"
+        f'[server]\nport = {block}\nhealth_listen = "127.0.0.1:{block + 1}"\nshutdown_delay = 1.5\n'
         f"[[app]]\nname = 'api'\ncommand = ['sh', '-c', {json.dumps(worker)}, '{{port}}']\nworkers = 2\n"
         f"base_port = {block + 2}\ngraceful_timeout = 2\nkill_timeout = 1\n"
     )

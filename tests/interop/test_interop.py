@@ -27,8 +27,10 @@ TOOL_TIMEOUT = 120  # the subprocess deadline; far above the few seconds a healt
 
 
 def _needs(binary: str, package: str):
-    return pytest.mark.skipif(shutil.which(binary) is None,
-                              reason=f"{binary} not installed (Debian {package}; scripts/setup --test installs it)")
+    return pytest.mark.skipif(
+        shutil.which(binary) is None,
+        reason=f"{binary} not installed (Debian {package}; scripts/setup --test installs it)",
+    )
 
 
 def _run(argv: list[str], corral_proc, timeout: float = TOOL_TIMEOUT, diagnose=None) -> str:
@@ -97,8 +99,11 @@ def test_ab_http10_keepalive(corral):
     The idle-client timeout is raised above ab's -s: at its default (5 s) corral would close each silent
     connection before ab gave up, and the run would crawl (5 s per request) instead of failing."""
     c = corral(stub_args("--keepalive-timeout", "60"), workers=2)
-    report = _run(["ab", "-q", "-k", "-s", "10", "-n", str(N), "-c", "8", c.url + PATH], c,
-                  diagnose=lambda: _http10_keepalive_exchange(c.port))
+    report = _run(
+        ["ab", "-q", "-k", "-s", "10", "-n", str(N), "-c", "8", c.url + PATH],
+        c,
+        diagnose=lambda: _http10_keepalive_exchange(c.port),
+    )
     _assert_ab_clean(report)
     _assert_still_serving(c)
 
@@ -108,8 +113,11 @@ def test_h2load_http11_pipelining_four_in_flight(corral):
     c = corral(stub_args(), workers=2)
     # -N: a connection idle that long is an error, so a stalled pipeline ends the run instead of hanging it
     report = _run(["h2load", "--h1", "-N", "10s", "-n", str(N), "-c", "4", "-m", "4", c.url + PATH], c)
-    m = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
-                  r"(\d+) errored, (\d+) timeout", report)
+    m = re.search(
+        r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
+        r"(\d+) errored, (\d+) timeout",
+        report,
+    )
     assert m, report
     total, _started, done, succeeded, failed, errored, timeouts = map(int, m.groups())
     context = f"{report}\n--- corral log ---\n{c.log()[-3000:]}"
@@ -122,8 +130,11 @@ def test_h2load_http11_pipelining_four_in_flight(corral):
 def test_curl_http10_single_request(corral, tmp_path: Path):
     c = corral(stub_args(), workers=2)
     body = tmp_path / "one"
-    out = _run(["curl", "-sS", "--http1.0", "--max-time", "20", "-o", str(body), "-w", "%{http_code}\n",
-                c.url + "/one?x=1"], c, timeout=60)
+    out = _run(
+        ["curl", "-sS", "--http1.0", "--max-time", "20", "-o", str(body), "-w", "%{http_code}\n", c.url + "/one?x=1"],
+        c,
+        timeout=60,
+    )
     assert out.split() == ["200"], out
     seen = _json(body)
     assert seen["path"] == "/one?x=1"
@@ -137,9 +148,27 @@ def test_curl_http10_keepalive_two_urls_on_one_command(corral, tmp_path: Path):
     get it without chunked framing."""
     c = corral(stub_args(), workers=2)
     first, second = tmp_path / "first", tmp_path / "second"
-    out = _run(["curl", "-sS", "--http1.0", "-H", "Connection: keep-alive", "--max-time", "20",
-                "-w", "%{http_code} %{num_connects}\n",
-                "-o", str(first), c.url + "/first", "-o", str(second), c.url + "/chunked"], c, timeout=60)
+    out = _run(
+        [
+            "curl",
+            "-sS",
+            "--http1.0",
+            "-H",
+            "Connection: keep-alive",
+            "--max-time",
+            "20",
+            "-w",
+            "%{http_code} %{num_connects}\n",
+            "-o",
+            str(first),
+            c.url + "/first",
+            "-o",
+            str(second),
+            c.url + "/chunked",
+        ],
+        c,
+        timeout=60,
+    )
     codes = [line.split()[0] for line in out.strip().splitlines()]
     assert codes == ["200", "200"], out
     assert _json(first)["path"] == "/first"

@@ -86,8 +86,21 @@ def test_curl_rate_limited_20mb_downloads_arrive_whole(corral, tmp_path):
     runs = []
     for i in range(6):
         out = tmp_path / f"download-{i}"
-        argv = ["curl", "-sS", "--limit-rate", "5M", "--max-time", "120", "-H", f"X-Request-Id: dl-{i}",
-                "-o", str(out), "-w", "%{http_code} %{size_download}", f"{c.url}/cl?seed={1000 + i}&n={n}"]
+        argv = [
+            "curl",
+            "-sS",
+            "--limit-rate",
+            "5M",
+            "--max-time",
+            "120",
+            "-H",
+            f"X-Request-Id: dl-{i}",
+            "-o",
+            str(out),
+            "-w",
+            "%{http_code} %{size_download}",
+            f"{c.url}/cl?seed={1000 + i}&n={n}",
+        ]
         runs.append((i, out, subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)))
     results = {}
     for i, out, proc in runs:
@@ -100,7 +113,8 @@ def test_curl_rate_limited_20mb_downloads_arrive_whole(corral, tmp_path):
         results[i] = (proc.returncode, stdout, stderr, out)
     for i, (rc, stdout, stderr, out) in results.items():
         assert rc == 0 and stdout.split() == ["200", str(n)], (
-            f"download {i}: curl exit {rc}, {stdout!r} {stderr!r}\n{c.log()[-3000:]}")
+            f"download {i}: curl exit {rc}, {stdout!r} {stderr!r}\n{c.log()[-3000:]}"
+        )
         assert out.stat().st_size == n, f"download {i}: {out.stat().st_size} bytes of {n}"
         got = hashlib.sha256(out.read_bytes()).hexdigest()
         assert got == sha256_of_pattern(1000 + i, n), f"download {i}: right size, wrong bytes"
@@ -141,8 +155,11 @@ def _read_pattern(sock: socket.socket, buf: bytearray, seed: int, n: int, pause_
         # No spill file: the worker is read only as fast as the client reads, so each pause holds it back
         # longer than request_timeout; corral holding it back must not count as the worker hanging. 8 MB: the
         # worker's own time to write it stays far below the 1 s, so only the pauses could add up to that.
-        pytest.param(["--response-buffer", "65536", "--response-buffer-file", "0", "--request-timeout", "1"],
-                     8_000_000, id="back-pressure"),
+        pytest.param(
+            ["--response-buffer", "65536", "--response-buffer-file", "0", "--request-timeout", "1"],
+            8_000_000,
+            id="back-pressure",
+        ),
     ],
 )
 @pytest.mark.timeout(180)
@@ -194,8 +211,10 @@ def _spaced_requests(port: int, count: int, gaps: list[float], rng: random.Rando
         seed, n = rng.getrandbits(32), rng.choice([0, 10, 1000, 70000])
         if rng.random() < 0.3:
             upload = pattern(seed ^ 1, rng.choice([1, 5000, 100000]))
-            raw = (f"POST {path}?echo=1&seed={seed} HTTP/1.1\r\nHost: t\r\nX-Request-Id: spaced-{i}\r\n"
-                   f"Content-Length: {len(upload)}\r\n\r\n").encode() + upload
+            raw = (
+                f"POST {path}?echo=1&seed={seed} HTTP/1.1\r\nHost: t\r\nX-Request-Id: spaced-{i}\r\n"
+                f"Content-Length: {len(upload)}\r\n\r\n"
+            ).encode() + upload
             want = upload
         else:
             raw = f"GET {path}?seed={seed}&n={n} HTTP/1.1\r\nHost: t\r\nX-Request-Id: spaced-{i}\r\n\r\n".encode()
@@ -232,8 +251,11 @@ def test_a_worker_closing_idle_connections_after_50ms_costs_no_request(corral, t
     count = 242
     access = tmp_path / "access.log"
     seen_log = tmp_path / "seen.log"
-    c = corral(soak_args("--access-log", str(access), "--log-format", "json", worker=("--idle-close-ms", "50")),
-               workers=1, env={"SOAK_LOG": str(seen_log)})
+    c = corral(
+        soak_args("--access-log", str(access), "--log-format", "json", worker=("--idle-close-ms", "50")),
+        workers=1,
+        env={"SOAK_LOG": str(seen_log)},
+    )
     rng = random.Random(50)
     gaps = [rng.uniform(0.035, 0.065) for _ in range(count)]
     problems = _spaced_requests(c.port, count, gaps, rng, "/cl")
@@ -241,7 +263,9 @@ def test_a_worker_closing_idle_connections_after_50ms_costs_no_request(corral, t
     seen = seen_log.read_text().splitlines() if seen_log.exists() else []
     assert not problems, (
         f"{len(problems)} of {count} requests failed: {problems[:10]}\n"
-        + "".join(f"  {_failed_detail(p, lines, seen)}\n" for p in problems[:10]) + c.log()[-2000:])
+        + "".join(f"  {_failed_detail(p, lines, seen)}\n" for p in problems[:10])
+        + c.log()[-2000:]
+    )
     bad = [ln for ln in lines.values() if ln["status"] != 200 or ln.get("cut")]
     assert not bad, bad[:5]
     assert_no_failures(c.port, "idle closes after 50 ms")
@@ -265,8 +289,24 @@ def test_gunicorn_closing_idle_keepalive_connections_costs_no_request(corral, tm
     never counted failed."""
     count = 24
     access = tmp_path / "access.log"
-    cmd = [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", "1", "--threads", "1", "--keep-alive", "1",
-           "-b", "127.0.0.1:{port}", "--chdir", str(APPS), "gunicorn_app:app"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "-k",
+        "gthread",
+        "-w",
+        "1",
+        "--threads",
+        "1",
+        "--keep-alive",
+        "1",
+        "-b",
+        "127.0.0.1:{port}",
+        "--chdir",
+        str(APPS),
+        "gunicorn_app:app",
+    ]
     helps = subprocess.run([sys.executable, "-m", "gunicorn", "--help"], capture_output=True, text=True, timeout=60)
     if "--no-control-socket" in helps.stdout:
         cmd.append("--no-control-socket")  # gunicorn 25+: else every instance listens on ~/.gunicorn/gunicorn.ctl

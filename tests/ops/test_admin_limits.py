@@ -65,12 +65,29 @@ def test_admin_connections_past_the_cap_are_refused_and_the_public_port_keeps_se
     port = free_ports(10)
     aport = free_ports(1)
     out = tmp_path / "corral.log"
-    argv = [sys.executable, "-m", "corral", "run", "-p", str(port), "-w", "1", "--admin", f"127.0.0.1:{aport}",
-            "--header-timeout", "60", "--", sys.executable, STUB, "{port}"]  # held ones outlive the test's steps
+    argv = [
+        sys.executable,
+        "-m",
+        "corral",
+        "run",
+        "-p",
+        str(port),
+        "-w",
+        "1",
+        "--admin",
+        f"127.0.0.1:{aport}",
+        "--header-timeout",
+        "60",
+        "--",
+        sys.executable,
+        STUB,
+        "{port}",
+    ]  # held ones outlive the test's steps
     _room_for(CLIENTS)
     with open(out, "wb") as sink:
-        proc = subprocess.Popen(argv, stdout=sink, stderr=subprocess.STDOUT, env=child_env(PYTHONUNBUFFERED="1"),
-                                preexec_fn=_limit_fds)
+        proc = subprocess.Popen(
+            argv, stdout=sink, stderr=subprocess.STDOUT, env=child_env(PYTHONUNBUFFERED="1"), preexec_fn=_limit_fds
+        )
     held: list[Held] = []
     try:
         poll("corral ready", lambda: "all workers ready" in out.read_text() or proc.poll() is not None, timeout=60)
@@ -120,8 +137,7 @@ def _answers(aport: int) -> int:
 
 def test_an_admin_request_must_arrive_whole_within_header_timeout(corral):
     aport = free_ports(1)
-    corral(["--admin", f"127.0.0.1:{aport}", "--header-timeout", "1", "--", sys.executable, STUB, "{port}"],
-           workers=1)
+    corral(["--admin", f"127.0.0.1:{aport}", "--header-timeout", "1", "--", sys.executable, STUB, "{port}"], workers=1)
     # Trickled: a byte every 50 ms used to re-arm a 60 s idle timer, forever. Now the request's deadline holds.
     with socket.create_connection(("127.0.0.1", aport), timeout=10) as s:
         s.sendall(f"GET /status HTTP/1.1\r\nHost: 127.0.0.1:{aport}\r\nX-Pad: ".encode())

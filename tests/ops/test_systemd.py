@@ -105,8 +105,15 @@ def test_workers_do_not_inherit_the_notify_socket(corral, tmp_path):
     ns = NotifySocket(tmp_path, abstract=False)
     try:
         c = corral(
-            ["--", "sh", "-c", 'echo "worker sees NOTIFY_SOCKET=[$NOTIFY_SOCKET]"; exec "$0" "$1" "$2"',
-             sys.executable, STUB, "{port}"],
+            [
+                "--",
+                "sh",
+                "-c",
+                'echo "worker sees NOTIFY_SOCKET=[$NOTIFY_SOCKET]"; exec "$0" "$1" "$2"',
+                sys.executable,
+                STUB,
+                "{port}",
+            ],
             workers=1,
             env={"NOTIFY_SOCKET": ns.env},
         )

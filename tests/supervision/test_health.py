@@ -44,8 +44,12 @@ def test_hung_worker_gets_504_and_is_replaced_while_the_queue_flows(corral):
 
 
 def test_busy_worker_is_not_probed_or_restarted_across_health_intervals(corral):
-    c = corral(stub_args("--health-path", "/health", "--health-interval", "0.2", "--health-timeout", "0.1",
-                         "--health-fails", "1"), workers=1)
+    c = corral(
+        stub_args(
+            "--health-path", "/health", "--health-interval", "0.2", "--health-timeout", "0.1", "--health-fails", "1"
+        ),
+        workers=1,
+    )
     pid = c.worker_pids()[0]
     r = get(c.port, "/sleep?s=2.5")  # >10 health intervals, each far longer than the probe timeout
     assert r.status == 200 and r.json()["pid"] == pid
@@ -56,8 +60,13 @@ def test_busy_worker_is_not_probed_or_restarted_across_health_intervals(corral):
 def test_idle_worker_failing_probes_is_taken_out_and_replaced(corral, tmp_path):
     sick = tmp_path / "sick"
     sick.mkdir()
-    c = corral(stub_args("--health-path", "/health", "--health-interval", "0.2", "--health-timeout", "1",
-                         "--health-fails", "2"), workers=2, env={"STUB_SICK_DIR": str(sick)})
+    c = corral(
+        stub_args(
+            "--health-path", "/health", "--health-interval", "0.2", "--health-timeout", "1", "--health-fails", "2"
+        ),
+        workers=2,
+        env={"STUB_SICK_DIR": str(sick)},
+    )
     victim = c.worker_pids()[0]
     (sick / str(victim)).write_text("0")
     c.wait_for(r"worker \S+:0 unhealthy: 2 failed probes while idle \(last: status 500\)")
@@ -71,8 +80,13 @@ def test_request_arriving_during_a_probe_does_not_wait_for_it(corral, tmp_path):
     sick = tmp_path / "sick"
     sick.mkdir()
     log = tmp_path / "stub.log"
-    c = corral(stub_args("--health-path", "/health", "--health-interval", "0.3", "--health-timeout", "5",
-                         "--health-fails", "3"), workers=2, env={"STUB_SICK_DIR": str(sick), "STUB_LOG": str(log)})
+    c = corral(
+        stub_args(
+            "--health-path", "/health", "--health-interval", "0.3", "--health-timeout", "5", "--health-fails", "3"
+        ),
+        workers=2,
+        env={"STUB_SICK_DIR": str(sick), "STUB_LOG": str(log)},
+    )
     pids = c.worker_pids()
     slow_probe = pids[0]
     (sick / str(slow_probe)).write_text("3")  # worker 0's probes take 3 s from now on
@@ -113,8 +127,12 @@ def test_recycling_by_memory_loses_nothing(corral):
 def test_app_that_cannot_start_exits_nonzero_with_its_output():
     port = free_ports(4)
     cmd = [sys.executable, "-c", "import sys; print('boom: no module named imaginary'); sys.exit(1)"]
-    r = subprocess.run([sys.executable, "-m", "corral", "run", "-p", str(port), "-w", "2", "--", *cmd],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "corral", "run", "-p", str(port), "-w", "2", "--", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 3
     assert "cannot start" in r.stderr and "boom: no module named imaginary" in r.stderr
 
@@ -162,8 +180,13 @@ def test_worker_failing_probes_under_steady_load_is_taken_out(corral, tmp_path):
     # Issue 11 #5: a worker that never idles for a whole interval must still be probed every interval.
     sick = tmp_path / "sick"
     sick.mkdir()
-    c = corral(stub_args("--health-path", "/health", "--health-interval", "0.5", "--health-timeout", "1",
-                         "--health-fails", "2"), workers=2, env={"STUB_SICK_DIR": str(sick)})
+    c = corral(
+        stub_args(
+            "--health-path", "/health", "--health-interval", "0.5", "--health-timeout", "1", "--health-fails", "2"
+        ),
+        workers=2,
+        env={"STUB_SICK_DIR": str(sick)},
+    )
     victim = c.worker_pids()[0]
     stop = time.monotonic() + 30  # bounded: the load ends by itself
     statuses: list[int] = []

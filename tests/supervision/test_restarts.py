@@ -64,8 +64,11 @@ def test_request_timeout_kills_are_restarts_that_back_off_and_make_a_crash_loop(
     c = corral(stub_args("--request-timeout", "1", "--crash-limit", "3/600"), workers=1)
     for n in range(1, 4):
         assert get(c.port, "/hang", timeout=60).status == 504
-        c.wait_for(r"worker \S+:0 stopped: killed by SIGKILL \(request exceeded request_timeout \(1s\)\); "
-                   r"restarting in", count=n)
+        c.wait_for(
+            r"worker \S+:0 stopped: killed by SIGKILL \(request exceeded request_timeout \(1s\)\); "
+            r"restarting in",
+            count=n,
+        )
         c.wait_for(r"worker \S+:0 ready: pid ", count=n + 1)
     delays = re.findall(r"request_timeout \(1s\)\); restarting in ([\d.]+)s", c.log())
     assert delays == ["0.1", "0.2", "0.4"]  # doubling, as after a crash
@@ -81,14 +84,30 @@ def test_request_timeout_kills_are_restarts_that_back_off_and_make_a_crash_loop(
 def test_failed_probe_kills_back_off_and_make_a_crash_loop(corral, tmp_path):
     script = tmp_path / "sickens.py"
     script.write_text(SICKENS)
-    args = ["--health-path", "/health", "--health-interval", "0.2", "--health-fails", "1", "--crash-limit", "3/600",
-            "--", sys.executable, str(script), "{port}"]
+    args = [
+        "--health-path",
+        "/health",
+        "--health-interval",
+        "0.2",
+        "--health-fails",
+        "1",
+        "--crash-limit",
+        "3/600",
+        "--",
+        sys.executable,
+        str(script),
+        "{port}",
+    ]
     c = corral(args, workers=1)
     c.wait_for(r"corral: app \S+ is crash-looping: 3 worker exits in \d+s \(crash_limit 3/600s\)", timeout=60)
     c.wait_for(r"worker \S+:0 starting: pid ", count=4, timeout=60)
     log = c.log()
-    delays = re.findall(r"corral: worker \S+:0 stopped: killed by SIGKILL \(1 failed probes while idle "
-                        r"\(last: status 500\)\); restarting in ([\d.]+)s$", log, re.M)
+    delays = re.findall(
+        r"corral: worker \S+:0 stopped: killed by SIGKILL \(1 failed probes while idle "
+        r"\(last: status 500\)\); restarting in ([\d.]+)s$",
+        log,
+        re.M,
+    )
     assert delays[:3] == ["0.1", "0.2", "0.4"], log[-3000:]
     # each next start came no sooner than that backoff after the kill (10 ms for the log's rounding)
     kills = re.findall(r"^(\S+) corral: worker \S+:0 stopping: 1 failed probes while idle", log, re.M)
@@ -130,11 +149,31 @@ def test_a_worker_killed_for_startup_timeout_is_a_failed_start(tmp_path):
     # Killed as never ready, it counts as a start that failed: an app none of whose workers gets ready
     # exits 3 with their output, as when they exit by themselves (it used to restart them forever, unpaced).
     port = free_ports(4)
-    argv = [sys.executable, "-m", "corral", "run", "-p", str(port), "-w", "2", "--startup-timeout", "1",
-            "--", "sh", "-c", "echo 'booting, waiting for a database'; exec sleep 600"]
+    argv = [
+        sys.executable,
+        "-m",
+        "corral",
+        "run",
+        "-p",
+        str(port),
+        "-w",
+        "2",
+        "--startup-timeout",
+        "1",
+        "--",
+        "sh",
+        "-c",
+        "echo 'booting, waiting for a database'; exec sleep 600",
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert r.returncode == 3, r.stdout[-3000:]
     assert "cannot start" in r.stderr and "not ready after startup_timeout (1s)" in r.stderr, r.stderr
     assert "booting, waiting for a database" in r.stderr
-    assert len(re.findall(r"stopped: killed by SIGKILL \(not ready after startup_timeout \(1s\)\); restarting in",
-                          r.stdout)) == 2
+    assert (
+        len(
+            re.findall(
+                r"stopped: killed by SIGKILL \(not ready after startup_timeout \(1s\)\); restarting in", r.stdout
+            )
+        )
+        == 2
+    )

@@ -145,8 +145,9 @@ class FakeLoop:
         self.tasks.append(coro)
         return coro
 
-    async def create_connection(self, factory: Callable[[], Any], host: str | None = None, port: int | None = None,
-                                **kw: Any) -> tuple[Any, Any]:
+    async def create_connection(
+        self, factory: Callable[[], Any], host: str | None = None, port: int | None = None, **kw: Any
+    ) -> tuple[Any, Any]:
         planned = self.errors.get(port or 0)
         if planned:
             raise planned.pop(0)
@@ -209,8 +210,14 @@ class ClientTransport(_Transport):
     """corral's side of a client socket, with asyncio's write flow control (pause past `high`, resume when the
     client has read it all), close() that flushes and abort() that drops. Writes after close go to `late`."""
 
-    def __init__(self, protocol: Any, peer: tuple[str, int], clock: Clock,
-                 on_write: Callable[[bytes], None], on_abort: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        protocol: Any,
+        peer: tuple[str, int],
+        clock: Clock,
+        on_write: Callable[[bytes], None],
+        on_abort: Callable[[], None],
+    ) -> None:
         self.protocol = protocol
         self.peer = peer
         self.clock = clock

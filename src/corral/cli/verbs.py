@@ -544,8 +544,16 @@ def ls(as_json: bool) -> None:
     else:
         rows = [("PORT", "PID", "UPTIME", "LISTEN", "APPS (ready/desired)", "ADMIN")]
         for i in found:
-            rows.append((str(i["port"]), str(i["pid"]), _age(i["uptime_s"]), i["listen"] or "(supervise only)",
-                         ", ".join(i["apps"]), i["admin"]))
+            rows.append(
+                (
+                    str(i["port"]),
+                    str(i["pid"]),
+                    _age(i["uptime_s"]),
+                    i["listen"] or "(supervise only)",
+                    ", ".join(i["apps"]),
+                    i["admin"],
+                )
+            )
         widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
         for r in rows:
             click.echo("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
@@ -577,8 +585,14 @@ def _instances() -> tuple[list[dict[str, Any]], list[str]]:
                 for a in doc["apps"]
             ]
             found.append(
-                {"port": int(stem), "pid": head["pid"], "uptime_s": head["uptime_s"], "listen": head["listen"],
-                 "apps": apps, "admin": head["admin"]}
+                {
+                    "port": int(stem),
+                    "pid": head["pid"],
+                    "uptime_s": head["uptime_s"],
+                    "listen": head["listen"],
+                    "apps": apps,
+                    "admin": head["admin"],
+                }
             )
     found.sort(key=lambda i: i["port"])
     return found, stale

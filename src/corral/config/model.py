@@ -73,11 +73,10 @@ class AppConfig:
         False, "remove the route prefix before forwarding (X-Forwarded-Prefix tells the worker)", cli=False
     )
     plumber: str | None = knob(None, "plumber API file or directory (plumber.R / entrypoint.R)", cli=False)
-    shiny: str | None = knob(
-        None, "Shiny app directory (app.R calling shinyApp(), or ui.R + server.R)", cli=False
-    )
+    shiny: str | None = knob(None, "Shiny app directory (app.R calling shinyApp(), or ui.R + server.R)", cli=False)
     command: list[str] = knob(
-        [], "command run per worker; {port}, {index}, {host} and {socket} (worker_transport unix) are replaced",
+        [],
+        "command run per worker; {port}, {index}, {host} and {socket} (worker_transport unix) are replaced",
         cli=False,
     )
     upstreams: list[str] = knob(
@@ -808,8 +807,21 @@ def _check_source(app: AppConfig, label: str, problems: list[str]) -> None:
     _check_transport(app, label, problems)
     if app.upstreams:
         defaults = AppConfig()
-        for key in ("workers", "base_port", "worker_host", "env", "max_requests", "max_memory", "docs", "env_file",
-                    "watch", "watch_paths", "engine", "worker_transport", "worker_scheduling"):
+        for key in (
+            "workers",
+            "base_port",
+            "worker_host",
+            "env",
+            "max_requests",
+            "max_memory",
+            "docs",
+            "env_file",
+            "watch",
+            "watch_paths",
+            "engine",
+            "worker_transport",
+            "worker_scheduling",
+        ):
             if getattr(app, key) != getattr(defaults, key):
                 problems.append(f"{label}: {key}: has no effect with upstreams (workers corral does not start)")
     seen: set[tuple[str, int]] = set()
@@ -1035,8 +1047,9 @@ def parse_health(spec: str) -> tuple[str, int]:
     host, sep, port_s = spec.rpartition(":")
     host = host.strip("[]")
     if not (sep and (host == "localhost" or is_ip(host)) and valid_port(port_s)):
-        raise ValueError(f"must be HOST:PORT with an IP address and a port in 1..{PORT_MAX}, e.g. 0.0.0.0:9000 "
-                         f"(got {spec!r})")
+        raise ValueError(
+            f"must be HOST:PORT with an IP address and a port in 1..{PORT_MAX}, e.g. 0.0.0.0:9000 (got {spec!r})"
+        )
     return host, int(port_s)
 
 

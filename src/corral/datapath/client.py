@@ -502,4 +502,3 @@ def make_listener(host: str, port: int) -> socket.socket:
     sock.listen(1024)
     sock.setblocking(False)
     return sock
-

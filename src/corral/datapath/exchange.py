@@ -548,9 +548,7 @@ class Exchange:
         if not self.client_gone:
             conn = edge.connection_token(self.head.version, self.keep)
             head_only = self.head.method == b"HEAD"
-            self.client.write(
-                edge.error_response(status, message, self.request_id, conn, retry_after, json, head_only)
-            )
+            self.client.write(edge.error_response(status, message, self.request_id, conn, retry_after, json, head_only))
         self.response_complete = True
         if self.client_gone or self.client.wait_flushed():
             self.end()

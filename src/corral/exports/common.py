@@ -474,9 +474,7 @@ def _haproxy_ws_backend(t: Target) -> list[str]:
 
 
 # --- systemd ---------------------------------------------------------------------------------
-def systemd(
-    cfg: Config, supervise_only: bool = False, run_args: list[str] | None = None, socket: bool = False
-) -> str:
+def systemd(cfg: Config, supervise_only: bool = False, run_args: list[str] | None = None, socket: bool = False) -> str:
     """A Type=notify service unit (corral sends READY=1 once every worker is ready, RELOADING=1 around a
     reload, STOPPING=1, and WATCHDOG=1 from its event loop). `run_args`: what follows `corral run` (the
     flags `corral export systemd` was given); default `-c FILE`. With `socket`, the .socket unit too,
@@ -498,8 +496,7 @@ def systemd(
         [
             *(f"# {line[2:]}" for line in _header("systemd", str(path or cfg.source))[:1]),
             f"# Install as /etc/systemd/system/{unit}.service, then",
-            f"#   systemctl daemon-reload && systemctl enable --now {unit}"
-            + (f".socket {unit}" if activated else ""),
+            f"#   systemctl daemon-reload && systemctl enable --now {unit}" + (f".socket {unit}" if activated else ""),
             "[Unit]",
             f"Description=corral: {names} ({what})",
             "After=network-online.target",

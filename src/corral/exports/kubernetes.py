@@ -151,7 +151,7 @@ def to_yaml(value: Any, indent: int = 0) -> list[str]:
             elif isinstance(item, (dict, list)) and item:
                 inner = to_yaml(item, indent + 2)
                 assert not inner[0].lstrip().startswith("#"), "a list item must not begin with a comment"
-                out += [f"{pad}- {inner[0][indent + 2:]}", *inner[1:]]
+                out += [f"{pad}- {inner[0][indent + 2 :]}", *inner[1:]]
             elif isinstance(item, (dict, list)):
                 out.append(f"{pad}- {'{}' if isinstance(item, dict) else '[]'}")
             else:
@@ -357,9 +357,7 @@ def configmap(cfg: Config, text: str, name: str, labels: dict[str, str]) -> str:
     return document(obj, [f"corral.toml as written; the pod mounts it over {APP_DIR}/{CONFIG_FILE}."])
 
 
-def deployment(
-    cfg: Config, text: str, image: str, name: str, labels: dict[str, str], replicas: int | None
-) -> str:
+def deployment(cfg: Config, text: str, image: str, name: str, labels: dict[str, str], replicas: int | None) -> str:
     size = sizing(cfg)
     hport = health_port(cfg)
     grace = grace_period(cfg)
@@ -377,8 +375,12 @@ def deployment(
         if not is_loopback(host):
             ports.append({"name": "admin", "containerPort": aport, "protocol": "TCP"})
             if cfg.server.admin_token is None:
-                env.append(Note(f"the admin channel on {admin} needs a token: kubectl create secret generic "
-                                f"{name}-admin --from-literal=token=..."))
+                env.append(
+                    Note(
+                        f"the admin channel on {admin} needs a token: kubectl create secret generic "
+                        f"{name}-admin --from-literal=token=..."
+                    )
+                )
                 env.append(
                     {
                         "name": "CORRAL_ADMIN_TOKEN",

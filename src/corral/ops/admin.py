@@ -408,8 +408,10 @@ class AdminServer:
         self.max_connections = cfg.server.admin_max_connections
         self.request_timeout = cfg.server.header_timeout
         self.busy = response(
-            503, _json(503, {"error": f"too many admin connections (admin_max_connections {self.max_connections})"})[1],
-            "application/json", keep_alive=False,
+            503,
+            _json(503, {"error": f"too many admin connections (admin_max_connections {self.max_connections})"})[1],
+            "application/json",
+            keep_alive=False,
         )
         self._sampler: asyncio.Task[None] | None = None
         self._page: bytes | None = None

@@ -27,9 +27,7 @@ REFUSED = "connection refused"  # nothing listens there: certain, unlike a timeo
 OUT_OF_FDS = "corral is out of file descriptors"
 
 
-async def probe(
-    host: str, port: int, path: str | None, timeout: float, unix: str | None = None
-) -> tuple[bool, str]:
+async def probe(host: str, port: int, path: str | None, timeout: float, unix: str | None = None) -> tuple[bool, str]:
     """GET the health path (any HTTP answer on / when there is none). True when it passes.
     `unix`: the worker's Unix socket, probed instead of host:port."""
     writer = None
