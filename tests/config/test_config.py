@@ -269,6 +269,7 @@ def test_workers_zero_is_refused_on_the_command_line_too(tmp_path):
 
 
 # --- the reference in docs/configuration.md ------------------------------------------------------
+@pytest.mark.unit
 def test_docs_reference_table_is_the_generated_one():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert C.update_reference(doc) == doc, (
@@ -278,6 +279,7 @@ def test_docs_reference_table_is_the_generated_one():
         assert f"| `{f.name}` |" in doc
 
 
+@pytest.mark.unit
 def test_every_run_option_is_a_toml_key_of_the_same_name(tmp_path):
     """The CLI is generated from the model: each option's key is accepted in the file as-is."""
     for cls, table in ((C.ServerConfig, "[server]"), (C.AppConfig, "[[app]]")):
@@ -311,6 +313,7 @@ def one_line_run_error(*args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.unit
 def test_every_numeric_knob_has_a_minimum_and_a_maximum_around_its_default():
     for _cls, f in NUMERIC:
         lo, hi = f.metadata["minimum"], f.metadata["maximum"]
@@ -322,6 +325,7 @@ def test_every_numeric_knob_has_a_minimum_and_a_maximum_around_its_default():
     assert C.AppConfig.__dataclass_fields__["base_port"].metadata["maximum"] == 65535
 
 
+@pytest.mark.unit
 def test_reference_table_shows_each_range():
     doc = (ROOT / "docs" / "configuration.md").read_text()
     assert "| key | CLI | default | unit | range | meaning | on breach |" in doc
@@ -493,6 +497,7 @@ def test_check_reports_a_bad_file_and_bad_ranges_for_export_too(tmp_path):
 
 
 # --- issue 11: new knobs ---------------------------------------------------------------------------
+@pytest.mark.unit
 def test_new_knobs_and_their_defaults():
     app, server = C.AppConfig(), C.ServerConfig()
     assert app.response_buffer == 4 * 1024 * 1024 and app.response_buffer_file == 1024**3
@@ -541,6 +546,7 @@ def _cfg(*apps: C.AppConfig, **server) -> C.Config:
     return C.Config(server=C.ServerConfig(**server), apps=list(apps))
 
 
+@pytest.mark.unit
 def test_connection_budget_leaves_room_for_upstreams_workers_and_a_reserve():
     one = _cfg(C.AppConfig(workers=1, command=["x"]))
     many = _cfg(C.AppConfig(workers=64, command=["x"]))
@@ -559,6 +565,7 @@ def test_connection_budget_leaves_room_for_upstreams_workers_and_a_reserve():
     assert C.connection_budget(-1, one) > 100000  # RLIM_INFINITY
 
 
+@pytest.mark.unit
 def test_worker_ceiling():
     cpus = os.cpu_count() or 1
     assert C.worker_ceiling(C.AppConfig(max_workers=7), nofile=1 << 20) == 7
