@@ -362,6 +362,7 @@ def expected_events(reqs: list[Req]) -> list[tuple]:
 FAST = settings(deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
+@pytest.mark.unit
 @settings(FAST, max_examples=examples(600))
 @given(reqs=st.lists(valid_requests(), min_size=1, max_size=3), cuts=st.lists(st.integers(0, 4000), max_size=8))
 def test_valid_requests_parse_identically_however_split(reqs, cuts):
@@ -373,6 +374,7 @@ def test_valid_requests_parse_identically_however_split(reqs, cuts):
     assert events == expected_events(reqs)
 
 
+@pytest.mark.unit
 @settings(FAST, max_examples=examples(1500))
 @given(case=malformed_requests(), cuts=st.lists(st.integers(0, 20000), max_size=6))
 def test_each_mutation_is_refused_with_a_documented_status(case, cuts):
@@ -385,6 +387,7 @@ def test_each_mutation_is_refused_with_a_documented_status(case, cuts):
     assert ("end",) not in split_events
 
 
+@pytest.mark.unit
 @settings(FAST, max_examples=examples(1500))
 @given(
     prefix=st.sampled_from([b"", b"GET / HTTP/1.1\r\nHost: t\r\n", b"POST / HTTP/1.1\r\nHost: t\r\n"

@@ -9,6 +9,8 @@ from corral.config import ServerConfig
 from corral.datapath.client import Edge
 from corral.edge import EdgeError, EdgeLimits, RequestReader, ResponseReader, UpstreamError
 
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
+
 # Every status RequestReader may raise; the proxy adds 408 from its timers.
 READER_STATUSES = {400, 413, 414, 417, 431, 501, 505}
 
