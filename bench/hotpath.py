@@ -2,7 +2,7 @@
 """corral's data path in one process, with no sockets: what a proxied request costs in Python alone.
 
 The real ClientConnection, edge, Exchange, Pool, scheduler and UpstreamConnection run on the fake
-transports and loop of tests/test_exchange.py; this script plays the clients and the workers. Each of
+transports and loop of tests/support/exchange_rig.py; this script plays the clients and the workers. Each of
 `--clients` keep-alive clients sends GET requests one after another; each of `--workers` workers answers
 with a small 200 (`--split`: head and body in two reads, as httpuv sends them). More clients than worker
 slots means a queue, as in bench/compare's T1; `--max-inflight 64` with 4 workers is T3's shape.
@@ -26,9 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "datapath"))
 
-from test_exchange import Conn, Rig, ok  # the fakes the exchange tests run on
+from support.exchange_rig import Conn, Rig, ok  # the fakes the exchange tests run on
 
 import corral
 from corral.config import AppConfig

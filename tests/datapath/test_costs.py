@@ -11,6 +11,8 @@ import pytest
 
 from corral.datapath.costs import ALPHA, LONG, MAX_ROUTES, MIN_SAMPLES, RING, SHORT, RouteCosts, route_key
 
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
+
 
 # --- route keys ---------------------------------------------------------------------------------
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Every byte delivered, every failure visible (issue #19), in-process: the real ClientConnection, Exchange,
-Pool and UpstreamConnection on the fake transports of test_exchange.py, with the clock passed in.
+Pool and UpstreamConnection on the fake transports of tests/support/exchange_rig.py, with the clock passed in.
 
 Each test states what the client receives first (status, bytes, when its connection closes), then checks
 that corral's own account (the observed exchange: outcome, cut, bytes; the pool's counters) agrees.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from test_exchange import (
+from support.exchange_rig import (
     Conn,
     FakeClient,
     FakeLoop,
@@ -28,9 +28,11 @@ from test_exchange import (
 from corral import edge
 from corral.config import ServerConfig
 from corral.datapath import buffers
-from corral.datapath.exchange import Refusal
+from corral.datapath.outcomes import Refusal
 from corral.datapath.scheduler import QUEUED
 from corral.datapath.worker import State
+
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
 
 
 def head_length(data: bytes) -> int:

@@ -1,5 +1,5 @@
 """Every byte delivered, every failure visible (issue #19), over real sockets: a real corral in front of the
-stub worker (tests/stub_worker.py), clients on raw sockets.
+stub worker (tests/support/stub_worker.py), clients on raw sockets.
 
 The client's view is asserted first (status, every byte, when the connection closed), then corral's own
 account (the JSON access log, /metrics) is checked against it.

@@ -19,6 +19,7 @@ CLIENT_TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 
 
 # --- the env file syntax ------------------------------------------------------------------------
+@pytest.mark.unit
 def test_env_file_syntax():
     text = (
         "# a comment\n"
@@ -51,6 +52,7 @@ def test_env_file_syntax():
     }
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -129,6 +131,7 @@ def test_env_file_in_toml_is_relative_to_it_and_the_env_table_wins(corral, tmp_p
 
 
 # --- trace context: the ids -----------------------------------------------------------------------
+@pytest.mark.unit
 def test_started_traceparent_is_well_formed_and_random():
     tracing.configure(1.0)
     seen = set()
@@ -144,6 +147,7 @@ def test_started_traceparent_is_well_formed_and_random():
     tracing.configure(1.0)
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("value", "ok"),
     [
@@ -171,6 +175,7 @@ def head_with(*headers: tuple[bytes, bytes]) -> edge.RequestHead:
     return head
 
 
+@pytest.mark.unit
 def test_forward_head_sends_one_traceparent_and_tracestate_only_with_the_continued_trace():
     tp = CLIENT_TP.encode()
     head = head_with((b"tracestate", b"a=1"), (b"traceparent", tp), (b"tracestate", b"b=2"))

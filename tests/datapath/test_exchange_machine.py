@@ -1,7 +1,7 @@
 """A stateful property test of the data path: hypothesis plays clients, workers and the clock against the real
 ClientConnection / Pool / Exchange / UpstreamConnection, in-process, and checks what each side saw.
 
-What it models (tests/machine_fakes.py has the fakes):
+What it models (tests/support/machine_fakes.py has the fakes):
 * clients: SLOTS clients, each on a real ClientConnection on a fake transport (a new connection when its last one
   is of no more use to it: closed, half-closed, or ended by Connection: close). A client sends requests
   (GET/HEAD/POST, Content-Length or chunked, Expect: 100-continue, keep-alive or close) in pieces, pipelines,
@@ -75,6 +75,7 @@ import sys
 from collections import Counter, defaultdict
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -103,6 +104,8 @@ from corral.config import AppConfig, ServerConfig
 from corral.datapath.client import ClientConnection, Proxy
 from corral.datapath.pool import Pool
 from corral.datapath.worker import State, Worker
+
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
 
 SKIP = {name.strip() for name in os.environ.get("CORRAL_MACHINE_SKIP", "").split(",") if name.strip()}
 ONLY = {name.strip() for name in os.environ.get("CORRAL_MACHINE_ONLY", "").split(",") if name.strip()}

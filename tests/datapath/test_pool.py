@@ -1,7 +1,7 @@
 """Pool in-process: dispatch, connection reuse, probes, unreachable workers, EMFILE, state changes.
 
 The fakes (FakeLoop, FakeTransport, FakeClient, Rig) and the `settled` invariants come from
-test_exchange.py. Connections open when the test runs the loop's tasks (`rig.loop.run()`), so a test can
+tests/support/exchange_rig.py. Connections open when the test runs the loop's tasks (`rig.loop.run()`), so a test can
 act while one is still being opened; timers (quarantine, probe grace) fire when it calls `rig.loop.fire()`.
 """
 
@@ -10,12 +10,15 @@ from __future__ import annotations
 import errno
 import time
 
-from test_exchange import FakeClient, Rig, get, ok, reused, settled
+import pytest
+from support.exchange_rig import FakeClient, Rig, get, ok, reused, settled
 
 from corral.datapath.costs import LONG
 from corral.datapath.pool import PROBE_GRACE
 from corral.datapath.scheduler import QUEUED
 from corral.datapath.worker import State
+
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
 
 
 def refused() -> OSError:
@@ -277,7 +280,7 @@ def test_a_connection_opened_for_a_gone_client_is_not_a_second_one():
     The first request's client leaves while its connection is being opened; the slot is freed and the
     queued request is dispatched to the same worker, with no idle connection yet, so a second one is
     opened. The first connection then completes and is kept idle. A server that serves one connection
-    at a time (tests/stub_worker.py, many dev servers) may be blocked reading the idle one while the
+    at a time (tests/support/stub_worker.py, many dev servers) may be blocked reading the idle one while the
     request waits on the other, until request_timeout.
     """
     rig = Rig()

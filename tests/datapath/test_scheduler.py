@@ -8,6 +8,8 @@ from corral.datapath.costs import LONG, MAX_ROUTES, SHORT, RouteCosts, route_key
 from corral.datapath.scheduler import CANCELLED, DISPATCHED, EXPIRED, QUEUED, RESERVE_MIN_SHORTS, QueueFull, Scheduler
 from corral.datapath.worker import State, Worker
 
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
+
 
 class J:
     def __init__(self, name: str, cls: int = SHORT, cost: float = 0.0) -> None:

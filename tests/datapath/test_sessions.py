@@ -1,6 +1,6 @@
 """Issue 20 (1-3): WebSocket sessions through restarts and stops, over real sockets.
 
-The worker is tests/ws_echo_worker.py (plain HTTP answers `worker INDEX PID PATH`, WebSocket messages are
+The worker is tests/support/ws_echo_worker.py (plain HTTP answers `worker INDEX PID PATH`, WebSocket messages are
 echoed; `whoami`, `pid`, `flood N` drive the cases). What is asserted is what the client received; then
 corral's own account (its log, `corral status --json`) is checked to agree.
 
@@ -9,7 +9,7 @@ corral's own account (its log, `corral status --json`) is checked to agree.
 * a tunnel's client that takes nothing for send_timeout is cut, and its session place freed.
 
 Shiny in a real browser (session ids learned from the WebSocket, downloads and uploads through a reload,
-tabs spreading) is in tests/test_shiny.py."""
+tabs spreading) is in tests/interop/test_shiny.py."""
 
 from __future__ import annotations
 
@@ -270,6 +270,7 @@ def _frame(payload: bytes, opcode: int = 1) -> bytes:
 CONFIG = b'{"config":{"workerId":"","sessionId":"af741da77f94d218f0d7113e9b8d98f1","user":null}}'
 
 
+@pytest.mark.unit
 def test_frames_find_the_session_id_and_every_frame_boundary_however_the_bytes_are_split():
     from corral.datapath.tunnel import Frames
 
@@ -286,6 +287,7 @@ def test_frames_find_the_session_id_and_every_frame_boundary_however_the_bytes_a
         assert g.at_boundary() and (cut + taken in ends or (taken == 0 and cut in ends))
 
 
+@pytest.mark.unit
 def test_only_the_first_frames_are_read_for_a_session_id():
     from corral.datapath.tunnel import Frames, session_id
 
@@ -302,6 +304,7 @@ def test_only_the_first_frames_are_read_for_a_session_id():
     assert session_id(b'{"config":{"sessionId":"ab12"}}') == "ab12"
 
 
+@pytest.mark.unit
 def test_session_in_path_and_page_loads():
     from corral.datapath import sticky
 

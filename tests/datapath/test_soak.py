@@ -1,7 +1,7 @@
 """A seeded soak over real sockets: misbehaving clients against misbehaving workers, judged by the clients.
 
 Six client threads open connection after connection for CORRAL_SOAK_SECONDS (default 40) against
-`corral run -w 2..3` of tests/soak_worker.py (which closes idle kept-alive connections after 50 ms). Every
+`corral run -w 2..3` of tests/support/soak_worker.py (which closes idle kept-alive connections after 50 ms). Every
 plan comes from CORRAL_SOAK_SEED (default 19): slow readers with a small SO_RCVBUF that pause mid-body
 (some longer than send_timeout), slow uploaders trickling or stalling their bodies (some longer than
 body_timeout), aborts (RST or FIN) mid-upload and mid-answer, half-closes, 2-3 pipelined requests,

@@ -82,7 +82,7 @@ def test_plumber_workers_serve_on_unix_sockets(corral):
 
 
 def _delayed_acks(transport: str, n: int, log: Path) -> dict:
-    """tests/delayed_acks.py in a network namespace of its own (see there)."""
+    """tests/support/delayed_acks.py in a network namespace of its own (see there)."""
     env = dict(os.environ, DELAYED_ACKS_LOG=str(log), PYTHONPATH=str(HERE))
     script = f"ip link set lo up && exec {sys.executable} {SUPPORT / 'delayed_acks.py'} {transport} {n}"
     r = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=180, env=env)

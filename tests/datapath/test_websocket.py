@@ -1,6 +1,6 @@
 """Issue 12: WebSocket tunnels, per-worker session limits and sticky sessions, over real sockets.
 
-The worker is tests/ws_echo_worker.py (the `websockets` package): plain HTTP answers name the worker,
+The worker is tests/support/ws_echo_worker.py (the `websockets` package): plain HTTP answers name the worker,
 WebSocket messages are echoed, and a few text commands (whoami, pid, close, flood N) drive the cases.
 """
 

@@ -1,4 +1,4 @@
-"""The world around corral's data path, for tests/test_exchange_machine.py: a fake clock, an event loop with
+"""The world around corral's data path, for tests/datapath/test_exchange_machine.py: a fake clock, an event loop with
 timers on it, client and worker transports with asyncio's flow control, and the two peers' parsers.
 
 Nothing here knows corral's internals: the machine drives the real ClientConnection / UpstreamConnection

@@ -1,10 +1,10 @@
-"""The client half of the data path: public socket -> request edge -> pool -> and back.
+"""The client half of the data path: public socket -> request edge -> exchange, and the response back.
 
 Read top to bottom: Proxy accepts and routes; ClientConnection parses requests with the sans-I/O
-edge and holds them in order (pipelining-safe: one exchange at a time per connection); Exchange is
-one request's life (queued -> dispatched -> responding -> done) and the scheduler's job; the
-upstream socket side lives in pool.py. Everything is callbacks on asyncio Protocols: no task per
-request, no task per byte.
+edge and holds them in order (pipelining-safe: one exchange at a time per connection). Each request
+becomes an Exchange (exchange.py: one request's life, and the scheduler's job), which its app's Pool
+(pool.py) dispatches to a worker connection (upstream.py). Everything is callbacks on asyncio
+Protocols: no task per request, no task per byte.
 """
 
 from __future__ import annotations
@@ -18,16 +18,9 @@ from typing import TYPE_CHECKING
 
 from .. import edge
 from ..net import bind_tcp
-from .exchange import (
-    CUT_CLIENT,
-    CUT_SEND_TIMEOUT,
-    PAUSE_BUFFER,
-    PAUSE_PIPELINE,
-    PAUSE_REFUSED,
-    PAUSE_UPSTREAM,
-    Exchange,
-    Refusal,
-)
+from .exchange import Exchange
+from .interfaces import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_REFUSED, PAUSE_UPSTREAM
+from .outcomes import CUT_CLIENT, CUT_SEND_TIMEOUT, Refusal
 
 # struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
@@ -245,7 +238,7 @@ class ClientConnection(asyncio.Protocol):
         elif self.current is not None:
             self.current.client_writable()
 
-    # --- what an Exchange uses (exchange.Client) ------------------------------------------------
+    # --- what an Exchange uses (interfaces.Client) ------------------------------------------------
     def write(self, data: bytes) -> None:
         transport = self.transport
         if transport is not None and not transport.is_closing():

@@ -1,8 +1,9 @@
 """One request's life, from its parsed head to its one end.
 
-The client connection (proxy.py) creates an Exchange when a request head has been parsed; its app's
-Pool (pool.py) queues and dispatches it; the worker connection's response parser feeds it. It has two
-halves that finish separately, and it is counted and logged once, when both have:
+The client connection (client.py) creates an Exchange when a request head has been parsed; its app's
+Pool (pool.py) queues and dispatches it; the worker connection (upstream.py) sends it, and makes it the
+handler of its response parser (what it needs of these three: interfaces.py). It has two halves that
+finish separately, and it is counted and logged once, when both have (as one of outcomes.py's outcomes):
 
 * the worker half holds one of the worker's slots from dispatch until the worker has finished with the
   request: its whole response received, or the worker failed. `_release_worker` is the only place a slot
@@ -20,84 +21,23 @@ the worker's. `end()` ends the client half; `_finish()` counts and logs the exch
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
 from .. import edge
 from . import tracing
 from .buffers import READ_SIZE, RequestBody, Spill
 from .costs import SHORT
+from .interfaces import PAUSE_BUFFER, PAUSE_UPSTREAM
+from .outcomes import ABANDONED, CLIENT_CLOSED, CUT_CLIENT, CUT_REQUEST_TIMEOUT, CUT_WORKER, FAILED, REFUSED, SERVED
 from .scheduler import QUEUED, QueueFull
 from .tunnel import Tunnel
 
 if TYPE_CHECKING:
+    from .interfaces import Client, Dispatcher, Upstream
     from .worker import Worker
 
-# Reasons the client socket's reading is paused; reading resumes only when none is left (REFUSED never).
-PAUSE_PIPELINE, PAUSE_UPSTREAM, PAUSE_BUFFER, PAUSE_REFUSED = 1, 2, 4, 8
 BODY_BUFFER_LIMIT = 256 * 1024  # a streamed request body held while queued before reading is paused
 SPILL_READ = READ_SIZE  # bytes moved from the spill file to the client per write
-CLIENT_CLOSED = 499  # logged when the client left before its response was complete (nginx's code)
-
-# How an exchange ended: each is exactly one of these (status, metrics and the access log count them).
-SERVED = "served"  # the client took the worker's whole response
-FAILED = "failed"  # the worker failed it (502, 504, or a response cut by the worker)
-REFUSED = "refused"  # corral answered itself: the edge (4xx), the queue (503), no app (404)
-ABANDONED = "abandoned"  # the client left before it had the whole response
-OUTCOMES = (SERVED, FAILED, REFUSED, ABANDONED)
-
-# Why a response with a head sent did not reach its client whole (`Exchange.cut`).
-CUT_CLIENT = "client closed"
-CUT_SEND_TIMEOUT = "send_timeout"
-CUT_WORKER = "worker failed"
-CUT_REQUEST_TIMEOUT = "request_timeout"
-CUTS = (CUT_CLIENT, CUT_SEND_TIMEOUT, CUT_WORKER, CUT_REQUEST_TIMEOUT)
-
-
-class Client(Protocol):
-    """What an exchange needs of the client connection that carries it."""
-
-    peer: bytes
-    trusted: bool
-    closing: bool
-    written: int  # bytes handed to the transport, over the connection's life
-
-    def write(self, data: bytes) -> None: ...
-    def writing_paused(self) -> bool: ...
-    def taken(self) -> int: ...
-    def wait_flushed(self) -> bool: ...
-    def pause(self, why: int) -> None: ...
-    def resume(self, why: int) -> None: ...
-    def exchange_done(self, ex: Exchange, keep_alive: bool) -> None: ...
-    def switch(self, tunnel: Tunnel) -> None: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-
-
-class Upstream(Protocol):
-    """What an exchange needs of the worker connection carrying its request."""
-
-    def write(self, data: bytes) -> None: ...
-    def write_blocked(self) -> bool: ...
-    def pause_reading(self) -> None: ...
-    def resume_reading(self) -> None: ...
-    def close(self) -> None: ...
-    def switch(self, tunnel: Tunnel) -> None: ...
-
-
-class Dispatcher(Protocol):
-    """What an exchange needs of its app's pool: a worker, its slot back, its counters, its observers."""
-
-    sessions_rejected: int
-    ws_idle_timeout: float
-
-    def submit(self, ex: Exchange) -> None: ...
-    def release(self, ex: Exchange, conn: Upstream | None, reusable: bool) -> None: ...
-    def session_closed(self, worker: Worker) -> None: ...
-    def cancel(self, ex: Exchange) -> None: ...
-    def worker_failed(self, worker: Worker, why: str) -> None: ...
-    def finished(self, ex: Exchange | Refusal) -> None: ...
-    def disk_full(self, what: str, exc: OSError) -> None: ...
 
 
 class Exchange:
@@ -352,7 +292,7 @@ class Exchange:
             return False
         return self.body is not None or not self.head.has_body
 
-    # --- the response, from the worker (UpstreamConnection relays the parser's callbacks) --------
+    # --- the response, from the worker (this is its parser's handler: edge.ResponseHandler) ------
     def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
         if self.discarding:
             return  # the client left: its exchange keeps the status it was logged with (499)
@@ -384,6 +324,10 @@ class Exchange:
         if not self.ended and self.spill is None and self.client.wait_flushed():
             self.end()
         # else: client_writable() ends it once the client has taken the rest
+
+    def on_surplus(self) -> None:
+        if self.upstream is not None:
+            self.upstream.on_surplus()  # logged with its worker's name; on_response_end(False) follows
 
     def on_upgrade(self, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
         """The worker answered 101 to a WebSocket request: the two connections become one tunnel."""
@@ -559,14 +503,16 @@ class Exchange:
 
     # --- the ways out ---------------------------------------------------------------------------
     def _release_worker(self, reusable: bool) -> None:
-        """The only place a worker's slot is given back (and its connection kept or closed)."""
+        """The only place a worker's slot is given back (its connection kept or closed first, so that the
+        request the pool dispatches next can take it)."""
         conn, self.upstream = self.upstream, None
         if conn is not None:
             self.client.resume(PAUSE_UPSTREAM)  # a worker that stopped taking our body no longer holds the client
+            conn.finish(reusable)
         if self.worker is not None or conn is not None:
             self.upstream_paused = False
             assert self.pool is not None
-            self.pool.release(self, conn, reusable)
+            self.pool.release(self)
         if self.body is not None:
             self.body.close()  # no second sending once the worker has answered or failed
         self.worker_done = True
@@ -623,36 +569,3 @@ class Exchange:
             if self.session and not self.switched and self.status == 503:
                 pool.sessions_rejected += 1
             pool.finished(self)
-
-
-class Refusal:
-    """A request the edge refused before it became an exchange (its head was malformed, too large, or too
-    slow; too many connections): counted and logged like one, with what little is known of it."""
-
-    __slots__ = (
-        "bytes_out",
-        "client",
-        "created",
-        "cut",
-        "dispatched_at",
-        "head",
-        "outcome",
-        "request_id",
-        "served_by",
-        "status",
-        "traceparent",
-    )
-
-    def __init__(self, client: Client, status: int) -> None:
-        self.client = client
-        self.status = status
-        self.head = edge.RequestHead()
-        self.head.method = self.head.target = b"-"
-        self.created = time.monotonic()
-        self.dispatched_at = 0.0
-        self.served_by: Worker | None = None
-        self.bytes_out = 0
-        self.traceparent = tracing.start()
-        self.request_id = tracing.trace_id(self.traceparent)
-        self.outcome = REFUSED
-        self.cut = ""

@@ -1,41 +1,35 @@
-"""One app's workers behind the scheduler, and the upstream half of the data path.
+"""One app's workers behind the scheduler: where each request goes, and the slot it holds there.
 
 Pool turns scheduler decisions into connections: it reuses a worker's idle upstream connection
 (never holding more connections to a worker than its max_inflight, since many single-threaded
 servers serve one connection at a time), opens one when there is none, and moves a request whose
-worker could not be reached back to the head of the queue. UpstreamConnection is the asyncio
-Protocol on the worker socket; it feeds the response parser, whose callbacks land on the Exchange.
+worker could not be reached back to the head of the queue. The connection (upstream.py) then carries
+the request and hands the response to its Exchange directly; the exchange gives the slot back here
+(`release`) and is counted here once (`finished`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import errno
-import socket
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
-from .. import edge
 from ..config import effective_workers, sticky_mode
 from ..logs import say
 from . import sticky
 from .costs import SHORT, RouteCosts, route_key
-from .exchange import CUTS, OUTCOMES, PAUSE_UPSTREAM
+from .outcomes import CUTS, OUTCOMES
 from .scheduler import Scheduler
+from .upstream import UpstreamConnection
 from .worker import State, Worker
 
 if TYPE_CHECKING:
     from ..config import AppConfig
-    from .exchange import Exchange, Refusal
-    from .tunnel import Tunnel
+    from .exchange import Exchange
+    from .outcomes import Refusal
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-# setsockopt through libc on the raw fd: uvloop's socket proxy builds a socket object per call
-# (~4 us), and QUICKACK is re-armed twice per request.
-_setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt
-_ONE = ctypes.byref(ctypes.c_int(1))
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 FD_WARN_EVERY = 10.0  # seconds between two "out of file descriptors" (or "disk full") lines
 QUARANTINE = 0.2  # seconds a supervised worker that dropped a request is passed over
@@ -65,10 +59,13 @@ class Pool:
         self.on_observe: Callable[[Exchange | Refusal], None] = lambda ex: None  # metrics / access log
         self.on_unreachable: Callable[[Worker, str], None] = self._mark_unreachable
         self.on_probe_due: Callable[[Worker], None] = lambda w: None  # set by the health checker
+        # Called when in-flight requests, queued ones or sessions drop; set only while corral stops (what the
+        # stop waits for), so serving pays one None test per request for it.
+        self.on_settle: Callable[[], None] | None = None
         # The worker indexes this app should have (the supervisor's desired slots): ip stickiness
         # maps clients onto slots, so a client whose worker restarts waits for the same slot.
         self.slot_indexes: Callable[[], Iterable[int]] = lambda: sorted({w.index for w in self.workers})
-        # Every exchange ends as exactly one outcome (exchange.OUTCOMES); these are their counts, and the
+        # Every exchange ends as exactly one outcome (outcomes.OUTCOMES); these are their counts, and the
         # access log has one line for each.
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.cuts = dict.fromkeys(CUTS, 0)  # responses that did not reach their client whole, by why
@@ -229,6 +226,8 @@ class Pool:
         """A WebSocket tunnel to `worker` ended: its session place is free for a waiting one."""
         worker.sessions -= 1
         self.pump()
+        if self.on_settle is not None:
+            self.on_settle()
 
     def session_named(self, worker: Worker, sid: str) -> None:
         """A tunnel to `worker` learned its session's id: requests naming it go to `worker` until it closes.
@@ -278,6 +277,8 @@ class Pool:
 
     def cancel(self, ex: Exchange) -> None:
         self.scheduler.cancel(ex)
+        if self.on_settle is not None:
+            self.on_settle()
 
     def connect(self, ex: Exchange, worker: Worker) -> None:
         ex.worker = worker
@@ -292,15 +293,6 @@ class Pool:
                 conn.send(ex, reused=True)
                 return
         self.loop.create_task(self._open(ex, worker))
-
-    @staticmethod
-    def closed_while_idle(worker: Worker) -> bool:
-        """A kept-alive connection closed with no byte of answer: the worker closed it while idle (gunicorn,
-        uvicorn, Node do), not because of this request, if the worker process still lives. nginx's rule
-        for cached connections: not held against the worker."""
-        if worker.state not in (State.READY, State.DRAINING):
-            return False
-        return worker.proc is None or worker.proc.poll() is None
 
     def resend(self, ex: Exchange, worker: Worker) -> None:
         """Once, on a fresh connection to the same worker: a request that did crash its worker then fails
@@ -375,11 +367,10 @@ class Pool:
         else:
             self.quarantine(worker)
 
-    def release(self, ex: Exchange, conn: UpstreamConnection | None, reusable: bool) -> None:
-        """Exchange._release_worker's other half: free the slot, settle the connection, feed the queue."""
+    def release(self, ex: Exchange) -> None:
+        """Exchange._release_worker's other half (its connection already kept or closed): free the slot,
+        feed the queue."""
         worker = ex.worker
-        if conn is not None:
-            conn.finish(reusable)
         if worker is not None:
             self._free_slot(ex, worker, served=ex.response_complete)
             if worker.probe_due and worker.inflight == 0:
@@ -400,6 +391,8 @@ class Pool:
         if served:
             worker.served += 1
             self.costs.observe(ex.route, service)
+        if self.on_settle is not None:
+            self.on_settle()
 
     def expire(self, now: float) -> None:
         self._close_idle_upstreams(now - self.app.upstream_keepalive_timeout)
@@ -408,8 +401,11 @@ class Pool:
             for ex in self.inflight:
                 if ex.cls == SHORT and now - ex.dispatched_at >= threshold:
                     self.costs.running_long(ex.route, now - ex.dispatched_at)
-        for ex in self.scheduler.expire(now):
+        expired = self.scheduler.expire(now)
+        for ex in expired:
             ex.queue_timed_out(self.scheduler.retry_after())  # type: ignore[attr-defined]
+        if expired and self.on_settle is not None:
+            self.on_settle()
         if self.request_timeout:
             limit = now - self.request_timeout
             # The worker's clock runs from when it has the whole request (a streamed upload's client time is
@@ -434,194 +430,3 @@ class Pool:
             idle = worker.idle
             while idle and idle[0].idle_since <= before:  # the oldest first: finish() appends
                 idle[0].close()
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """One connection (TCP or Unix) to a worker. Carries one exchange at a time: no request is ever sent on it
-    before the previous response has fully arrived and been checked for surplus bytes."""
-
-    __slots__ = (
-        "answered",
-        "closed",
-        "exchange",
-        "fd",
-        "idle_since",
-        "pool",
-        "reader",
-        "reused",
-        "transport",
-        "tunnel",
-        "worker",
-        "write_paused",
-    )
-
-    def __init__(self, pool: Pool, worker: Worker) -> None:
-        self.pool = pool
-        self.worker = worker
-        self.exchange: Exchange | None = None
-        self.transport: asyncio.Transport | None = None
-        self.reader = edge.ResponseReader(self)
-        self.closed = False
-        self.fd = -1
-        self.tunnel: Tunnel | None = None
-        self.reused = False  # the current request went out on a connection kept from an earlier one
-        self.answered = False  # a byte of the current request's response has come back
-        self.idle_since = 0.0
-        self.write_paused = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        # A Unix socket has no Nagle and no delayed ACK: neither option exists there, nor is needed.
-        if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.fd = sock.fileno() if _QUICKACK is not None else -1
-        self._quickack()
-
-    def _quickack(self) -> None:
-        # httpuv writes head and body in two segments without TCP_NODELAY: on a reused connection
-        # the second waits for our delayed ACK (~40 ms). Setting QUICKACK sends the pending ACK now.
-        if self.fd >= 0 and not self.closed:
-            _setsockopt(self.fd, socket.IPPROTO_TCP, _QUICKACK, _ONE, 4)
-
-    def send(self, ex: Exchange, reused: bool = False) -> None:
-        self.exchange = ex
-        self.reused = reused
-        self.answered = False
-        ex.upstream = self
-        self.reader.start(ex.head.method, ex.head.websocket)
-        assert self.transport is not None
-        self.transport.write(ex.upstream_head())
-        ex.flush_body(self)
-
-    def write(self, data: bytes) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.write(data)
-
-    def write_blocked(self) -> bool:
-        return self.write_paused or self.closed
-
-    def pause_reading(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.transport.resume_reading()
-
-    def switch(self, tunnel: Tunnel) -> None:
-        self.tunnel = tunnel
-        self.exchange = None
-
-    # The tunnel's session id (tunnel.WorkerEnd), for session-id routing: see Pool._pin.
-    def session_named(self, sid: str) -> None:
-        self.pool.session_named(self.worker, sid)
-
-    def session_unnamed(self, sid: str) -> None:
-        self.pool.session_unnamed(self.worker, sid)
-
-    def session_cut(self, why: str) -> None:
-        self.pool.cuts[why] = self.pool.cuts.get(why, 0) + 1  # a session cut counts as a response cut
-
-    def data_received(self, data: bytes) -> None:
-        if self.tunnel is not None:
-            self.tunnel.from_worker(data)
-            return
-        ex = self.exchange
-        self.answered = True
-        try:
-            self.reader.feed(data)
-        except edge.UpstreamError as exc:
-            self.close()
-            if ex is None:
-                self.on_surplus()  # bytes on an idle connection: never the answer to a future request
-            elif self.exchange is ex:
-                ex.upstream_failed(f"malformed response: {exc}")
-            return
-        if ex is not None and self.exchange is ex:
-            # The response is not whole yet: its rest may be held back (Nagle) until this part is ACKed.
-            # A response that came whole in one read needs no ACK in a hurry, so a worker that writes
-            # its response at once costs no setsockopt at all; httpuv (head, then body) costs one.
-            self._quickack()
-
-    # Response parser callbacks, relayed to the exchange.
-    def on_response(self, status: int, headers: list[tuple[bytes, bytes]], framing: int) -> None:
-        assert self.exchange is not None
-        self.exchange.on_response(status, headers, framing)
-
-    def on_response_body(self, data: bytes) -> None:
-        assert self.exchange is not None
-        self.exchange.on_response_body(data)
-
-    def on_response_end(self, reusable: bool) -> None:
-        assert self.exchange is not None
-        self.exchange.on_response_end(reusable)
-
-    def on_upgrade(self, headers: list[tuple[bytes, bytes]], rest: bytes) -> None:
-        assert self.exchange is not None
-        self.exchange.on_upgrade(headers, rest)
-
-    def on_surplus(self) -> None:
-        say(f"corral: worker {self.worker.name}: {edge.SURPLUS}; its connection is closed, not reused")
-
-    def eof_received(self) -> bool:
-        if self.tunnel is not None:
-            self.tunnel.worker_gone()
-            return False
-        if self.exchange is not None:
-            self.reader.eof()  # a close-delimited body ends here; anything else is a truncation
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.closed = True
-        if self.tunnel is not None:
-            self.tunnel.worker_gone()
-        if self in self.worker.idle:
-            self.worker.idle.remove(self)
-        ex, self.exchange = self.exchange, None
-        if ex is None:
-            return
-        if not (self.reused and not self.answered and self.pool.closed_while_idle(self.worker)):
-            ex.upstream_failed("worker closed the connection")
-        elif ex.resendable() and not ex.ended:
-            self.pool.resend(ex, self.worker)
-        else:  # the client left, or its streamed body is gone: no second try, and not the worker's failure
-            ex.upstream_failed("worker had closed the kept-alive connection", blame=False)
-
-    def finish(self, reusable: bool) -> None:
-        """The exchange is over: keep the connection for the next one, or close it."""
-        self.exchange = None
-        worker = self.worker
-        if not reusable or self.closed or worker.state not in (State.READY, State.DRAINING):
-            self.close()
-            return
-        self.resume_reading()
-        self.idle_since = time.monotonic()
-        if self not in worker.idle:
-            worker.idle.append(self)
-
-    def pause_writing(self) -> None:
-        self.write_paused = True
-        if self.tunnel is not None:
-            self.tunnel.worker_full()
-            return
-        ex = self.exchange
-        if ex is not None:
-            ex.client.pause(PAUSE_UPSTREAM)
-
-    def resume_writing(self) -> None:
-        self.write_paused = False
-        if self.tunnel is not None:
-            self.tunnel.worker_drained()
-            return
-        ex = self.exchange
-        if ex is not None:
-            ex.client.resume(PAUSE_UPSTREAM)
-            ex.send_body()
-
-    def close(self) -> None:
-        if not self.closed and self.transport is not None:
-            self.closed = True
-            if self in self.worker.idle:
-                self.worker.idle.remove(self)
-            self.transport.close()

@@ -1,10 +1,10 @@
 """The byte tunnel a WebSocket session becomes after the worker's 101.
 
-Both sockets keep their asyncio Protocols (proxy.ClientConnection, pool.UpstreamConnection); once an
+Both sockets keep their asyncio Protocols (client.ClientConnection, upstream.UpstreamConnection); once an
 exchange has switched, each hands its bytes to the tunnel instead of its parser. Back-pressure runs both
 ways: a side whose write buffer is full stops the other side's reading, so a client that stops reading
 costs at most one transport buffer, never unbounded memory (and past send_timeout, the client connection
-is cut: proxy.ClientConnection.check_timeouts). Closing either side, or `ws_idle_timeout` without a byte,
+is cut: client.ClientConnection.check_timeouts). Closing either side, or `ws_idle_timeout` without a byte,
 closes both, and `on_close` runs exactly once (the worker's session count goes down).
 
 The bytes stay opaque except for the WebSocket frame headers (RFC 6455 5.2) in the worker-to-client
@@ -44,7 +44,7 @@ class End(Protocol):
 
 
 class WorkerEnd(End, Protocol):
-    """The worker side (pool.UpstreamConnection): it also hears the session's name, when the name is gone, and
+    """The worker side (upstream.UpstreamConnection): it also hears the session's name, when the name is gone, and
     why the session was cut if its client failed it."""
 
     def session_named(self, session_id: str) -> None: ...
