@@ -25,8 +25,10 @@ from .ops import probes, snapshot, systemd
 from .ops.admin import AdminError, AdminServer
 from .ops.autoscale import Autoscaler, Policy
 from .supervision import health, launch, sockdir
+from .supervision.changes import Changes
 from .supervision.output import reopen_worker_log
-from .supervision.supervisor import Supervisor, port_free
+from .supervision.processes import port_free
+from .supervision.supervisor import Supervisor
 from .supervision.watch import Watcher
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a core task died; no port at all beats a port that serves nothing
@@ -51,6 +53,9 @@ class Corral:
         self.tasks: list[asyncio.Task[Any]] = []
         self.started = time.time()
         self._stop = asyncio.Event()
+        # Notified by every supervisor (a worker ready or gone, a scale, an app that cannot start) and by stop():
+        # what _announce_ready and _watch_fatal wait on.
+        self.changes = Changes()
         self.exit_code = 0
         self.admin: Any = None
         self.autoscalers: dict[str, Autoscaler] = {}
@@ -161,7 +166,7 @@ class Corral:
                 for w in health.external_workers(app):
                     pool.join(w)
             else:
-                sup = Supervisor(app, self.cfg, pool, loop)
+                sup = Supervisor(app, self.cfg, pool, loop, self.changes)
                 sup.fixed_ports = not self.balance  # nginx/HAProxy in front know the worker ports
                 self.supervisors[app.name] = sup
                 self.watch(loop.create_task(sup.run()), f"supervisor for app {app.name}")
@@ -220,28 +225,31 @@ class Corral:
         loop.add_signal_handler(signal.SIGUSR1, self.reopen_logs)
 
     async def _announce_ready(self) -> None:
-        while not self._stop.is_set():
-            want = sum(s.desired for s in self.supervisors.values())
-            ready = sum(len(p.routable()) for p in self.pools if p.name in self.supervisors)
-            if ready >= want:
-                names = ", ".join(self._describe(p) for p in self.pools)
-                if self.balance:
-                    where = f"serving on http://{self.cfg.server.host}:{self.cfg.server.port}"
-                else:
-                    where = "supervise-only, no balancer; workers at " + "; ".join(
-                        f"{p.name} {_addresses(p)}" for p in self.pools if p.name in self.supervisors
-                    )
-                say(f"corral: all workers ready ({names}); {where}")
-                self.notifier.send("READY=1", f"STATUS={self._systemd_status()}")
-                return
-            await asyncio.sleep(0.05)
+        # A supervised worker turns ready only in its supervisor, and only a scale lowers the count wanted.
+        await self.changes.until(lambda: self._stop.is_set() or self._all_ready())
+        if self._stop.is_set():
+            return
+        names = ", ".join(self._describe(p) for p in self.pools)
+        if self.balance:
+            where = f"serving on http://{self.cfg.server.host}:{self.cfg.server.port}"
+        else:
+            where = "supervise-only, no balancer; workers at " + "; ".join(
+                f"{p.name} {_addresses(p)}" for p in self.pools if p.name in self.supervisors
+            )
+        say(f"corral: all workers ready ({names}); {where}")
+        self.notifier.send("READY=1", f"STATUS={self._systemd_status()}")
+
+    def _all_ready(self) -> bool:
+        want = sum(s.desired for s in self.supervisors.values())
+        ready = sum(len(p.routable()) for p in self.pools if p.name in self.supervisors)
+        return ready >= want
 
     # --- systemd: sd_notify -------------------------------------------------------------------------
     async def _feed_watchdog(self, every: float) -> None:
         """WATCHDOG=1 from the event loop itself: a loop that stops turning stops feeding it."""
         while True:
             self.notifier.send("WATCHDOG=1")
-            await asyncio.sleep(every)
+            await asyncio.sleep(every)  # a heartbeat, not a wait: systemd wants one every interval
 
     async def _tell_systemd(self) -> None:
         """STATUS= when it changes; RELOADING=1 ... READY=1 around a reload (SIGHUP, /reload, --watch:
@@ -250,6 +258,7 @@ class Corral:
         reloading = False
         shown = None
         while not self._stop.is_set():
+            # A sample, not a wait: STATUS= carries the queue depth, which the data path changes on every request.
             await asyncio.sleep(0.2)
             if self.notifier.failure is not None:
                 warn(f"corral: sd_notify to $NOTIFY_SOCKET failed ({self.notifier.failure}); systemd may not hear us")
@@ -292,20 +301,20 @@ class Corral:
         return f"{pool.name}: {len(pool.routable())} of {len(pool.workers)} upstreams answering so far"
 
     async def _watch_fatal(self) -> None:
-        while not self._stop.is_set():
-            for sup in self.supervisors.values():
-                if sup.fatal:
-                    warn(f"corral: {sup.fatal}")
-                    self.exit_code = 3
-                    self.stop()
-                    return
-            await asyncio.sleep(0.1)
+        sups = self.supervisors.values()
+        await self.changes.until(lambda: self._stop.is_set() or any(s.fatal for s in sups))
+        if self._stop.is_set():
+            return
+        warn(f"corral: {next(s.fatal for s in sups if s.fatal)}")
+        self.exit_code = 3
+        self.stop()
 
     def stop(self) -> None:
         """Begin a graceful stop (SIGTERM, SIGINT, POST /stop). /readyz turns 503 here, at once; a second
         call changes nothing (Kubernetes' preStop `corral stop` is followed by its SIGTERM)."""
         self.draining = True
         self._stop.set()
+        self.changes.notify()  # _announce_ready and _watch_fatal end with the stop
 
     def interrupt(self) -> None:
         """SIGINT (Ctrl-C): the first is a graceful stop that says what it waits for; a second one, or one
@@ -387,8 +396,9 @@ class Corral:
             proxy.stop_accepting()
             # Open WebSocket sessions count as in flight: they keep working until they close or the deadline
             # passes, as in a reload's drain; then each gets a close frame (1001 Going Away), not a bare close.
-            while proxy.busy() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            for pool in proxy.pools:
+                pool.on_settle = self.changes.notify
+            await self.changes.until(lambda: not proxy.busy(), deadline)
             left = proxy.open_sessions()
             if left:
                 say(
@@ -399,8 +409,7 @@ class Corral:
             # A session in the middle of one of its worker's messages gets its close frame once the message
             # is through: its worker must live that long (at most GO_AWAY_GRACE; the tunnel is cut then).
             going = time.monotonic() + GO_AWAY_GRACE
-            while proxy.open_sessions() and time.monotonic() < going:
-                await asyncio.sleep(0.02)
+            await self.changes.until(lambda: not proxy.open_sessions(), going)
         for checker in self.checkers:
             checker.stopping = True
         await asyncio.gather(

@@ -17,6 +17,8 @@ from corral.datapath.worker import State, Worker
 from corral.ops import snapshot
 from corral.ops.autoscale import Autoscaler, Observation, Policy, decide, observation
 
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
+
 POLICY = Policy(min_workers=2, max_workers=6, scale_up_wait=1.0, idle_timeout=10.0)
 
 

@@ -1,5 +1,5 @@
 """Issue 12: WebSocket sessions in /status, `corral status`, /metrics and the dashboard, read from a running
-corral in front of WebSocket echo workers (tests/ws_echo_worker.py)."""
+corral in front of WebSocket echo workers (tests/support/ws_echo_worker.py)."""
 
 from __future__ import annotations
 

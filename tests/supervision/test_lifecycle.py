@@ -1,6 +1,6 @@
 """Start, stop and survival of a real corral process: what must never leave a dead port open.
 
-Real processes over real sockets (tests/stub_worker.py workers). No timing assertions: every wait is a
+Real processes over real sockets (tests/support/stub_worker.py workers). No timing assertions: every wait is a
 poll-until with a generous bound, and the checks are on what corral logged and answered.
 """
 

@@ -309,6 +309,7 @@ def obs(now: float, desired: int, busy: int = 0, depth: int = 0, wait: float = 0
     return Observation(now=now, desired=desired, starting=starting, busy=busy, depth=depth, oldest_wait=wait)
 
 
+@pytest.mark.unit
 def test_policy_scales_up_only_after_scale_up_wait_and_not_while_starting():
     d = decide(POLICY, obs(0, 1, busy=1, depth=3, wait=0.5), None)
     assert d.target == 1 and d.reason is None  # queued, but not for long enough
@@ -322,11 +323,13 @@ def test_policy_scales_up_only_after_scale_up_wait_and_not_while_starting():
     assert d.target == 4  # never above max
 
 
+@pytest.mark.unit
 def test_policy_steps_up_no_more_than_the_queue_needs():
     d = decide(POLICY, obs(0, 2, busy=2, depth=1, wait=5.0), None)
     assert d.target == 3
 
 
+@pytest.mark.unit
 def test_policy_scales_down_after_idle_timeout_never_below_min():
     mem = decide(POLICY, obs(0, 4, busy=4), None).memory
     d = decide(POLICY, obs(5, 4, busy=2), mem)
@@ -341,6 +344,7 @@ def test_policy_scales_down_after_idle_timeout_never_below_min():
     assert d.target == 1
 
 
+@pytest.mark.unit
 def test_policy_queue_counts_as_all_busy_and_manual_scale_is_respected():
     mem = decide(POLICY, obs(0, 3, busy=0), None).memory
     d = decide(POLICY, obs(9, 3, busy=0, depth=1, wait=0.1), mem)
@@ -352,12 +356,14 @@ def test_policy_queue_counts_as_all_busy_and_manual_scale_is_respected():
     assert d.target == 1
 
 
+@pytest.mark.unit
 def test_policy_clamps_a_desired_count_outside_the_bounds():
     assert decide(POLICY, obs(0, 7), None).target == 4
     assert decide(Policy(2, 4, 1.0, 10.0), obs(0, 1), None).target == 2
     assert isinstance(decide(POLICY, obs(0, 2), None).memory, Memory)
 
 
+@pytest.mark.unit
 def test_policy_never_scales_down_a_busy_fleet():
     d = decide(POLICY, obs(0, 3, busy=3), None)
     for t in range(1, 60):

@@ -19,6 +19,8 @@ from corral.datapath.worker import State, Worker
 from corral.supervision import supervisor as supmod
 from corral.supervision.supervisor import Supervisor
 
+pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
+
 
 class FakePool:
     """What the supervisor uses of a Pool, without the data path."""

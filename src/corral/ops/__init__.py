@@ -1,1 +1,2 @@
-"""What operators see and drive: the admin channel, status, metrics, probes, systemd, autoscaling."""
+"""What operators see and drive: the admin channel and its answers (routes, status, dashboard), metrics, probes,
+systemd, autoscaling."""

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from ..datapath.worker import State
 from ..logs import AccessLog
-from ..supervision.supervisor import tree_rss
+from ..supervision.processes import tree_rss
 
 if TYPE_CHECKING:
     from ..datapath.exchange import Exchange
@@ -111,7 +111,7 @@ def attach(pool: Pool, stats: PoolStats) -> None:
 class CorralCollector(Collector):
     """Renders, at scrape time, a fresh snapshot of a running corral and the request counters.
 
-    `read` returns a snapshot.Snapshot (admin passes `snapshot.take` bound to its corral). It is passed
+    `read` returns a snapshot.Snapshot (routes.py passes `snapshot.take` bound to its corral). It is passed
     in, not imported: metrics and snapshot are independent siblings in pyproject's import layers, so
     the apps are read by attribute (`Any` below)."""
 

@@ -108,3 +108,12 @@ def reopen_worker_log(worker: Worker, log_dir: str) -> bool:
     with contextlib.suppress(OSError):
         old.close()
     return True
+
+
+def error_lines(tail: list[str], most: int = 15) -> list[str]:
+    """A failed worker's error: its output from the first line that starts an error (R's `Error in
+    parse(...)` comes before the `Error in parseUTF8` that repeats it; a Python `Traceback`), else its
+    last lines; at most `most` lines."""
+    start = next((i for i, line in enumerate(tail) if line.lstrip().startswith(("Error", "Traceback"))), None)
+    lines = tail[start : start + most] if start is not None else tail[-most:]
+    return lines or ["(the worker printed nothing)"]

@@ -11,62 +11,47 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import ctypes
 import os
 import random
 import signal
-import socket
 import subprocess
 import time
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-import psutil
-
 from ..config import AppConfig, Config, connect_host, effective_workers, parse_crash_limit, worker_ports
 from ..datapath.worker import State, Worker
 from ..logs import event, say, warn
 from ..net import PORT_MAX
 from . import health, launch, sockdir
-from .output import WorkerOutput
+from .changes import Changes
+from .output import WorkerOutput, error_lines
+from .processes import describe_error, describe_exit, port_free, prepare_child, tree_rss
 
 if TYPE_CHECKING:
     from ..datapath.pool import Pool
 
 BACKOFF_START, BACKOFF_MAX, BACKOFF_RESET = 0.1, 15.0, 30.0
 CRASH_LINES = 10  # last output lines kept with a crash loop
+# reconcile runs on every wake, and at least this often: some of what it acts on is time (startup_timeout,
+# backoff, graceful_timeout, max_memory) or a draining worker's in-flight count, which the data path changes.
 TICK = 0.1
 # How long a report (cannot start, crash loop) waits for the last output of a worker that has exited: its
 # exit and the end of its pipes are separate events, and a child it left behind may hold the pipes open.
 OUTPUT_GRACE = 2.0
 MEMORY_EVERY = 2.0
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec: no worker may outlive corral, even a SIGKILLed one."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-    if os.getppid() != parent:  # corral died before prctl took effect
-        os._exit(1)
-
-
-def _in_child(parent: int, scheduling: str) -> None:
-    _die_with_parent(parent)
-    if scheduling == "batch" and hasattr(os, "SCHED_BATCH"):
-        # Inherited by exec and by every thread the worker starts (httpuv's I/O thread included). A worker
-        # woken by corral's write then no longer preempts corral before it has handed the other workers
-        # theirs; only Linux has the policy, and it needs no privilege.
-        with contextlib.suppress(OSError):
-            os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
 
 
 class Supervisor:
-    def __init__(self, app: AppConfig, cfg: Config, pool: Pool, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(
+        self,
+        app: AppConfig,
+        cfg: Config,
+        pool: Pool,
+        loop: asyncio.AbstractEventLoop,
+        changes: Changes | None = None,
+    ) -> None:
         self.app = app
         self.pool = pool
         self.loop = loop
@@ -90,6 +75,9 @@ class Supervisor:
         self.reload_note: str | None = None
         self.stopping = False
         self._wake = asyncio.Event()
+        # Told of every fact wake() records, and of fatal: corral waits on it (all ready, cannot start), as
+        # shutdown does (all stopped). Corral passes one notifier to all its supervisors.
+        self.changes = changes if changes is not None else Changes()
         self._last_memory = 0.0
         self._errors_seen: set[tuple[str, str, int]] = set()
         self.log_dir = cfg.server.log_dir
@@ -116,6 +104,7 @@ class Supervisor:
 
     def wake(self) -> None:
         self._wake.set()
+        self.changes.notify()
 
     def kill_hung(self, worker: Worker, why: str) -> None:
         """The pool's verdict on a worker past its request deadline: out of rotation now, killed by reconcile."""
@@ -320,7 +309,7 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stop and kill reach the whole tree
-            preexec_fn=lambda: _in_child(parent, scheduling),
+            preexec_fn=lambda: prepare_child(parent, scheduling),
         )
         WorkerOutput.attach(self.loop, worker, self.log_dir)
         try:
@@ -333,7 +322,7 @@ class Supervisor:
         self.loop.create_task(self._await_ready(worker))
 
     def _spawn_failed(self, worker: Worker, exc: Exception) -> None:
-        detail = _describe_error(exc)
+        detail = describe_error(exc)
         worker.tail.append(f"cannot start worker: {detail}")
         worker.stop_reason = "spawn failed"
         self._after_exit(worker, f"cannot start: {detail}")
@@ -348,7 +337,7 @@ class Supervisor:
             if ok:
                 self._became_ready(worker)
                 return
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # a poll: only the worker's process knows when it listens
             delay = min(delay * 1.5, 0.5)
 
     def _became_ready(self, worker: Worker) -> None:
@@ -368,7 +357,7 @@ class Supervisor:
             os.close(fd)
             assert worker.proc is not None
             code = worker.proc.wait()
-            self._after_exit(worker, _describe_exit(code))
+            self._after_exit(worker, describe_exit(code))
 
         self.loop.add_reader(fd, exited)
 
@@ -431,7 +420,8 @@ class Supervisor:
         if self.ever_ready or self.fatal:
             return
         if len(self.failures) >= self.desired and all(self.failures.get(i, 0) >= 1 for i in range(self.desired)):
-            if self._last_lines_pending(self.clock()):
+            now = self.clock()
+            if self._last_lines_pending(now) or self._kills_pending(now):
                 return
             last = self.crash_worker
             tail = (list(last.tail) if last is not None else []) or self.last_tail or ["(the worker printed nothing)"]
@@ -441,6 +431,7 @@ class Supervisor:
                 f"app '{self.app.name}' cannot start: every worker exited before it was ready{how}.\n"
                 "Last lines the worker printed:\n" + "\n".join(f"    {line}" for line in tail[-15:])
             )
+            self.changes.notify()
 
     # --- crash loops: K unplanned exits within T seconds (circus's flapping, pm2's min_uptime) ----------
     def _check_crash_loop(self, now: float) -> None:
@@ -461,6 +452,11 @@ class Supervisor:
         """The last worker to exit may still have lines in its pipes: a report about it waits (briefly)."""
         last = self.crash_worker
         return last is not None and last.pipes_open > 0 and now - self.crash_seen < OUTPUT_GRACE
+
+    def _kills_pending(self, now: float) -> bool:
+        """A worker killed as failed has not been seen to exit: corral stops on a cannot-start report at once,
+        so the report waits (briefly) for those exits, each a failed start logged as such."""
+        return bool(self._killed) and now - self.crash_seen < OUTPUT_GRACE
 
     def _report_crash_loop(self) -> None:
         k, t = self.crash_limit
@@ -535,69 +531,15 @@ class Supervisor:
                 w.draining_since = self.clock()
                 self.pool.set_state(w, State.DRAINING)
                 self.pool.scheduler.remove_worker(w)
-        await self._until(lambda: not any(w.holding for w in workers), deadline)
+        self.pool.on_settle = self.changes.notify  # in-flight requests and sessions end in the data path
+        await self.changes.until(lambda: not any(w.holding for w in workers), deadline, self.clock)
         for w in workers:
             if w.state is not State.STOPPED:
                 self._stop(w, "corral is stopping")
         gone = self.clock() + self.app.kill_timeout + 1.0
-        await self._until(lambda: all(w.state is State.STOPPED for w in workers), gone)
-
-    async def _until(self, done: Callable[[], bool], deadline: float) -> None:
-        while not done() and self.clock() < deadline:
-            await asyncio.sleep(0.05)
-
-
-def error_lines(tail: list[str], most: int = 15) -> list[str]:
-    """A failed worker's error: its output from the first line that starts an error (R's `Error in
-    parse(...)` comes before the `Error in parseUTF8` that repeats it; a Python `Traceback`), else its
-    last lines; at most `most` lines."""
-    start = next((i for i, line in enumerate(tail) if line.lstrip().startswith(("Error", "Traceback"))), None)
-    lines = tail[start : start + most] if start is not None else tail[-most:]
-    return lines or ["(the worker printed nothing)"]
+        # Every exit goes through _after_exit, whose wake() notifies.
+        await self.changes.until(lambda: all(w.state is State.STOPPED for w in workers), gone, self.clock)
 
 
 def _where(worker: Worker) -> str:
     return f"socket {worker.socket}" if worker.socket is not None else f"port {worker.port}"
-
-
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exited with code {code}"
-
-
-def _describe_error(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return f"{exc.strerror}: {exc.filename}" if exc.filename else exc.strerror
-    return str(exc) or type(exc).__name__
-
-
-def port_free(host: str, port: int) -> bool:
-    if not 0 < port <= PORT_MAX:
-        return False
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def tree_rss(pid: int | None) -> int:
-    """Resident memory of a process and all its descendants (R may fork helpers)."""
-    if pid is None:
-        return 0
-    try:
-        proc = psutil.Process(pid)
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        with contextlib.suppress(psutil.Error):
-            total += p.memory_info().rss
-    return total
