@@ -1,5 +1,5 @@
 """Issue 12: `corral export nginx|haproxy` for WebSocket apps, checked by `nginx -t` / `haproxy -c` and used
-for real: WebSocket echo workers (tests/ws_echo_worker.py) kept alive by `corral run --supervise-only`,
+for real: WebSocket echo workers (tests/support/ws_echo_worker.py) kept alive by `corral run --supervise-only`,
 behind nginx and behind HAProxy started from the exported files.
 
 Three apps cover the three stickiness modes: `chat` on / (cookie), `feed` on /feed with its prefix stripped

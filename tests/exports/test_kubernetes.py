@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from kubernetes_validate.utils import all_versions
 
 from corral.exports import kubernetes as kube
+from corral.exports.yaml_emitter import Commented, Note, to_yaml
 
 # The Kubernetes minor versions in support when this was written (each is supported about 14 months);
 # kubernetes-validate ships their schemas, so nothing is fetched.
@@ -60,6 +61,7 @@ def stub_toml(tmp: Path, body: str = "", server: str = "", name: str = "corral.t
 
 
 # --- schemas ---------------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_the_chosen_kubernetes_versions_are_shipped_by_kubernetes_validate():
     shipped = {".".join(v.split(".")[:2]) for v in all_versions()}
     assert set(KUBE_VERSIONS) <= shipped, sorted(shipped)
@@ -247,21 +249,24 @@ trees = st.recursive(
 )
 
 
+@pytest.mark.unit
 @settings(max_examples=300, deadline=None)
 @given(st.dictionaries(keys, trees, min_size=1, max_size=5))
 def test_yaml_emitter_round_trips_through_a_yaml_parser(obj):
-    text = "\n".join(kube.to_yaml(obj)) + "\n"
+    text = "\n".join(to_yaml(obj)) + "\n"
     assert yaml.safe_load(text) == obj, text
 
 
+@pytest.mark.unit
 def test_yaml_emitter_comments_are_comments():
-    obj = {kube.Note("a note"): None, "a": [kube.Note("in a list"), 1, kube.Commented({"b": 2, "c": [3]})]}
-    text = "\n".join(kube.to_yaml(obj)) + "\n"
+    obj = {Note("a note"): None, "a": [Note("in a list"), 1, Commented({"b": 2, "c": [3]})]}
+    text = "\n".join(to_yaml(obj)) + "\n"
     assert yaml.safe_load(text) == {"a": [1]}
     assert "# a note" in text and "  # - b: 2" in text
 
 
 # --- the Dockerfile ---------------------------------------------------------------------------------
+@pytest.mark.unit
 def test_dockerfile_runs_corral_as_the_entrypoint_as_the_pods_user():
     text = (ROOT / "deploy" / "Dockerfile").read_text()
     instructions = [line for line in text.splitlines() if line and not line.startswith(("#", " "))]

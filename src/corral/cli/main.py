@@ -497,7 +497,7 @@ def export(
             sys.exit(2)
         _export_kubernetes(config_path, image, hpa, name, replicas, max_replicas)
         return
-    from ..exports import common as X
+    from ..exports import formats as X
 
     cfg = _checked_or_exit(app_or_command, config_path, upstreams, name, knobs)
     if kind == "systemd":

@@ -1,39 +1,19 @@
-"""`corral export nginx|haproxy|systemd`: the same apps and worker ports, for another front end.
+"""What more than one export shares: the apps as a front end sees them, and the generated-file header.
 
-The exports are for people who already run nginx or HAProxy: `corral run --supervise-only` keeps the
-workers alive on fixed ports and the front end balances them. Each export maps corral's knobs onto
-the nearest setting the other server has, and says in comments where there is none.
+nginx.py, haproxy.py and systemd.py (and kubernetes.py, for the stop bound) build on these; nothing here
+knows any one front end's syntax beyond the address and duration forms nginx and HAProxy both read.
 """
 
 from __future__ import annotations
 
 import math
-import re
-import shlex
-import shutil
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 from .. import __version__
-from ..config import (
-    AppConfig,
-    Config,
-    KiB,
-    connect_host,
-    first_port,
-    parse_upstream,
-    plain_number,
-    port_span,
-    reserved_fds,
-    sticky_mode,
-)
+from ..config import AppConfig, Config, connect_host, first_port, parse_upstream, port_span
 
 NOT_FOUND_JSON = '{"error": "no app serves this path", "status": 404}'
-STOP_MARGIN = 5  # seconds systemd waits beyond corral's own stop bound
-START_MARGIN = 30  # seconds for corral's own start (Python, the admin socket) before READY=1 is late
-WATCHDOG_SEC = 30  # the event loop never blocks for long; a hang this long is a hung corral
-NOFILE_AUTO = 524288  # systemd's default hard limit: corral raises its soft limit to it and sizes connections from it
+STOP_MARGIN = 5  # seconds systemd (and the kubelet) waits beyond corral's own stop bound
 
 
 @dataclass
@@ -68,26 +48,30 @@ def targets(cfg: Config) -> list[Target]:
     return sorted(out, key=lambda t: len(t.route), reverse=True)
 
 
-def _addr(host: str, port: int) -> str:
+def address(host: str, port: int) -> str:
+    """HOST:PORT, with an IPv6 host in brackets."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _secs(value: float) -> str:
+def seconds(value: float) -> str:
     """Seconds the way both nginx and HAProxy read them: whole seconds, or milliseconds."""
     if value == int(value):
         return f"{int(value)}s"
     return f"{math.ceil(value * 1000)}ms"
 
 
-def _read_timeout(app: AppConfig) -> float:
+def read_timeout(app: AppConfig) -> float:
+    """The longest a worker may take to answer: request_timeout."""
     return app.request_timeout
 
 
-def _trusted(cfg: Config) -> list[str]:
+def trusted_proxies(cfg: Config) -> list[str]:
+    """server.trusted_proxies as a list of addresses and networks."""
     return [c.strip() for c in cfg.server.trusted_proxies.split(",") if c.strip()]
 
 
-def _header(kind: str, source: str) -> list[str]:
+def generated_header(kind: str, source: str) -> list[str]:
+    """The comment lines that open a generated file: what made it, and what runs the workers."""
     # From command-line flags (check and export take run's) there is no file to name: say "FLAGS".
     given = "FLAGS" if source == "command line" else f"-c {source}"
     return [
@@ -95,482 +79,6 @@ def _header(kind: str, source: str) -> list[str]:
         f"# Workers: `corral run --supervise-only {given}` starts and supervises them on the",
         "# ports below (and keeps those ports across reloads); this file only balances them.",
     ]
-
-
-# --- nginx -----------------------------------------------------------------------------------
-NGINX_LIMITS = """\
-#
-# What nginx (open source) cannot do that corral's own balancer does:
-#  - No central queue. nginx hands every request to a worker at once (least_conn), so on
-#    single-threaded workers a request can wait behind a slow one while another worker is idle.
-#    `max_conns` would cap a worker at max_inflight, but waiting for a free worker (`queue`) is
-#    NGINX Plus only: without it, requests over the cap get 502, so this file sets no max_conns.
-#  - No active health checks (`health_check` is NGINX Plus). A dead worker is noticed only when a
-#    real request fails to connect (max_fails/fail_timeout), and nginx cannot tell a busy
-#    single-threaded worker from a hung one; corral probes only idle workers.
-#  - No upstream keep-alive here, on purpose: plumber (httpuv) writes a response's head and body
-#    as two segments, and on a reused connection the body waits for nginx's delayed ACK: about
-#    40 ms per request. corral re-arms TCP_QUICKACK per read; nginx cannot, so every request
-#    gets a fresh connection (no `keepalive` in the upstream blocks).
-#  - max_queue, queue_timeout and request_timeout have no nginx equivalent: proxy_read_timeout
-#    below covers queue_timeout + request_timeout, the longest a request may take in corral.
-#  - No session limit: max_sessions (WebSocket sessions per worker) has no nginx equivalent, and
-#    an open session is one more connection to its worker for least_conn to count."""
-
-# WebSocket (RFC 6455): only `Upgrade: websocket` is passed on, as corral does (h2c and other upgrades
-# are served as plain requests); nginx tunnels the connection after the worker's 101. Every other
-# request keeps `Connection: close` (no upstream keep-alive, above). The variables are named corral_*
-# so they cannot clash with a `map $http_upgrade $connection_upgrade` already in the http {} block.
-NGINX_WEBSOCKET = [
-    "map $http_upgrade $corral_upgrade {",
-    '    "~*^websocket$" websocket;',
-    '    default "";',
-    "}",
-    "map $http_upgrade $corral_connection_upgrade {",
-    '    "~*^websocket$" upgrade;',
-    "    default close;",
-    "}",
-    "",
-]
-
-
-def nginx(cfg: Config) -> str:
-    server = cfg.server
-    lines = [*_header("nginx", cfg.source)]
-    lines += [
-        "# Include it from the http {} block, e.g. as /etc/nginx/conf.d/corral.conf, then `nginx -t`.",
-        NGINX_LIMITS,
-        "",
-        *NGINX_WEBSOCKET,
-    ]
-    tgts = targets(cfg)
-    for t in tgts:
-        lines += _nginx_upstream(t)
-    # As corral does: a client's own X-Forwarded-For is replaced, unless it comes via trusted_proxies
-    # (then also add `set_real_ip_from` for them, or nginx appends to what anyone sends).
-    xff = "$proxy_add_x_forwarded_for" if _trusted(cfg) else "$remote_addr"
-    lines += [
-        "server {",
-        f"    listen {_addr(server.host, server.port)};",
-        "    server_name _;",
-        f"    client_max_body_size {max(server.max_body, 1)};",
-        f"    large_client_header_buffers 4 {math.ceil(server.max_header_bytes / 1024)}k;",
-        f"    client_header_timeout {_secs(server.header_timeout)};",
-        f"    client_body_timeout {_secs(server.body_timeout)};",
-        f"    keepalive_timeout {_secs(server.keepalive_timeout)};",
-        f"    send_timeout {_secs(server.send_timeout)};",
-        "",
-        "    # What every app's worker is told (a location that set its own proxy_set_header would",
-        "    # lose all of these, so the per-app prefix travels in a variable instead).",
-        '    set $corral_prefix "";',
-        "    proxy_http_version 1.1;",
-        "    proxy_set_header Upgrade $corral_upgrade;  # not sent when empty: only WebSocket upgrades pass",
-        "    proxy_set_header Connection $corral_connection_upgrade;  # close, or upgrade for a WebSocket",
-        "    proxy_set_header Host $http_host;",
-        f"    proxy_set_header X-Forwarded-For {xff};",
-        "    proxy_set_header X-Forwarded-Proto $scheme;",
-        "    proxy_set_header X-Forwarded-Host $http_host;",
-        "    proxy_set_header X-Forwarded-Prefix $corral_prefix;  # not sent when empty",
-        "    proxy_set_header X-Request-Id $request_id;",
-        "    # Only a failed connect moves a request to another worker: one that timed out has run.",
-        "    proxy_next_upstream error;",
-        f"    proxy_send_timeout {_secs(server.body_timeout)};",
-        "",
-    ]
-    for t in tgts:
-        lines += _nginx_locations(t)
-    if not any(t.route == "/" for t in tgts):
-        lines += [
-            "    # A path no app claims: answered here, never by a worker.",
-            "    location / {",
-            "        default_type application/json;",
-            f"        return 404 '{NOT_FOUND_JSON}\\n';",
-            "    }",
-        ]
-    lines += ["}", ""]
-    return "\n".join(lines)
-
-
-def _nginx_upstream(t: Target) -> list[str]:
-    app = t.app
-    lines = [f"# app '{app.name}': " + ("workers corral supervises" if t.started_by_corral else "external upstreams")]
-    lines += [f"upstream {t.ident} {{", *_nginx_balance(app)]
-    # A refused connect takes a worker out at once (as in corral); after fail_timeout one real
-    # request tries it again, standing in for corral's probe every health_interval.
-    fail = _secs(max(app.health_interval, 1.0))
-    for host, port in t.servers:
-        lines.append(f"    server {_addr(host, port)} max_fails=1 fail_timeout={fail};")
-    lines += ["    # no `keepalive`: see the note at the top of this file", "}", ""]
-    return lines
-
-
-def _nginx_balance(app: AppConfig) -> list[str]:
-    """The upstream's balancing method, from the app's stickiness (config.sticky_mode)."""
-    mode = sticky_mode(app)
-    if mode == "none":
-        return ["    least_conn;"]
-    # A consistent hash of the whole address, not ip_hash (which keys IPv4 clients on their /24): a
-    # worker that goes away moves only its own clients, as corral's ip mode does.
-    why = [
-        "    # sticky = ip: a client's address picks its worker; with trusted_proxies, add set_real_ip_from",
-        "    # and real_ip_header X-Forwarded-For so that $remote_addr is the client's, not the proxy's.",
-    ]
-    if mode == "cookie":
-        why = [
-            "    # sticky = cookie, approximated: nginx open source cannot set a cookie (`sticky cookie` is",
-            "    # NGINX Plus), and hashing $cookie_corral_sticky would hash nothing, since corral's balancer,",
-            "    # which sets that cookie, is not in front here. So the client's address picks its worker:",
-            "    # clients behind one NAT or proxy share a worker, and one whose address changes moves (its",
-            "    # Shiny session reconnects and starts over). For real cookie stickiness use the HAProxy export.",
-        ]
-    return [*why, "    hash $remote_addr consistent;"]
-
-
-def _nginx_locations(t: Target) -> list[str]:
-    app = t.app
-    route = t.route
-    ws = f"@{t.ident}_websocket"
-    body = [
-        f"proxy_connect_timeout {_secs(max(app.health_timeout, 1.0))};",
-        f"proxy_read_timeout {_secs(app.queue_timeout + _read_timeout(app))};  # queue_timeout + request_timeout",
-        *_nginx_buffering(app),
-    ]
-    upgrade = [  # after any `set` above: rewrite directives run in order, and `return` ends them
-        f"error_page 418 = {ws};  # WebSocket upgrades: see {ws} below",
-        'if ($http_upgrade ~* "^websocket$") { return 418; }',
-    ]
-    if route == "/":
-        locations = [("/", f"http://{t.ident}")]
-        note = "every path no other app claims"
-    elif app.strip_prefix:
-        # With a URI part, proxy_pass swaps the matched location for it: /api/x -> /x, /api -> /.
-        locations = [(f"= {route}", f"http://{t.ident}/"), (f"{route}/", f"http://{t.ident}/")]
-        body.append(f"set $corral_prefix {route};")
-        note = f"{route} and everything under it, prefix stripped (X-Forwarded-Prefix: {route})"
-    else:
-        locations = [(f"= {route}", f"http://{t.ident}"), (f"{route}/", f"http://{t.ident}")]
-        note = f"{route} and everything under it (never {route}x)"
-    out = [f"    # app '{app.name}': {note}"]
-    for loc, target in locations:
-        out += [f"    location {loc} {{", f"        proxy_pass {target};"]
-        out += [*(f"        {b}" for b in body + upgrade), "    }"]
-    return [*out, *_nginx_websocket_location(t, ws), ""]
-
-
-def _nginx_websocket_location(t: Target, name: str) -> list[str]:
-    """The app's WebSocket tunnels. nginx has one read timeout per location and a tunnel needs
-    ws_idle_timeout, far longer than a request may take; so upgrades are sent here (error_page to a
-    named location, the one way to switch location on a header) instead of raising the plain one."""
-    app = t.app
-    idle = _secs(app.ws_idle_timeout)
-    lines = [f"    # app '{app.name}': its WebSocket sessions; a tunnel idle for {idle} (ws_idle_timeout) is closed"]
-    lines += [f"    location {name} {{"]
-    if app.strip_prefix and t.route != "/":
-        # A named location's proxy_pass takes no URI part: the prefix is cut by a rewrite instead.
-        lines += [f"        set $corral_prefix {t.route};", f"        rewrite ^{re.escape(t.route)}/?(.*)$ /$1 break;"]
-    return [
-        *lines,
-        f"        proxy_pass http://{t.ident};",
-        f"        proxy_connect_timeout {_secs(max(app.health_timeout, 1.0))};",
-        f"        proxy_read_timeout {idle};",
-        f"        proxy_send_timeout {idle};",
-        "    }",
-    ]
-
-
-def _nginx_buffering(app: AppConfig) -> list[str]:
-    """response_buffer / response_buffer_file as nginx's proxy_buffering: memory, then a temporary file."""
-    if app.response_buffer == 0 and app.response_buffer_file == 0:
-        return ["proxy_buffering off;  # response_buffer = response_buffer_file = 0: read as the client reads"]
-    # nginx wants at least a few buffers (busy buffers < all buffers minus one): small budgets use 4k ones.
-    size = 64 * KiB if app.response_buffer >= 4 * 64 * KiB else 4 * KiB
-    n = max(4, math.ceil(app.response_buffer / size))
-    return [
-        f"proxy_buffer_size {size // KiB}k;",
-        f"proxy_buffers {n} {size // KiB}k;  # response_buffer",
-        f"proxy_max_temp_file_size {app.response_buffer_file};  # response_buffer_file",
-        *_nginx_request_buffering(app),
-    ]
-
-
-def _nginx_request_buffering(app: AppConfig) -> list[str]:
-    """request_buffering / request_buffer as nginx's proxy_request_buffering: memory, then a temporary file."""
-    if not app.request_buffering:
-        return ["proxy_request_buffering off;  # request_buffering = false: bodies stream to the worker"]
-    return [
-        "proxy_request_buffering on;  # request_buffering: a worker sees a request once its body is whole",
-        f"client_body_buffer_size {max(app.request_buffer, KiB) // KiB}k;  # request_buffer",
-    ]
-
-
-# --- HAProxy ---------------------------------------------------------------------------------
-def haproxy(cfg: Config) -> str:
-    server = cfg.server
-    tgts = targets(cfg)
-    lines = [*_header("haproxy", cfg.source)]
-    lines += [
-        "# A complete haproxy.cfg: check it with `haproxy -c -f haproxy.cfg`.",
-        "# HAProxy has corral's central queue: `maxconn` = max_inflight per server makes requests wait",
-        "# in the backend queue for the first free worker (up to `timeout queue` = queue_timeout).",
-        "# max_queue has no equivalent (HAProxy's queue is bounded only by maxconn and time), nor have",
-        "# response_buffer and response_buffer_file (HAProxy buffers a few kB and reads as the client reads).",
-        "# WebSocket sessions (`Upgrade: websocket`) go to a second backend per app over the same workers,",
-        "# `<app>_ws`, whose maxconn is max_sessions: an open session never takes a worker's request slot,",
-        "# and a new session waits in that backend's queue when every worker holds max_sessions.",
-        "",
-        "global",
-        "    # no global maxconn: HAProxy derives it from the file-descriptor limit it is given",
-        "    log stdout format raw local0",
-        "",
-        "defaults",
-        "    mode http",
-        "    log global",
-        "    option httplog",
-        "    option dontlognull",
-        # No upstream keep-alive: plumber's two-segment responses stall ~40 ms on reused connections.
-        "    option http-server-close",
-        "    option forwardfor",
-        "    option redispatch",
-        "    retries 2",
-        f"    timeout http-request {_secs(server.header_timeout)}",
-        f"    timeout http-keep-alive {_secs(server.keepalive_timeout)}",
-        f"    timeout client {_secs(max(server.body_timeout, server.keepalive_timeout, server.send_timeout))}",
-        "    timeout connect 5s",
-        "",
-        "frontend corral",
-        f"    bind {_addr(server.host, server.port)}",
-        *(
-            [f"    maxconn {server.max_connections}"]
-            if server.max_connections is not None
-            else ["    # no maxconn: max_connections is automatic (from the fd limit), as HAProxy's own default"]
-        ),
-        '    unique-id-format "%[uuid()]"',
-        "    unique-id-header X-Request-Id",
-        *(
-            [f"    http-request del-header X-Forwarded-For unless {{ src {' '.join(_trusted(cfg))} }}"]
-            if _trusted(cfg)
-            else ["    http-request del-header X-Forwarded-For  # as corral: a client's own is replaced"]
-        ),
-        "    http-request set-header X-Forwarded-Proto http",
-        "    http-request set-header X-Forwarded-Host %[req.hdr(host)]",
-        f"    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {server.max_body} }}",
-        f"    acl {WS_ACL} hdr(upgrade) -i websocket",
-    ]
-    default = None
-    for t in tgts:
-        if t.route == "/":
-            default = t.ident
-            continue
-        # Segment boundaries: /api and /api/..., never /apix. First match wins: longest first.
-        lines += [f"    acl {t.ident} path {t.route}", f"    acl {t.ident} path_beg {t.route}/"]
-        lines.append(f"    use_backend {t.ident}_ws if {t.ident} {WS_ACL}")
-        lines.append(f"    use_backend {t.ident} if {t.ident}")
-    if default is not None:
-        lines.append(f"    use_backend {default}_ws if {WS_ACL}")
-    lines += [f"    default_backend {default or 'corral_not_found'}", ""]
-    for t in tgts:
-        lines += _haproxy_backend(t)
-        lines += _haproxy_ws_backend(t)
-    if default is None:
-        body = NOT_FOUND_JSON.replace('"', '\\"')
-        lines += [
-            "backend corral_not_found",
-            "    # A path no app claims: answered here, never by a worker.",
-            f'    http-request return status 404 content-type application/json string "{body}"',
-            "",
-        ]
-    return "\n".join(lines)
-
-
-def _haproxy_backend(t: Target) -> list[str]:
-    app = t.app
-    read = _read_timeout(app)
-    # A single-threaded worker busy with a request answers its check only when that request is
-    # done: the check may take as long as a request may, or busy workers would be marked down.
-    check_timeout = read + app.health_timeout
-    lines = [
-        f"backend {t.ident}",
-        f"    # app '{app.name}'",
-        *_haproxy_balance(app),
-        f"    timeout queue {_secs(app.queue_timeout)}",
-        f"    timeout server {_secs(read)}",
-        f"    timeout check {_secs(check_timeout)}",
-        *(
-            # HAProxy waits for the body only up to its buffer (tune.bufsize, 16 KiB): larger ones stream
-            ["    option http-buffer-request  # request_buffering (up to tune.bufsize; corral buffers all)"]
-            if app.request_buffering
-            else []
-        ),
-        "    option httpchk",
-        f"    http-check send meth GET uri {app.health_path or '/'} ver HTTP/1.1 hdr Host localhost",
-    ]
-    if app.health_path:
-        lines.append("    http-check expect status 200-399")
-    else:
-        lines.append("    http-check expect rstatus ^[1-5]")  # without a health path any HTTP answer counts
-    if app.strip_prefix:
-        lines += [
-            f"    http-request set-header X-Forwarded-Prefix {t.route}",
-            f"    http-request replace-path ^{t.route}/?(.*) /\\1",
-        ]
-    # A refused connect on real traffic marks the server down at once; checks bring it back.
-    lines.append(
-        f"    default-server check inter {_secs(app.health_interval)} fall {app.health_fails} rise 1 "
-        f"maxconn {app.max_inflight} observe layer4 error-limit 1 on-error mark-down"
-    )
-    for i, (host, port) in enumerate(t.servers):
-        lines.append(f"    server {app.name}{i} {_addr(host, port)}{_haproxy_cookie(app, i)}")
-    return [*lines, ""]
-
-
-WS_ACL = "corral_websocket"
-
-
-def _haproxy_balance(app: AppConfig) -> list[str]:
-    """Balancing and stickiness (config.sticky_mode); the same in an app's two backends, so that a
-    client's page requests and its WebSocket session reach the same worker."""
-    mode = sticky_mode(app)
-    if mode == "cookie":
-        # As corral's own: an opaque cookie naming the worker. `indirect`: the worker never sees it,
-        # and a client whose cookie names a live worker is not sent it again; with `option redispatch`
-        # a client whose worker is gone goes to another and gets a new cookie.
-        return ["    balance leastconn", f"    cookie {STICKY_COOKIE} insert indirect nocache httponly"]
-    if mode == "ip":
-        # Consistent: a worker that goes away moves only its own clients. With trusted_proxies, use
-        # `balance hdr(X-Forwarded-For)` instead if every request comes through them.
-        return ["    balance source", "    hash-type consistent"]
-    return ["    balance leastconn"]
-
-
-STICKY_COOKIE = "corral_sticky"
-
-
-def _haproxy_cookie(app: AppConfig, index: int) -> str:
-    return f" cookie s{index}" if sticky_mode(app) == "cookie" else ""
-
-
-def _haproxy_ws_backend(t: Target) -> list[str]:
-    """An app's WebSocket sessions: the same workers (their health tracked from the plain backend),
-    maxconn = max_sessions, and the tunnel's own idle timeout once the worker has answered 101."""
-    app = t.app
-    lines = [
-        f"backend {t.ident}_ws",
-        f"    # app '{app.name}': WebSocket sessions, at most max_sessions = {app.max_sessions} per worker",
-        *_haproxy_balance(app),
-        f"    timeout queue {_secs(app.queue_timeout)}",
-        f"    timeout server {_secs(_read_timeout(app))}  # until the worker's 101",
-        f"    timeout tunnel {_secs(app.ws_idle_timeout)}  # ws_idle_timeout: after the 101, both ways",
-    ]
-    if app.strip_prefix:
-        lines += [
-            f"    http-request set-header X-Forwarded-Prefix {t.route}",
-            f"    http-request replace-path ^{t.route}/?(.*) /\\1",
-        ]
-    lines.append(f"    default-server maxconn {app.max_sessions}")
-    for i, (host, port) in enumerate(t.servers):
-        name = f"{app.name}{i}"
-        lines.append(f"    server {name} {_addr(host, port)} track {t.ident}/{name}{_haproxy_cookie(app, i)}")
-    return [*lines, ""]
-
-
-# --- systemd ---------------------------------------------------------------------------------
-def systemd(cfg: Config, supervise_only: bool = False, run_args: list[str] | None = None, socket: bool = False) -> str:
-    """A Type=notify service unit (corral sends READY=1 once every worker is ready, RELOADING=1 around a
-    reload, STOPPING=1, and WATCHDOG=1 from its event loop). `run_args`: what follows `corral run` (the
-    flags `corral export systemd` was given); default `-c FILE`. With `socket`, the .socket unit too,
-    both `systemctl cat` style: each after a `# /etc/systemd/system/NAME` line."""
-    from_file = cfg.source != "command line"
-    path = Path(cfg.source).resolve() if from_file else None
-    unit = f"corral-{path.stem if path is not None else cfg.apps[0].name if cfg.apps else 'app'}"
-    workdir = path.parent if path is not None else Path.cwd()
-    corral = shutil.which("corral")
-    exe = [corral] if corral else [sys.executable, "-m", "corral"]
-    if run_args is None:
-        run_args = ["-c", str(path)] + (["--supervise-only"] if supervise_only else [])
-    args = [*exe, "run", *run_args]
-    stop = stop_bound(cfg)
-    names = ", ".join(a.name for a in cfg.apps)
-    what = "workers only (supervise-only)" if supervise_only else "balancer and workers"
-    activated = socket and not supervise_only
-    service = "\n".join(
-        [
-            *(f"# {line[2:]}" for line in _header("systemd", str(path or cfg.source))[:1]),
-            f"# Install as /etc/systemd/system/{unit}.service, then",
-            f"#   systemctl daemon-reload && systemctl enable --now {unit}" + (f".socket {unit}" if activated else ""),
-            "[Unit]",
-            f"Description=corral: {names} ({what})",
-            "After=network-online.target",
-            "Wants=network-online.target",
-            *([f"Requires={unit}.socket", f"After={unit}.socket"] if activated else []),
-            "",
-            "[Service]",
-            "# corral tells systemd when every worker is ready (READY=1), around reloads and when it stops.",
-            "Type=notify",
-            "NotifyAccess=main",
-            f"# READY=1 comes once every worker answers: each has startup_timeout "
-            f"({plain_number(_startup(cfg))} s), twice",
-            f"# over if its first start fails, plus {START_MARGIN} s for corral itself.",
-            f"TimeoutStartSec={math.ceil(2 * _startup(cfg)) + START_MARGIN}",
-            "# corral sends WATCHDOG=1 from its event loop every WatchdogSec/2: a loop that hangs is restarted.",
-            f"WatchdogSec={WATCHDOG_SEC}s",
-            f"ExecStart={shlex.join(args)}",
-            "ExecReload=/bin/kill -HUP $MAINPID",
-            f"WorkingDirectory={workdir}",
-            "Environment=PYTHONUNBUFFERED=1",
-            "# User=corral",
-            "Restart=on-failure",
-            "RestartSec=2s",
-            "# exit 2 is a configuration problem: restarting will not fix it",
-            "RestartPreventExitStatus=2",
-            "# corral serves on for shutdown_delay, drains in-flight requests (graceful_timeout), then stops its",
-            "# workers (kill_timeout): at most shutdown_delay + max(graceful_timeout) + max(kill_timeout) + 1",
-            f"# = {plain_number(stop)} s, plus a {STOP_MARGIN} s margin.",
-            "KillSignal=SIGTERM",
-            "KillMode=mixed",
-            f"TimeoutStopSec={math.ceil(stop) + STOP_MARGIN}",
-            *_nofile_lines(cfg),
-            "",
-            "[Install]",
-            "WantedBy=multi-user.target",
-            "",
-        ]
-    )
-    if not activated:
-        return service
-    return "\n".join(
-        [
-            f"# /etc/systemd/system/{unit}.service",
-            service,
-            f"# /etc/systemd/system/{unit}.socket",
-            _socket_unit(cfg, unit),
-        ]
-    )
-
-
-def _startup(cfg: Config) -> float:
-    return max((a.startup_timeout for a in cfg.apps if not a.upstreams), default=0.0)
-
-
-def _socket_unit(cfg: Config, unit: str) -> str:
-    """Socket activation: systemd holds the public port, so a restart of corral refuses no connection
-    (they wait in the backlog); corral serves on the socket it is passed (LISTEN_FDS) instead of binding."""
-    host = "127.0.0.1" if cfg.server.host == "localhost" else cfg.server.host
-    return "\n".join(
-        [
-            "[Unit]",
-            f"Description=corral: public socket of {unit}",
-            "",
-            "[Socket]",
-            f"ListenStream={_addr(host, cfg.server.port)}",
-            *(["BindIPv6Only=both"] if host == "::" else []),
-            "# the same backlog corral gives its own listener",
-            "Backlog=1024",
-            "",
-            "[Install]",
-            "WantedBy=sockets.target",
-            "",
-        ]
-    )
 
 
 def stop_bound(cfg: Config) -> float:
@@ -582,19 +90,3 @@ def stop_bound(cfg: Config) -> float:
         return cfg.server.shutdown_delay
     drain = max(a.graceful_timeout for a in cfg.apps) + max(a.kill_timeout for a in cfg.apps) + 1.0
     return cfg.server.shutdown_delay + drain
-
-
-def _nofile_lines(cfg: Config) -> list[str]:
-    mc = cfg.server.max_connections
-    if mc is None:
-        return [
-            "# max_connections is automatic: about half the open-file limit corral raises itself to",
-            f"LimitNOFILE={NOFILE_AUTO}",
-        ]
-    return [
-        "# each client connection can need an upstream connection too, besides corral's own files",
-        f"LimitNOFILE={max(65536, 2 * mc + reserved_fds(cfg))}",
-    ]
-
-
-EXPORTERS = {"nginx": nginx, "haproxy": haproxy}
