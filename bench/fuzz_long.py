@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The edge fuzzing of tests/test_edge_fuzz.py, run for much longer than CI can afford.
+"""The edge fuzzing of tests/edge/test_edge_fuzz.py, run for much longer than CI can afford.
 
 Same strategies and properties; only the number of cases grows. Defaults (~10 minutes on 2 cores):
 sans-I/O x40 (about 144,000 cases), live x5 (about 2,400 requests to a real corral + stub worker).

@@ -138,6 +138,32 @@ class CorralProc:
         return self.proc.returncode
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test not marked `unit` is a `system` test, so `-m unit` and `-m system` split the suite in two."""
+    for item in items:
+        if item.get_closest_marker("unit") is None:
+            item.add_marker(pytest.mark.system)
+
+
+def _no_process(*args: object, **kwargs: object) -> None:
+    raise AssertionError("a unit test starts no process and opens no listener: it is a system test")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_process(request: pytest.FixtureRequest) -> None:
+    """What makes the `unit` marker true: such a test cannot fork, spawn or exec (subprocess, asyncio and
+    multiprocessing all go through these), nor listen on a socket (it runs on fakes, not a server).
+    monkeypatch is taken only here: as a fixture of every test it would tear down before the test's own
+    fixtures, and undo patches they still rely on."""
+    if request.node.get_closest_marker("unit") is None:
+        return
+    monkeypatch: pytest.MonkeyPatch = request.getfixturevalue("monkeypatch")
+    monkeypatch.setattr(subprocess.Popen, "_execute_child", _no_process)
+    for name in ("fork", "forkpty", "posix_spawn", "posix_spawnp", "execv", "execve"):
+        monkeypatch.setattr(os, name, _no_process)
+    monkeypatch.setattr(socket.socket, "listen", _no_process)
+
+
 @pytest.fixture
 def corral(tmp_path: Path) -> Iterator:
     """Factory: corral(args, workers=2) starts one; all are stopped at teardown."""
@@ -211,6 +237,11 @@ def corral_cli(
         cwd=cwd,
         env=child_env(**(env or {})),
     )
+
+
+def chatty_args(*extra: str) -> list[str]:
+    """`corral run` arguments for tests/support/chatty_worker.py: a worker that prints on both streams."""
+    return ["--name", "chatty", *extra, "--", sys.executable, str(SUPPORT / "chatty_worker.py"), "{port}"]
 
 
 def stub_args(*extra: str) -> list[str]:

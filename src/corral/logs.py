@@ -132,7 +132,7 @@ class AccessLog:
             "client": ex.client.peer.decode(),
             "request_id": ex.request_id.decode("latin-1"),
             "trace_id": ex.traceparent[3:35].decode("latin-1"),  # W3C trace id (tracing.trace_id)
-            "outcome": ex.outcome,  # served, failed, refused, abandoned (exchange.OUTCOMES)
+            "outcome": ex.outcome,  # served, failed, refused, abandoned (datapath/outcomes.py OUTCOMES)
             "cut": ex.cut,  # why the response did not reach the client whole; "" when it did
         }
         if self.json:

@@ -1,5 +1,5 @@
 """Delivery through corral between real programs: curl downloading at a limited rate, a client with a small
-receive window that stops reading, and workers that close idle kept-alive connections (tests/soak_worker.py
+receive window that stops reading, and workers that close idle kept-alive connections (tests/support/soak_worker.py
 after 50 ms, and the real gunicorn with --keep-alive 1).
 
 The client's view comes first (exit code, status, size and every byte against the worker's deterministic

@@ -4,7 +4,7 @@ Without R: a Shiny app directory is recognised with no option (`corral run DIR`,
 corral.toml), its workers are started with shiny::runApp, and stickiness defaults to a cookie.
 
 With R and Debian's r-cran-shiny: the example app (examples/shiny) on 2 workers, driven by headless
-Chromium over the DevTools protocol (tests/cdp.py): the page loads, the session connects over
+Chromium over the DevTools protocol (tests/support/cdp.py): the page loads, the session connects over
 WebSocket, an input changes an output the server renders, separate browser sessions land on both
 workers, and a rolling reload with a session open fails no page load.
 

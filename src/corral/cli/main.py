@@ -1,4 +1,4 @@
-"""The `corral` command. `run` options are generated from the configuration model (config.py)."""
+"""The `corral` command. `run` options are generated from the configuration model (config/model.py)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import click
 from .. import config as C
 from ..config import AppConfig, Config, ConfigError, ServerConfig
 from ..supervision.launch import preflight, transport
-from . import verbs as control
+from . import verbs
 
 ENV_PREFIX = "CORRAL_"  # every option of run/check/export can also come from CORRAL_<OPTION> (containers)
 
@@ -497,15 +497,15 @@ def export(
             sys.exit(2)
         _export_kubernetes(config_path, image, hpa, name, replicas, max_replicas)
         return
-    from ..exports import formats as X
+    from ..exports import formats
 
     cfg = _checked_or_exit(app_or_command, config_path, upstreams, name, knobs)
     if kind == "systemd":
         ctx = click.get_current_context()
         argv = _run_argv(ctx, app_or_command, config_path, upstreams, name, supervise_only, knobs)
-        click.echo(X.systemd(cfg, supervise_only, run_args=argv, socket=with_socket), nl=False)
+        click.echo(formats.systemd(cfg, supervise_only, run_args=argv, socket=with_socket), nl=False)
     else:
-        click.echo(X.EXPORTERS[kind](cfg), nl=False)
+        click.echo(formats.EXPORTERS[kind](cfg), nl=False)
 
 
 def _export_kubernetes(
@@ -513,22 +513,22 @@ def _export_kubernetes(
 ) -> None:
     """The config is checked as `corral check` does, except for R and commands on this machine: they
     run in the image, not here."""
-    from ..exports import kubernetes as kube
+    from ..exports import kubernetes
 
     try:
         cfg = C.load_toml(config_path, strict=False)
         problems = C.validate(cfg)
         if problems:
             raise ConfigError(problems)
-        text = kube.source_text(config_path)
-        click.echo(kube.kubernetes(cfg, text, image, hpa, name, replicas, max_replicas), nl=False)
-    except (ConfigError, kube.ExportError) as exc:
+        text = kubernetes.source_text(config_path)
+        click.echo(kubernetes.kubernetes(cfg, text, image, hpa, name, replicas, max_replicas), nl=False)
+    except (ConfigError, kubernetes.ExportError) as exc:
         for p in exc.problems:
             click.echo(p, err=True)
         sys.exit(2)
 
 
-for _verb in control.COMMANDS:  # status, reload, scale, stop: talk to a running corral's admin channel
+for _verb in verbs.COMMANDS:  # status, reload, scale, stop: talk to a running corral's admin channel
     cli.add_command(_verb)
 
 

@@ -452,7 +452,7 @@ def _alive(pid: int) -> bool:
 
 # --- logs ---------------------------------------------------------------------------------------------
 FOLLOW_EVERY = 0.25  # seconds between two polls of GET /logs while following
-LOGS_PAGE = 10_000  # the most lines GET /logs returns at once (admin.LOGS_PAGE)
+LOGS_PAGE = 10_000  # the most lines GET /logs returns at once (ops/routes.py LOGS_PAGE)
 
 
 def _log_query(after: int, n: int, worker: str | None = None, app: str | None = None) -> str:

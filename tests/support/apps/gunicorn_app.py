@@ -1,4 +1,4 @@
-"""A WSGI app for tests/test_interop_delivery.py, served by the real gunicorn (gthread, keep-alive).
+"""A WSGI app for tests/interop/test_interop_delivery.py, served by the real gunicorn (gthread, keep-alive).
 
 GET /data?seed=S&n=N answers soak_worker.pattern(S, N) with a Content-Length; any other request (a POST
 among them) answers its method, path and the length of the body it carried (the body is read whole).
