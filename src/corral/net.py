@@ -51,19 +51,20 @@ def valid_port(text: str) -> bool:
 
 
 def _ip(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    # As written: a bracketed IPv6 address is a URL's spelling, not an address to bind or connect to.
     try:
-        return ipaddress.ip_address(host.strip("[]"))
+        return ipaddress.ip_address(host)
     except ValueError:
         return None
 
 
 def is_ip(host: str) -> bool:
-    """An IP address literal (IPv6 with or without brackets), not a name."""
+    """An IP address literal as bind() and connect() take it (IPv6 without brackets), not a name."""
     return _ip(host) is not None
 
 
 def is_loopback(host: str) -> bool:
-    """Only this host can connect: localhost, 127.0.0.0/8, ::1 (bracketed or not)."""
+    """Only this host can connect: localhost, 127.0.0.0/8, ::1."""
     addr = _ip(host)
     return host == "localhost" or (addr is not None and addr.is_loopback)
 

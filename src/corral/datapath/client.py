@@ -118,8 +118,11 @@ class Proxy:
             pool.finished(Refusal(conn, status))
 
     def busy(self) -> bool:
-        """What a stop waits for (up to graceful_timeout): requests in flight or queued, open sessions."""
-        return any(p.inflight or p.scheduler.depth for p in self.pools) or self.open_sessions() > 0
+        """What a stop waits for (up to graceful_timeout): requests in flight or queued, open sessions, and
+        every exchange not yet ended: an upload still arriving, a response still going to its client."""
+        if any(p.inflight or p.scheduler.depth for p in self.pools) or self.open_sessions() > 0:
+            return True
+        return any(conn.current is not None for conn in self.connections)
 
     def _tick(self) -> None:
         # One timer for everything: per-request timers would cost a heap push per request.

@@ -98,6 +98,8 @@ class Pool:
         if ex.cut:
             self.cuts[ex.cut] += 1
         self.on_observe(ex)
+        if self.on_settle is not None:  # a stop's drain waits for every exchange's end
+            self.on_settle()
 
     def disk_full(self, what: str, exc: OSError) -> None:
         """Say it once per FD_WARN_EVERY: a full temporary directory would otherwise log on every read."""

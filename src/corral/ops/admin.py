@@ -220,9 +220,13 @@ SECURITY_HEADERS = (
 )
 
 
-def response(status: int, body: bytes, ctype: str, keep_alive: bool, extra: bytes = b"") -> bytes:
+def response(
+    status: int, body: bytes, ctype: str, keep_alive: bool, extra: bytes = b"", head_only: bool = False
+) -> bytes:
+    """`head_only`: the answer to a HEAD request, its Content-Length and no body (a body would be read as the
+    start of the next response on a kept connection)."""
     connection = b"keep-alive" if keep_alive else b"close"
-    return edge.answer(status, body, ctype.encode(), connection, SECURITY_HEADERS + extra)
+    return edge.answer(status, body, ctype.encode(), connection, SECURITY_HEADERS + extra, head_only)
 
 
 class AdminConnection(asyncio.Protocol):
@@ -321,14 +325,17 @@ class AdminConnection(asyncio.Protocol):
             return
         path = (url.path or b"/").decode("latin-1")
         query = (url.query or b"").decode("latin-1")
-        status, body, ctype = self.server.handle(method, path, query, self.headers)
+        head = method == "HEAD"
+        # RFC 9110 9.3.2: HEAD is GET without the body, as on the health listener (a probe may use either).
+        asked = "GET" if head and ROUTES.get(path) == "GET" else method
+        status, body, ctype = self.server.handle(asked, path, query, self.headers)
         keep = self.parser.should_keep_alive()
         extra = b""
         if status == 401:
             extra = b'WWW-Authenticate: Bearer realm="corral"\r\n'
         elif status == 405:
             extra = f"Allow: {ROUTES[path]}\r\n".encode()
-        self._write(response(status, body, ctype, keep, extra))
+        self._write(response(status, body, ctype, keep, extra, head_only=head))
         if not keep:
             self.close()
 
