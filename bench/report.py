@@ -22,16 +22,19 @@ from stats import median
 CORRAL = "corral"
 # Column order of the table; anything else is appended in first-seen order.
 COLUMNS = [
-    "corral", "corral-fifo", "nginx", "nginx-rr", "nginx-ka", "haproxy", "haproxy-ka", "direct", "direct-ka", "ideal",
+    "corral", "corral-fifo", "corral-none", "corral-r0", "nginx", "nginx-rr", "nginx-ka", "haproxy", "haproxy-ka",
+    "direct", "direct-ka", "ideal",
 ]  # fmt: skip
 # Reference points: shown, but never the "best peer".
-REFERENCES = {"direct", "direct-ka", "ideal", "corral-fifo"}
+REFERENCES = {"direct", "direct-ka", "ideal", "corral-fifo", "corral-none", "corral-r0"}
 LEGEND = """\
 Columns: corral and the peers run in turn over the same worker processes.
 nginx = least_conn, no upstream keep-alive; nginx-rr = round-robin, no upstream keep-alive;
 nginx-ka = least_conn with upstream keep-alive; haproxy = `maxconn 1` per server,
 http-server-close; haproxy-ka = no per-server cap, server keep-alive (configs in bench/peers/).
 corral-fifo = corral with `--dispatch fifo` (cost-aware dispatch off; a reference, not a peer);
+corral-none = corral with `--fair-key none` (one FIFO); corral-r0 = fair queueing without the reserve for
+other clients (`--reserve 0`) (T8; references, not peers);
 direct = straight to a worker (T2: one connection per request; T3: the nginx backend;
 T5: N x one worker loaded alone); direct-ka = one kept-alive connection to a worker (httpuv's
 delayed-ACK stall); ideal = T4 zero-overhead central FIFO replay (bench/ggc.py), T5 N/0.05 s.

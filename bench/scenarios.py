@@ -1,4 +1,4 @@
-"""The T1-T7 scenarios.
+"""The T1-T8 scenarios.
 
 Each scenario starts its own backend once, then for every run measures each
 proxy in turn over those same backend processes.  The proxy order rotates from
@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import fairload
 import ggc
 import loadgen
 from baseline import CorralBuild, Revision
@@ -479,6 +480,52 @@ def t7(ctx: Context) -> None:
         each_proxy(ctx, "T7", [CORRAL, NGINX, HAPROXY], pool.ports, "/fast", measure)
 
 
+# --- T8: one busy client next to a polite one (issue 23) -------------------------------------------
+
+T8_BUSY = "/sleep?ms=100"  # the busy client: 64 of these in flight, closed loop
+T8_POLITE = "/sleep?ms=10"  # the polite client: one every 200 ms, open loop, from another address
+T8_UNLOADED_S = 10.0
+
+
+def t8(ctx: Context) -> None:
+    res = ctx.results
+    m = {
+        "unloaded_p50": res.metric("T8", "polite alone p50 ms", "lower"),
+        "unloaded_p99": res.metric("T8", "polite alone p99 ms", "lower"),
+        "polite_p50": res.metric("T8", "polite p50 ms (busy: 64 x 100 ms in flight)", "lower"),
+        "polite_p99": res.metric("T8", "polite p99 ms", "lower"),
+        "ratio": res.metric("T8", "polite p99 / its alone p50", "lower", [Goal("abs", "<=", 3.0)]),
+        "busy_rps": res.metric("T8", "busy client req/s", "higher"),
+        "errors": res.metric("T8", "errors (both clients)", "lower", [Goal("abs", "<=", 0)]),
+    }
+    duration = ctx.dur(60, 15)
+
+    def measure(proxy: RunningProxy, run: int) -> None:
+        for _ in range(20):
+            http_get(proxy.port, T8_POLITE)
+        alone = fairload.run(HOST, proxy.port, ctx.dur(T8_UNLOADED_S, 5), polite_path=T8_POLITE, concurrency=0)
+        loaded = fairload.run(HOST, proxy.port, duration, busy_path=T8_BUSY, polite_path=T8_POLITE, concurrency=64)
+        a, b = alone.summary(), loaded.summary()
+        name = proxy.spec.name
+        m["unloaded_p50"].add(name, a["polite_p50_ms"])
+        m["unloaded_p99"].add(name, a["polite_p99_ms"])
+        m["polite_p50"].add(name, b["polite_p50_ms"])
+        m["polite_p99"].add(name, b["polite_p99_ms"])
+        m["ratio"].add(name, b["polite_p99_ms"] / a["polite_p50_ms"])
+        m["busy_rps"].add(name, b["busy_rps"])
+        m["errors"].add(name, a["polite_errors"] + b["polite_errors"] + b["busy_errors"])
+        res.record("T8", name, run, {
+            "alone": a, "loaded": b,
+            "polite_fields": ["due_s", "latency_s", "status"],
+            "polite": [[round(x.due, 3), round(x.latency, 4), x.status] for x in loaded.polite],
+        })  # fmt: skip
+
+    with WorkerPool(worker_ports(4), ctx.tmp / "T8") as pool:
+        none = replace(CORRAL, name="corral-none", corral_args=("--fair-key", "none"))
+        r0 = replace(CORRAL, name="corral-r0", corral_args=("--reserve", "0"))
+        each_proxy(ctx, "T8", [CORRAL, none, r0, HAPROXY, NGINX], pool.ports, "/fast", measure)
+
+
 SCENARIOS: dict[str, Callable[[Context], None]] = {
     "T1": t1,
     "T2": t2,
@@ -487,4 +534,5 @@ SCENARIOS: dict[str, Callable[[Context], None]] = {
     "T5": t5,
     "T6": t6,
     "T7": t7,
+    "T8": t8,
 }

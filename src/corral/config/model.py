@@ -154,6 +154,22 @@ class AppConfig:
     queue_timeout: float = knob(
         30.0, "longest wait in the queue", unit="s", minimum=0, maximum=DAY, breach="503 with Retry-After"
     )
+    fair_key: str = knob(
+        "ip",
+        "fair queueing: whose requests take turns in the queue. ip: the client's address (an IPv6 client's /64; "
+        "behind trusted_proxies, the client they forwarded for, read from the right of X-Forwarded-For); "
+        "header:NAME: that header's value (set by a proxy you trust: a client picks its own), else the address; "
+        "none: one FIFO. Clients take turns weighted by the learned cost of their requests, FIFO within one "
+        "client; while others are around, one client holds at most all workers but `reserve`",
+        breach="n/a",
+    )
+    max_queue_per_client: int | None = knob(
+        None,
+        "requests one client (fair_key) may have waiting in the queue (default: no limit but max_queue)",
+        minimum=1,
+        maximum=1_000_000,
+        breach="429 with Retry-After, at once",
+    )
     health_path: str | None = knob(
         None,
         "readiness and health probe path; without it any HTTP answer on / counts",
@@ -295,10 +311,11 @@ class AppConfig:
     )
     reserve: int | None = knob(
         None,
-        "workers kept free for short requests (default: 1 when there are 2 or more workers)",
+        "workers kept free for short requests, and with fair queueing for the other clients while one client "
+        "is busy (default: 1 when there are 2 or more workers)",
         minimum=0,
         maximum=WORKERS_MAX,
-        breach="long requests wait in the queue",
+        breach="long requests, and the busy client's further requests, wait in the queue",
     )
     long_threshold: float = knob(
         0.5, "a route whose learned service time reaches this is long", unit="s", minimum=0.001, maximum=DAY

@@ -115,6 +115,23 @@ def _check_app_forms(app: AppConfig, label: str, problems: list[str]) -> None:
         problems.append(f"{label}: health_path: must start with / (got {app.health_path!r})")
     if app.min_workers and app.max_workers and app.min_workers > app.max_workers:
         problems.append(f"{label}: min_workers: must be <= max_workers ({app.min_workers} > {app.max_workers})")
+    _check_fairness(app, label, problems)
+
+
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 5.1)
+
+
+def _check_fairness(app: AppConfig, label: str, problems: list[str]) -> None:
+    mode, sep, name = app.fair_key.partition(":")
+    if mode not in ("ip", "none", "header") or (mode == "header") != bool(sep) or (sep and not _TOKEN.fullmatch(name)):
+        problems.append(f"{label}: fair_key: must be ip, none or header:NAME (got {app.fair_key!r})")
+    cap = app.max_queue_per_client
+    if cap is None or not _in_range(app, "max_queue_per_client", "max_queue"):
+        return
+    if mode == "none":
+        problems.append(f"{label}: max_queue_per_client: needs fair_key ip or header:NAME (fair_key is none)")
+    elif cap > app.max_queue:
+        problems.append(f"{label}: max_queue_per_client: must be <= max_queue ({cap} > {app.max_queue})")
 
 
 # --- the server ----------------------------------------------------------------------------------------

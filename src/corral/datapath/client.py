@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from .. import edge
 from ..net import bind_tcp
 from .exchange import Exchange
+from .fairness import origin
 from .interfaces import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_REFUSED, PAUSE_UPSTREAM
 from .outcomes import CUT_CLIENT, CUT_SEND_TIMEOUT, Refusal
 
@@ -240,6 +241,10 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.client_drained()
         elif self.current is not None:
             self.current.client_writable()
+
+    def origin(self, forwarded: bytes) -> bytes:
+        """The client a trusted proxy forwarded for, from its X-Forwarded-For (fair queueing's key)."""
+        return origin(forwarded, self.edge.is_trusted)
 
     # --- what an Exchange uses (interfaces.Client) ------------------------------------------------
     def write(self, data: bytes) -> None:

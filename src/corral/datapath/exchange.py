@@ -66,6 +66,7 @@ class Exchange:
         "early",
         "ended",
         "extra_headers",
+        "fair_key",
         "finished",
         "head",
         "head_len",
@@ -170,6 +171,7 @@ class Exchange:
         self.session = head.websocket  # counted against the worker's max_sessions, not its request slots
         self.switched = False  # the worker answered 101: this exchange became a tunnel
         self.pin: object = None  # sticky: the worker (or worker index) this request must wait for
+        self.fair_key: object = None  # fair queueing: the client it counts against (pool._client_key)
         self.sticky_token: bytes | None = None  # the client's sticky cookie, if any
         self.extra_headers: list[tuple[bytes, bytes]] = []  # added to the response (Set-Cookie)
 
@@ -190,7 +192,8 @@ class Exchange:
         try:
             self.pool.submit(self)
         except QueueFull as full:
-            self.respond_error(503, full.reason, retry_after=full.retry_after)
+            # 503 when the queue is full for everyone, 429 when this client's share of it is (fair queueing)
+            self.respond_error(full.status, full.reason, retry_after=full.retry_after)
 
     def request_body(self, data: bytes) -> None:
         self.body_last = time.monotonic()

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ..config import effective_workers, sticky_mode
 from ..logs import say
-from . import sticky
+from . import fairness, sticky
 from .costs import SHORT, RouteCosts, route_key
 from .outcomes import CUTS, OUTCOMES
 from .scheduler import Scheduler
@@ -45,8 +45,19 @@ class Pool:
         self.loop = loop
         self.cost_aware = app.dispatch == "cost"
         reserve = app.reserve if app.reserve is not None else (1 if effective_workers(app) >= 2 else 0)
+        # Fair queueing (fair_key): None (one FIFO), "ip" or "header"; a header's name as the edge stores it.
+        mode, _, name = app.fair_key.partition(":")
+        self.fair: str | None = None if mode == "none" else mode
+        self.fair_header = name.strip().lower().encode() if mode == "header" else None
+        self._v6_keys: dict[bytes, bytes] = {}  # IPv6 address -> its /64 key (bounded in _client_key)
         self.scheduler = Scheduler(
-            app.max_queue, app.queue_timeout, reserve=reserve, long_bias=app.long_bias, cost_aware=self.cost_aware
+            app.max_queue,
+            app.queue_timeout,
+            reserve=reserve,
+            long_bias=app.long_bias,
+            cost_aware=self.cost_aware,
+            fair=self.fair is not None,
+            max_per_key=app.max_queue_per_client,
         )
         self.costs = RouteCosts(app.long_threshold, app.long_routes, app.short_routes)
         self._route_keys: dict[tuple[bytes, bytes], str] = {}
@@ -153,9 +164,11 @@ class Pool:
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, ex: Exchange) -> None:
-        """Dispatch now, queue, or raise QueueFull (the caller answers 503)."""
+        """Dispatch now, queue, or raise QueueFull (the caller answers 503, or 429 for a client over its share)."""
         if self.sticky != "none":
             self._pin(ex)
+        if self.fair is not None:
+            ex.fair_key = self._client_key(ex)
         ex.route = self.route_of(ex.head.method, ex.head.target)
         if self.cost_aware:
             ex.cls, ex.cost = self.costs.classify(ex.route)
@@ -210,6 +223,24 @@ class Pool:
         if forwarded:
             client = forwarded.split(b",", 1)[0].strip()  # the original client, as the trusted proxy saw it
         ex.pin = sticky.ip_slot(client, list(self.slot_indexes()))
+
+    def _client_key(self, ex: Exchange) -> bytes:
+        """Whose request this is, for fair queueing: the header's value (header:NAME), else the client's
+        address; behind a trusted proxy, the client it forwarded for (fairness.origin)."""
+        head = ex.head
+        if self.fair_header is not None:
+            value = head.header(self.fair_header)
+            if value:
+                return fairness.header_key(value)
+        client = ex.client
+        addr = client.peer
+        if client.trusted:
+            forwarded = head.header(b"x-forwarded-for")
+            if forwarded:
+                addr = client.origin(forwarded)  # type: ignore[attr-defined]
+        if len(self._v6_keys) > 4096:
+            self._v6_keys.clear()
+        return fairness.ip_key(addr, self._v6_keys)
 
     def _fewest_sessions(self, home: Worker | None) -> Worker | None:
         """The ready worker with a free slot holding the fewest sessions (`home` first among equals); None when
@@ -389,7 +420,7 @@ class Pool:
             else:
                 worker.sessions -= 1  # the upgrade never happened
         service = now - ex.dispatched_at
-        self.scheduler.release(worker, now, service, ex.cls)
+        self.scheduler.release(worker, now, service, ex.cls, ex.fair_key)
         if served:
             worker.served += 1
             self.costs.observe(ex.route, service)
@@ -408,6 +439,10 @@ class Pool:
             ex.queue_timed_out(self.scheduler.retry_after())  # type: ignore[attr-defined]
         if expired and self.on_settle is not None:
             self.on_settle()
+        if self.fair is not None and self.scheduler.depth:
+            # The reserve for other clients lapses with time, not with a release: a busy client's waiting
+            # requests may take the worker it kept free once the others have gone quiet.
+            self.pump()
         if self.request_timeout:
             limit = now - self.request_timeout
             # The worker's clock runs from when it has the whole request (a streamed upload's client time is

@@ -14,22 +14,33 @@ request's class and predicted cost from costs.py:
   * a request whose predicted wait already exceeds the queue timeout is refused at once (admission
     control) with a Retry-After computed from the prediction. With no worker ready (at start, or
     after the only one crashed) there is nothing to predict from: the request waits, as under fifo.
+
+Fair queueing (`fair = True`; fairness.py) changes only what waits inside each lane: FIFO per client key,
+keys in deficit round robin by predicted cost, instead of one FIFO. It adds two rules:
+  * a key may have at most `max_per_key` requests waiting (beyond: QueueFull with status 429);
+  * the reserve for other clients: while other keys arrive at RESERVE_MIN_SHORTS per RESERVE_IDLE or
+    more, one key may hold at most `capacity - reserve` slots, so a client that sends now and then finds
+    a worker free instead of waiting for one of the busy client's requests to end.
+Requests pinned to a worker (stickiness, sessions) keep their pin and wait in `held` as before.
 """
 
 from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Protocol
 
 from .costs import LONG, SHORT
+from .fairness import FairLane, KeyCounter
 from .worker import Worker
 
 QUEUED, DISPATCHED, CANCELLED, EXPIRED = 1, 2, 3, 4
 RESERVE_IDLE = 5.0  # window (s) over which short traffic is judged
 RESERVE_MIN_SHORTS = 5  # short requests needed within RESERVE_IDLE to keep the reserve (~1/s)
 RETRY_AFTER_MAX = 3600  # seconds: a longer Retry-After tells a client nothing more
+MIN_QUANTUM = 0.001  # seconds: the fair lanes' quantum never drops below it (the mean can be ~0 at start)
+USAGE_WINDOW = 60.0  # seconds: worker time per key is shown over the last one to two of these
 
 
 class Job(Protocol):
@@ -41,13 +52,55 @@ class Job(Protocol):
     cost: float  # predicted service seconds (0 when unknown)
     session: bool  # a WebSocket upgrade: needs a worker below its max_sessions
     pin: object  # None, or the Worker / worker index a sticky request must wait for
+    fair_key: Hashable  # the client it counts against (fair queueing only; read by nothing else)
 
 
 class QueueFull(Exception):
-    def __init__(self, retry_after: int, reason: str = "queue full") -> None:
+    """Refused at once: 503 when the queue is full (or the wait would be too long), 429 when the client's own
+    share of the queue is."""
+
+    def __init__(self, retry_after: int, reason: str = "queue full", status: int = 503) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
         self.reason = reason
+        self.status = status
+
+
+class FifoLane(deque):  # type: ignore[type-arg]
+    """One class lane in arrival order: the queue without fair queueing. A deque, with the methods the
+    scheduler asks of a lane (FairLane's), so the unfair path costs what it did."""
+
+    __slots__ = ()
+    push = deque.append
+    push_front = deque.appendleft
+
+    def ahead(self, job: Job) -> bool:
+        """Whether a live job waits in this lane (the new one goes behind it)."""
+        while self and self[0].sched_state != QUEUED:
+            self.popleft()
+        return bool(self)
+
+    def head(self, now: float, may_take: object = None) -> Job | None:
+        while self and self[0].sched_state != QUEUED:
+            self.popleft()
+        return self[0] if self else None
+
+    def pop_head(self, job: Job) -> None:
+        self.popleft()
+
+    def expire(self, limit: float) -> list[Job]:
+        """Live jobs queued at or before `limit` (FIFO order is deadline order)."""
+        out: list[Job] = []
+        while self and (self[0].sched_state != QUEUED or self[0].queued_at <= limit):
+            job = self.popleft()
+            if job.sched_state == QUEUED:
+                out.append(job)
+        return out
+
+    def oldest(self) -> float | None:
+        while self and self[0].sched_state != QUEUED:
+            self.popleft()
+        return self[0].queued_at if self else None
 
 
 class Scheduler:
@@ -58,6 +111,8 @@ class Scheduler:
         reserve: int = 0,
         long_bias: float = 5.0,
         cost_aware: bool = False,
+        fair: bool = False,
+        max_per_key: int | None = None,
     ) -> None:
         self.max_queue = max_queue
         self.queue_timeout = queue_timeout
@@ -65,11 +120,25 @@ class Scheduler:
         self.long_bias = long_bias
         self.cost_aware = cost_aware
         self.workers: list[Worker] = []
-        # Per class FIFO; may hold cancelled jobs (dropped lazily). `depth` counts the live ones.
-        self.queues: tuple[deque[Job], deque[Job]] = (deque(), deque())
+        # Per class lane: FIFO, or FIFO per client key in turns (fair). They may hold cancelled jobs (dropped
+        # lazily); `depth` counts the live ones.
+        self.fair = fair
+        self.queues: tuple[FifoLane, FifoLane] | tuple[FairLane, FairLane] = (
+            (FairLane(QUEUED), FairLane(QUEUED)) if fair else (FifoLane(), FifoLane())
+        )
+        # Fair queueing's accounting, per key; a key leaves each dict when its count drops to 0.
+        self.max_per_key = max_per_key if fair else None
+        self.key_queued: dict[Hashable, int] = {}
+        self.key_inflight: dict[Hashable, int] = {}
+        self.arrivals = KeyCounter(RESERVE_IDLE)  # who has been sending: the reserve for other clients
+        # Two keys or more sent within the window: False spares a client alone (the common case) the
+        # reserve's lookups on every dispatch. Set when a key arrives, cleared by expire() once they go.
+        self.several_keys = False
+        self.usage = KeyCounter(USAGE_WINDOW)  # worker seconds per key: the heaviest, for status
+        self.rejected_key = 0  # 429: a key's share of the queue was full
         # Jobs only some workers may take (sticky, or sessions): they wait here in arrival order, so a
         # request waiting for one busy worker never holds up the requests any worker could serve.
-        self.held: deque[Job] = deque()
+        self.held = FifoLane()
         self.depth = 0
         self.queued_cost = [0.0, 0.0]  # predicted seconds of the live queued jobs, per class
         self.long_inflight = 0
@@ -124,7 +193,22 @@ class Scheduler:
             return None
         if job.pin is not None or job.session:
             return self._pick_for(job)
+        if self.fair and not self.may_take(job.fair_key, now):
+            return None
         return self.pick()
+
+    def may_take(self, key: Hashable, now: float) -> bool:
+        """The reserve for other clients: while other keys keep arriving (RESERVE_MIN_SHORTS within
+        RESERVE_IDLE or more), one key holds at most `capacity - reserve` slots. Like the reserve for short
+        requests, it lapses when the others stop, so a client alone loses no capacity."""
+        if not self.several_keys:
+            return True
+        held = self.key_inflight.get(key, 0)
+        if not held or not self.reserve:
+            return True
+        if self.arrivals.others(key, now) < RESERVE_MIN_SHORTS:
+            return True  # nobody else around (checked first: it costs a few lookups, capacity() a loop)
+        return held < max(1, self.capacity() - self.reserve)
 
     def _pick_for(self, job: Job) -> Worker | None:
         """pick(), among the workers this job may go to; sessions spread by open sessions first."""
@@ -156,12 +240,18 @@ class Scheduler:
         short_q, long_q = self.queues
         if job.cls == SHORT:
             self.recent_shorts.append(now)
-        ahead = short_q if job.cls == SHORT else long_q
-        if self._constrained(job) or (not self._live(ahead) and (job.cls == SHORT or not self._live(short_q))):
+        if self.fair and self.arrivals.add(job.fair_key, 1.0, now):
+            self.several_keys = self.arrivals.several(now)
+        # Behind what waits in its lane (fair: what its own key has waiting there), and a long job behind
+        # the short ones; else it may take a free worker at once.
+        lane = short_q if job.cls == SHORT else long_q
+        if self._constrained(job) or (not lane.ahead(job) and (job.cls == SHORT or not short_q.ahead(job))):
             worker = self._place(job, now)
             if worker is not None:
                 self._assign(job, worker, now)
                 return worker
+        if self.max_per_key is not None:
+            self._check_key_share(job)
         if self.depth >= self.max_queue:
             self.rejected += 1
             raise QueueFull(self.retry_after(), "all workers busy and the queue is full")
@@ -172,6 +262,17 @@ class Scheduler:
                 raise QueueFull(_whole_seconds(wait), "predicted wait exceeds the queue timeout")
         self._enqueue(job, front=False)
         return None
+
+    def _check_key_share(self, job: Job) -> None:
+        """A key's share of the queue: beyond max_per_key waiting, 429 with the time its own line would take to
+        drain at its fair share of the workers."""
+        waiting = self.key_queued.get(job.fair_key, 0)
+        if waiting < self.max_per_key:  # type: ignore[operator]
+            return
+        self.rejected_key += 1
+        share = max(1, self.capacity()) / max(1, len(self.key_queued))
+        wait = waiting * (job.cost or self.service_ewma) / share
+        raise QueueFull(_whole_seconds(wait), "too many requests from this client are waiting", status=429)
 
     def requeue_front(self, job: Job, now: float) -> Worker | None:
         """A job whose worker could not be reached goes first in line, not last."""
@@ -184,18 +285,27 @@ class Scheduler:
 
     def _enqueue(self, job: Job, front: bool) -> None:
         job.sched_state = QUEUED
-        q = self.held if self._constrained(job) else self.queues[job.cls]
-        if front:
-            q.appendleft(job)
+        if self._constrained(job):
+            if front:
+                self.held.appendleft(job)
+            else:
+                self.held.append(job)
+        elif front:
+            self.queues[job.cls].push_front(job)
         else:
-            q.append(job)
+            self.queues[job.cls].push(job)
         self.depth += 1
         self.queued_cost[job.cls] += job.cost
+        if self.fair:
+            key = job.fair_key
+            self.key_queued[key] = self.key_queued.get(key, 0) + 1
 
     def _leave_queue(self, job: Job, state: int) -> None:
         job.sched_state = state
         self.depth -= 1
         self.queued_cost[job.cls] -= job.cost
+        if self.fair:
+            _count_down(self.key_queued, job.fair_key)
 
     def _assign(self, job: Job, worker: Worker, now: float) -> None:
         job.sched_state = DISPATCHED
@@ -206,8 +316,18 @@ class Scheduler:
             worker.sessions += 1  # taken from dispatch on: the pool gives it back if the upgrade fails
         if job.cls == LONG:
             self.long_inflight += 1
+        if self.fair:
+            key = job.fair_key
+            self.key_inflight[key] = self.key_inflight.get(key, 0) + 1
 
-    def release(self, worker: Worker, now: float, service_time: float | None = None, cls: int = SHORT) -> None:
+    def release(
+        self,
+        worker: Worker,
+        now: float,
+        service_time: float | None = None,
+        cls: int = SHORT,
+        key: Hashable = None,
+    ) -> None:
         worker.inflight -= 1
         worker.last_used = now
         if worker.inflight == 0:
@@ -216,6 +336,13 @@ class Scheduler:
             self.long_inflight -= 1
         if service_time is not None:
             self.service_ewma += 0.1 * (service_time - self.service_ewma)
+        if self.fair:
+            _count_down(self.key_inflight, key)
+            if service_time is not None:
+                self.usage.add(key, service_time, now)
+                quantum = max(MIN_QUANTUM, self.service_ewma)  # a turn: about one average request
+                for lane in self.queues:
+                    lane.quantum = quantum  # type: ignore[union-attr]
 
     def pump(self, now: float) -> list[tuple[Job, Worker]]:
         """Hand queued jobs to workers with room: by place (arrival, plus long_bias for long jobs)."""
@@ -224,10 +351,10 @@ class Scheduler:
             self._pump_held(now, out)
         while self.depth:
             placed = False
-            for job in self._heads():
+            for job in self._heads(now):
                 worker = self._place(job, now)
                 if worker is not None:
-                    self.queues[job.cls].popleft()
+                    self.queues[job.cls].pop_head(job)
                     self._leave_queue(job, DISPATCHED)
                     self._assign(job, worker, now)
                     out.append((job, worker))
@@ -238,7 +365,7 @@ class Scheduler:
         return out
 
     def _pump_held(self, now: float, out: list[tuple[Job, Worker]]) -> None:
-        keep: deque[Job] = deque()
+        keep = FifoLane()
         for job in self.held:
             if job.sched_state != QUEUED:
                 continue
@@ -251,12 +378,13 @@ class Scheduler:
             out.append((job, worker))
         self.held = keep
 
-    def _heads(self) -> list[Job]:
+    def _heads(self, now: float) -> list[Job]:
         heads = []
+        may_take = self.may_take if self.fair else None
         for q in self.queues:
-            self._trim(q)
-            if q:
-                heads.append(q[0])
+            job = q.head(now, may_take)
+            if job is not None:
+                heads.append(job)
         if len(heads) == 2 and heads[1].queued_at + self.long_bias < heads[0].queued_at:
             heads.reverse()  # the long job has waited long enough to go first
         return heads
@@ -270,27 +398,38 @@ class Scheduler:
         """Jobs that waited longer than queue_timeout (per class, FIFO order is deadline order)."""
         out: list[Job] = []
         limit = now - self.queue_timeout
+        if self.several_keys:
+            self.several_keys = self.arrivals.several(now)
         for q in (*self.queues, self.held):
-            while q and (q[0].sched_state != QUEUED or q[0].queued_at <= limit):
-                job = q.popleft()
-                if job.sched_state == QUEUED:
-                    self._leave_queue(job, EXPIRED)
-                    self.timed_out += 1
-                    out.append(job)
+            for job in q.expire(limit):
+                self._leave_queue(job, EXPIRED)
+                self.timed_out += 1
+                out.append(job)
         return out
 
     @staticmethod
     def _trim(q: deque[Job]) -> None:
+        """Drop the dead jobs at a lane's front (bench/schedsim.py's policy variants use it)."""
         while q and q[0].sched_state != QUEUED:
             q.popleft()
 
-    def _live(self, q: deque[Job]) -> bool:
-        self._trim(q)
-        return bool(q)
-
     def oldest_wait(self, now: float) -> float:
-        waits = [now - q[0].queued_at for q in (*self.queues, self.held) if self._live(q)]
+        waits = [now - t for q in (*self.queues, self.held) if (t := q.oldest()) is not None]
         return max(waits, default=0.0)
+
+    def heaviest(self, n: int, now: float) -> list[tuple[Hashable, float, int, int]]:
+        """Fair queueing's busiest keys: (key, share of the worker time of the last USAGE_WINDOW or two,
+        requests waiting, requests on workers), heaviest first: those using the most, then those waiting the
+        most."""
+        total = self.usage.total(now)
+        keys = [k for k, _ in self.usage.top(n, now)]
+        keys += [k for k, _ in sorted(self.key_queued.items(), key=lambda kv: -kv[1])[:n] if k not in keys]
+        rows = [
+            (k, self.usage.of(k, now) / total if total else 0.0, self.key_queued.get(k, 0), self.key_inflight.get(k, 0))
+            for k in keys
+        ]
+        rows.sort(key=lambda r: (-r[1], -r[2]))
+        return rows[:n]
 
     # --- predictions --------------------------------------------------------------------
     def predicted_wait(self, job: Job, now: float) -> float:
@@ -304,6 +443,13 @@ class Scheduler:
             queued = self.queued_cost[SHORT]
         if slots <= 0:
             return math.inf
+        if self.fair:
+            # Turns: ahead of it are its own client's waiting requests and, from each other waiting client,
+            # about as much (no more than the whole queue): a client behind a busy one is not refused for
+            # the busy one's backlog.
+            waiting = self.key_queued.get(job.fair_key, 0)
+            clients = len(self.key_queued) + (waiting == 0)
+            queued = min(queued, waiting * (job.cost or self.service_ewma) * clients)
         busy = sorted(max(0.0, w.busy_until - now) for w in self.workers if w.routable)
         # the job starts when the slots free up after the work ahead: approximate as fluid
         running = sum(busy[:slots]) if busy else 0.0
@@ -313,6 +459,15 @@ class Scheduler:
         """Seconds until a retried request would likely be served: the queue's drain time."""
         slots = max(1, self.capacity())
         return _whole_seconds((self.depth + 1) * self.service_ewma / slots)
+
+
+def _count_down(counts: dict[Hashable, int], key: Hashable) -> None:
+    """One fewer for `key`; a key at 0 leaves, so memory follows what is queued or running."""
+    n = counts.get(key, 0) - 1
+    if n > 0:
+        counts[key] = n
+    else:
+        counts.pop(key, None)
 
 
 def _whole_seconds(seconds: float) -> int:

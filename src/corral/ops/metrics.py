@@ -126,6 +126,7 @@ class CorralCollector(Collector):
             _add_traffic(fams, app, self.stats.get(app.name) or PoolStats())
             _add_fleet(fams, app)
             _add_routes(fams, app)
+            _add_clients(fams, app)
         up = GaugeMetricFamily("corral_start_time_seconds", "Unix time corral started")
         up.add_metric([], self.started)
         yield from fams.values()
@@ -164,7 +165,7 @@ def _families() -> dict[str, Any]:
             counter,
             "corral_exchanges",
             "Requests ended, by outcome: served (the client took the whole response), failed (by the worker), "
-            "refused (corral answered: edge 4xx, queue 503), abandoned (the client left first); one access-log "
+            "refused (corral answered: edge 4xx, queue 503 or 429), abandoned (the client left first); one access-log "
             "line each",
             ["outcome"],
         ),
@@ -187,6 +188,21 @@ def _families() -> dict[str, Any]:
         (gauge, "corral_sessions", "WebSocket sessions open now (they do not count in corral_inflight)", []),
         (counter, "corral_sessions_opened", "WebSocket sessions opened (tunnels after a worker's 101)", []),
         (counter, "corral_sessions_rejected", "New WebSocket sessions answered 503 at the queue's limits", []),
+        (
+            counter,
+            "corral_client_rejected",
+            "Requests refused at once with 429 because their client had max_queue_per_client waiting",
+            [],
+        ),
+        (gauge, "corral_clients_waiting", "Clients (fair_key) with requests waiting in the queue", []),
+        (
+            gauge,
+            "corral_client_share",
+            "The heaviest clients' share of the worker time of the last one to two minutes (fair queueing; "
+            "client: truncated address or value and a hash, never a whole address)",
+            ["client"],
+        ),
+        (gauge, "corral_client_queued", "Requests the heaviest clients have waiting", ["client"]),
     ]
     return {name: kind(name, doc, labels=["app", *labels]) for kind, name, doc, labels in specs}
 
@@ -240,6 +256,17 @@ def _add_routes(fams: dict[str, Any], app: Any) -> None:
         fams["corral_route_service_seconds"].add_metric([app.name, key, cls, "0.5"], float(row["p50_s"]))
         fams["corral_route_service_seconds"].add_metric([app.name, key, cls, "0.99"], float(row["p99_s"]))
         fams["corral_route_requests"].add_metric([app.name, key], float(row["count"]))
+
+
+def _add_clients(fams: dict[str, Any], app: Any) -> None:
+    fair = getattr(app, "fair", None)
+    if fair is None:
+        return
+    fams["corral_client_rejected"].add_metric([app.name], fair.rejected)
+    fams["corral_clients_waiting"].add_metric([app.name], fair.waiting_clients)
+    for c in fair.clients:
+        fams["corral_client_share"].add_metric([app.name, c.key], c.share)
+        fams["corral_client_queued"].add_metric([app.name, c.key], c.queued)
 
 
 def registry_for(read: Callable[[], Any], started: float, stats: dict[str, PoolStats]) -> CollectorRegistry:

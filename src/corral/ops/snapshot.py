@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .. import config
+from ..datapath.fairness import shown
 from ..datapath.worker import State
 
 if TYPE_CHECKING:
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from ..supervision.supervisor import Supervisor
 
 ROUTES = 50  # busiest learned routes kept (the learner tracks up to 512)
+CLIENTS = 5  # heaviest fair-queueing keys shown
 
 
 class Bounds(Protocol):
@@ -105,6 +107,25 @@ class QueueSnap:
 
 
 @dataclass(frozen=True, slots=True)
+class ClientSnap:
+    """One of the heaviest clients of fair queueing, as shown (fairness.shown: never a whole address)."""
+
+    key: str
+    share: float  # of the worker time of the last one to two minutes
+    queued: int
+    inflight: int
+
+
+@dataclass(frozen=True, slots=True)
+class FairSnap:
+    key: str  # fair_key: ip, header:NAME
+    max_per_client: int | None
+    rejected: int  # 429: a client's share of the queue was full
+    waiting_clients: int  # clients with requests waiting now
+    clients: tuple[ClientSnap, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AutoscaleSnap:
     min_workers: int
     max_workers: int
@@ -143,7 +164,7 @@ class AppSnap:
     failed: int
     retried: int
     inflight: int  # requests on workers now
-    refused: int = 0  # answered by corral itself: edge 4xx, queue 503, no app 404
+    refused: int = 0  # answered by corral itself: edge 4xx, queue 503 (a client over its share: 429), no app 404
     abandoned: int = 0  # the client left before it had the whole response
     cut: dict[str, int] = field(default_factory=dict)  # responses that did not reach the client whole, by why
     restarts: dict[str, int] = field(default_factory=dict)  # restarts by reason (failures; recycling by count)
@@ -154,6 +175,7 @@ class AppSnap:
     max_sessions: int = 0  # WebSocket sessions one worker may hold
     sessions_opened: int = 0  # WebSocket sessions ever opened (tunnels after a worker's 101)
     sessions_rejected: int = 0  # new sessions answered 503 at the queue's limits
+    fair: FairSnap | None = None  # fair queueing (None: fair_key none, or a snapshot taken with routes=0)
 
     @property
     def sessions(self) -> int:
@@ -203,8 +225,8 @@ def take(corral: Fleet, now: float, routes: int = ROUTES) -> Snapshot:
 
 
 def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: float, routes: int = ROUTES) -> AppSnap:
-    """One app. `routes=0` skips the learned-route table (sorting it is the costly part; autoscaling,
-    sampling ten times a second, does not need it)."""
+    """One app. `routes=0` skips the learned-route table and fair queueing's heaviest clients (sorting them is
+    the costly part; autoscaling, sampling ten times a second, does not need them)."""
     sched = pool.scheduler
     return AppSnap(
         name=pool.name,
@@ -242,7 +264,17 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         max_sessions=pool.app.max_sessions,
         sessions_opened=pool.sessions_opened,
         sessions_rejected=pool.sessions_rejected,
+        fair=_fair(pool, now) if routes else None,
     )
+
+
+def _fair(pool: Pool, now: float, n: int = CLIENTS) -> FairSnap | None:
+    sched = pool.scheduler
+    if not getattr(sched, "fair", False):  # fair_key none (or a stand-in scheduler without fair queueing)
+        return None
+    rows = sched.heaviest(n, now)
+    clients = tuple(ClientSnap(shown(k), share, queued, inflight) for k, share, queued, inflight in rows)
+    return FairSnap(pool.app.fair_key, sched.max_per_key, sched.rejected_key, len(sched.key_queued), clients)
 
 
 def _crash_loop(sup: Supervisor | None, now: float) -> CrashLoopSnap | None:

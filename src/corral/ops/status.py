@@ -110,6 +110,7 @@ class StatusBuilder:
             "crash_loop": _crash_loop_doc(app),
             "sticky": app.sticky,
             "sessions": _sessions_doc(app),
+            "fair": _fair_doc(app),
         }
 
     def _worker(self, w: WorkerSnap) -> dict[str, Any]:
@@ -179,6 +180,23 @@ def _totals(snap: snapshot.Snapshot) -> dict[str, int]:
         "rejected": sum(a.queue.rejected for a in apps),
         "timed_out": sum(a.queue.timed_out for a in apps),
         "sessions": sum(a.sessions for a in apps),
+    }
+
+
+def _fair_doc(app: AppSnap) -> dict[str, Any] | None:
+    """Fair queueing: the key, the per-client cap and its 429s, and the heaviest clients (truncated and hashed)
+    with their share of the worker time of the last minute or two."""
+    f = app.fair
+    if f is None:
+        return None
+    return {
+        "key": f.key,
+        "max_queue_per_client": f.max_per_client,
+        "rejected": f.rejected,
+        "waiting_clients": f.waiting_clients,
+        "clients": [
+            {"client": c.key, "share": round(c.share, 4), "queued": c.queued, "inflight": c.inflight} for c in f.clients
+        ],
     }
 
 
