@@ -137,6 +137,7 @@ def fake_pool(workers: list[Worker], depth: int = 0, oldest: float = 0.0, max_in
         refused_early=0,
         long_inflight=0,
         oldest_wait=lambda now: oldest,
+        fair=False,
     )
     app = AppConfig(name="api", max_inflight=max_inflight)
     return SimpleNamespace(

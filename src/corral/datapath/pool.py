@@ -237,7 +237,7 @@ class Pool:
         if client.trusted:
             forwarded = head.header(b"x-forwarded-for")
             if forwarded:
-                addr = client.origin(forwarded)  # type: ignore[attr-defined]
+                addr = client.origin(forwarded)
         if len(self._v6_keys) > 4096:
             self._v6_keys.clear()
         return fairness.ip_key(addr, self._v6_keys)

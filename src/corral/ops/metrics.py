@@ -259,7 +259,7 @@ def _add_routes(fams: dict[str, Any], app: Any) -> None:
 
 
 def _add_clients(fams: dict[str, Any], app: Any) -> None:
-    fair = getattr(app, "fair", None)
+    fair = app.fair
     if fair is None:
         return
     fams["corral_client_rejected"].add_metric([app.name], fair.rejected)

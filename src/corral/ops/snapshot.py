@@ -270,7 +270,7 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
 
 def _fair(pool: Pool, now: float, n: int = CLIENTS) -> FairSnap | None:
     sched = pool.scheduler
-    if not getattr(sched, "fair", False):  # fair_key none (or a stand-in scheduler without fair queueing)
+    if not sched.fair:  # fair_key none
         return None
     rows = sched.heaviest(n, now)
     clients = tuple(ClientSnap(shown(k), share, queued, inflight) for k, share, queued, inflight in rows)
