@@ -47,9 +47,8 @@ def corral_argv(port: int, transport: str) -> list[str]:
 
 
 def status(port: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-m", "corral", "status", "--json", "-p", str(port)], capture_output=True, text=True, check=True
-    )
+    argv = [sys.executable, "-m", "corral", "status", "--json", "-p", str(port)]
+    out = subprocess.run(argv, capture_output=True, text=True, check=True)
     return json.loads(out.stdout)
 
 
