@@ -96,9 +96,9 @@ def run_corral(runs: int, transport: str) -> dict:
             warm.append(timed_get(PORT, "/echo?msg=warm")[0])
             lines = wait_for(
                 "the cold start line",
-                lambda n=i + 1: (m := re.findall(r"cold start: worker ready in ([\d.]+) s", log.read_text()))
-                and len(m) >= n
-                and m,
+                lambda n=i + 1: (
+                    (m := re.findall(r"cold start: worker ready in ([\d.]+) s", log.read_text())) and len(m) >= n and m
+                ),
             )
             reported.append(float(lines[i]))
         return {
