@@ -254,10 +254,11 @@ def test_a_request_at_zero_starts_one_worker_at_once_however_many_wait():
 
 
 def test_an_app_that_has_not_shown_it_can_start_is_never_left_at_zero():
-    unproven = Observation(now=100, desired=1, starting=1, busy=0, depth=0, oldest_wait=0, unproven=True)
+    unproven = Observation(now=100, desired=1, starting=0, busy=0, depth=0, oldest_wait=0, unproven=True)
     d = decide(ZERO, unproven, None)
     d = decide(ZERO, replace(unproven, now=1000), d.memory)
     assert d.target == 1  # still trying to start (backoff): /readyz must not call it idle
+    assert decide(ZERO, replace(unproven, now=1001, unproven=False, starting=1), d.memory).target == 1  # one starting
     d = decide(ZERO, replace(unproven, now=1001, unproven=False), d.memory)
     assert d.target == 0
 

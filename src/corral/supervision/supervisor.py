@@ -649,7 +649,8 @@ class Supervisor:
         takes at most graceful_timeout + kill_timeout, never two graceful_timeouts.
         """
         self.stopping = True
-        self.pool.hold_for_start(False)  # no start comes now: what still waits is bounded by queue_timeout again
+        if self.floor == 0:
+            self.pool.hold_for_start(False)  # no start comes now: what waits is bounded by queue_timeout again
         workers = [w for w in self.all_workers() if w.state is not State.STOPPED]
         for w in workers:
             if w.state is State.READY:
