@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Issue 23, part 3: what a cold start costs, and what scale to zero saves.
 
-The example plumber app (examples/plumber/plumber.R) under `corral run --min-workers 0 --idle-timeout 1`:
+The example plumber app (examples/plumber/plumber.R) under `corral run --min-workers 0 --idle-timeout 3`:
 each run waits until the app is idle (scaled to zero, its R process gone), then times one request
 from the client (GET /echo), reads corral's own line (`cold start: worker ready in X s`), and times a
 second request at once (warm). Next to it, `--direct`: the same R command started by hand, polled every
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import psutil
 
+from corral.cli.verbs import AdminClient, locate
+
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "examples" / "plumber" / "plumber.R"
 PORT = 19300
@@ -42,14 +44,13 @@ PORT = 19300
 def corral_argv(port: int, transport: str) -> list[str]:
     return [
         sys.executable, "-m", "corral", "run", "-p", str(port), "--worker-transport", transport,
-        "--min-workers", "0", "--max-workers", "1", "--idle-timeout", "1", "--scale-up-wait", "30", str(APP),
+        "--min-workers", "0", "--max-workers", "1", "--idle-timeout", "3", "--scale-up-wait", "30", str(APP),
     ]  # fmt: skip
 
 
 def status(port: int) -> dict:
-    argv = [sys.executable, "-m", "corral", "status", "--json", "-p", str(port)]
-    out = subprocess.run(argv, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    """GET /status on the admin socket, in process (a `corral status` subprocess takes a second under load)."""
+    return AdminClient(locate(port, None)).ok("GET", "/status")
 
 
 def timed_get(port: int, path: str) -> tuple[float, int, bytes]:
@@ -78,11 +79,9 @@ def run_corral(runs: int, transport: str) -> dict:
     try:
         wait_for("corral to start", lambda: "all workers ready" in log.read_text(), timeout=120)
         # Memory while it runs: the worker's tree (as /status reads it) and corral's own process.
-        timed_get(PORT, "/echo?msg=warmup")
-        app = status(PORT)["apps"][0]
-        worker_rss = [w["rss_bytes"] for w in app["workers"]]
+        worker_rss: list[int] = []  # just after each cold start and one more request
         corral_rss_running = psutil.Process(proc.pid).memory_info().rss
-        cold, reported, warm = [], [], []
+        cold, reported, warm, direct = [], [], [], []
         for i in range(runs):
             wait_for("zero", lambda: status(PORT)["apps"][0]["scale_to_zero"]["state"] == "idle (scaled to zero)")
             if i == 0:
@@ -94,6 +93,7 @@ def run_corral(runs: int, transport: str) -> dict:
             assert code == 200 and f"cold{i}".encode() in body, body
             cold.append(took)
             warm.append(timed_get(PORT, "/echo?msg=warm")[0])
+            worker_rss += [w["rss_bytes"] for w in status(PORT)["apps"][0]["workers"] if w["rss_bytes"]][:1]
             lines = wait_for(
                 "the cold start line",
                 lambda n=i + 1: (
@@ -101,6 +101,7 @@ def run_corral(runs: int, transport: str) -> dict:
                 ),
             )
             reported.append(float(lines[i]))
+            direct += run_direct(1)  # interleaved: the same machine load for both
         return {
             "transport": transport,
             "client_cold_s": cold,
@@ -109,23 +110,40 @@ def run_corral(runs: int, transport: str) -> dict:
             "worker_rss_bytes": worker_rss,
             "corral_rss_running_bytes": corral_rss_running,
             "corral_rss_zero_bytes": corral_rss_zero,
+            "direct_s": direct,
         }
     finally:
         proc.terminate()
         proc.wait(30)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_direct(runs: int) -> list[float]:
-    """R started by hand (plumber's own run(), TCP), polled every 10 ms: R's start with no corral."""
-    expr = f"plumber::plumb('{APP}')$run(host = '127.0.0.1', port = {PORT + 50}, docs = FALSE)"
+    """R started by hand, as corral starts a TCP worker (same Rscript expression, in the app's directory),
+    polled every 10 ms: R's own start, with no corral."""
     out = []
     for _ in range(runs):
+        port = free_port()
+        expr = (
+            "suppressPackageStartupMessages(library(plumber)); pr <- plumb(file = 'plumber.R'); "
+            f"pr$run(host = '127.0.0.1', port = {port}L, docs = FALSE, quiet = TRUE)"
+        )
         t0 = time.perf_counter()
-        proc = subprocess.Popen(["Rscript", "-e", expr], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            ["Rscript", "--no-save", "--no-restore", "-e", expr],
+            cwd=APP.parent,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             while True:
                 try:
-                    with socket.create_connection(("127.0.0.1", PORT + 50), timeout=1) as s:
+                    with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
                         s.sendall(b"GET /echo?msg=x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
                         if s.recv(16).startswith(b"HTTP/1.1 200"):
                             break
@@ -152,7 +170,6 @@ def main() -> None:
     started = dt.datetime.now(dt.UTC)
     load = os.getloadavg()
     res = run_corral(args.runs, args.transport)
-    res["direct_s"] = run_direct(args.runs)
     res.update(
         started=started.isoformat(timespec="seconds"),
         load_at_start=load,
@@ -171,7 +188,8 @@ def main() -> None:
     print(f"| corral's line: worker ready in | {summary(res['corral_reported_s'])} |")
     print(f"| R alone: spawn to first answer, polled every 10 ms | {summary(res['direct_s'])} |")
     print(f"| warm request right after | {statistics.median(res['client_warm_s']) * 1000:.1f} ms |")
-    print(f"| worker RSS while running (tree) | {res['worker_rss_bytes'][0] / mb:.0f} MB |")
+    rss = res["worker_rss_bytes"]
+    print(f"| worker RSS while running (tree) | {statistics.median(rss) / mb:.0f} MB ({len(rss)} samples) |")
     print(
         f"| corral's RSS running / at zero | {res['corral_rss_running_bytes'] / mb:.0f} MB / "
         f"{res['corral_rss_zero_bytes'] / mb:.0f} MB |"
