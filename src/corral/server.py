@@ -14,7 +14,7 @@ import traceback
 from typing import Any
 
 from . import build, config, logs
-from .config import Config, autoscaled, worker_ports
+from .config import Config, autoscaled, scales_to_zero, worker_ports
 from .datapath import tracing
 from .datapath.client import Proxy, make_listener
 from .datapath.pool import Pool
@@ -117,6 +117,9 @@ class Corral:
         """The private worker socket directory, made now so a problem with it stops corral before any
         worker starts. Behind nginx/HAProxy (--supervise-only) workers must be on ports they can reach."""
         unix = [a.name for a in self.cfg.apps if launch.transport(a) == "unix" and not a.upstreams]
+        if not self.balance:
+            for problem in config.supervise_only_problems(self.cfg):
+                raise StartupError(problem)
         if not unix:
             return
         if not self.balance:
@@ -173,6 +176,8 @@ class Corral:
                 if autoscaled(app):
                     scaler = Autoscaler(app, pool, sup, Policy.of(app, os.cpu_count() or 1))
                     self.autoscalers[app.name] = scaler
+                    if scales_to_zero(app):  # a request at zero wakes the autoscaler, which decides to start one
+                        pool.on_demand = scaler.demand
                     self.watch(loop.create_task(scaler.run()), f"autoscaler for app {app.name}")
                 if app.watch:  # development: a rolling reload when the app's files change
                     watcher = Watcher(app, self.cfg.server, sup.reload)

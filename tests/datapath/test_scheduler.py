@@ -313,3 +313,36 @@ def test_queued_work_is_accounted_through_every_way_out_of_the_queue():
     s.release(ws[0], 1.5)
     assert [j for j, _ in s.pump(1.5)] == [served]
     assert s.queued_cost == [0.0, 0.0] and s.depth == 0
+
+
+# --- a start from zero (issue 23, part 3) ---------------------------------------------------------
+@pytest.mark.parametrize("fair", [False, True])
+def test_jobs_waiting_for_a_start_from_zero_count_their_timeout_from_when_it_ends(fair):
+    s = Scheduler(100, 5.0, fair=fair)  # no worker at all: scaled to zero
+    jobs = [J(f"j{i}") for i in range(3)]
+    for i, j in enumerate(jobs):
+        j.fair_key = b"k%d" % (i % 2)
+        assert s.submit(j, float(i)) is None
+    s.wait_from = float("inf")  # the pool: a worker is starting for them
+    assert s.expire(60.0) == [] and s.depth == 3  # a long start: not a queue timeout
+    s.wait_from = 60.0  # the worker was ready at 60 s, with room for none of them (say)
+    assert s.expire(64.9) == []
+    late = J("late")
+    late.fair_key = b"k0"
+    s.submit(late, 62.0)
+    assert sorted(j.name for j in s.expire(65.0)) == ["j0", "j1", "j2"]  # 5 s after the start, not after arrival
+    assert [j.name for j in s.expire(67.0)] == ["late"] and s.depth == 0
+
+
+@pytest.mark.parametrize("fair", [False, True])
+def test_flush_hands_back_every_waiting_job_once(fair):
+    s = Scheduler(100, 30.0, fair=fair)
+    a, b, pinned, gone = J("a"), J("b", LONG), J("pinned"), J("gone")
+    pinned.pin = 0  # a sticky one waits in `held`
+    for j in (a, b, pinned, gone):
+        j.fair_key = b"k"
+        s.submit(j, 0.0)
+    s.cancel(gone)
+    out = s.flush()
+    assert sorted(j.name for j in out) == ["a", "b", "pinned"] and all(j.sched_state == EXPIRED for j in out)
+    assert s.depth == 0 and s.flush() == [] and s.timed_out == 0  # not a queue timeout

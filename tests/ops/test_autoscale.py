@@ -4,6 +4,7 @@ fleet through one snapshot. The end-to-end runs under load live in test_reload_s
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -212,3 +213,63 @@ def test_autoscaler_step_scales_within_its_policy():
     assert d.target == 3 and asked == [3] and "50 waiting" in (scaler.last_reason or "")
     snap = snapshot.take_app(pool, sup, scaler, now=10.0)
     assert snap.autoscale == snapshot.AutoscaleSnap(1, 3, 1.0, 10.0, scaler.last_reason)
+
+
+# --- scale to zero (issue 23, part 3) ------------------------------------------------------------------
+ZERO = Policy(min_workers=0, max_workers=4, scale_up_wait=1.0, idle_timeout=10.0)
+
+
+def test_policy_of_keeps_min_workers_0():
+    assert Policy.of(AppConfig(min_workers=0, max_workers=3), cpus=8).min_workers == 0
+    assert Policy.of(AppConfig(max_workers=3), cpus=8).min_workers == 1  # autoscaled without a min: 1, as before
+
+
+def test_the_last_worker_goes_after_idle_timeout_with_min_workers_0():
+    d = decide(ZERO, obs(0, 1, busy=1), None)
+    d = decide(ZERO, obs(9.9, 1), d.memory)
+    assert d.target == 1
+    d = decide(ZERO, obs(10, 1), d.memory)
+    assert d.target == 0 and (d.reason or "").endswith("scaling to zero")
+    assert decide(ZERO, obs(100, 0), d.memory).target == 0  # at zero with nothing waiting: stays there
+
+
+def test_a_session_or_a_queued_request_keeps_the_last_worker():
+    d = decide(ZERO, obs(0, 1, busy=1), None)
+    for t in range(1, 60):  # a WebSocket session counts in busy (snapshot.AppSnap.busy): it is use
+        d = decide(ZERO, obs(t, 1, busy=1), d.memory)
+        assert d.target == 1
+    d = decide(ZERO, obs(80, 1, depth=1), d.memory)  # a queued request (the worker is starting, say)
+    assert decide(ZERO, obs(89, 1), d.memory).target == 1
+
+
+def test_a_request_at_zero_starts_one_worker_at_once_however_many_wait():
+    d = decide(ZERO, obs(0, 0), None)
+    for depth in (1, 40):
+        got = decide(ZERO, obs(0.001, 0, depth=depth, wait=0.0), d.memory)
+        assert got.target == 1 and (got.reason or "").startswith("cold start:")
+    # Once it serves, more come by the usual rule only (scale_up_wait), not one per waiting request.
+    d = decide(ZERO, obs(0.001, 0, depth=40), d.memory)
+    assert decide(ZERO, obs(0.5, 1, depth=40, starting=1, wait=0.5), d.memory).target == 1
+    assert decide(ZERO, obs(3, 1, busy=1, depth=39, wait=2.0), d.memory).target == 2
+
+
+def test_an_app_that_has_not_shown_it_can_start_is_never_left_at_zero():
+    unproven = Observation(now=100, desired=1, starting=0, busy=0, depth=0, oldest_wait=0, unproven=True)
+    d = decide(ZERO, unproven, None)
+    d = decide(ZERO, replace(unproven, now=1000), d.memory)
+    assert d.target == 1  # still trying to start (backoff): /readyz must not call it idle
+    assert decide(ZERO, replace(unproven, now=1001, unproven=False, starting=1), d.memory).target == 1  # one starting
+    d = decide(ZERO, replace(unproven, now=1001, unproven=False), d.memory)
+    assert d.target == 0
+
+
+def test_snapshot_of_an_app_that_scales_to_zero():
+    pool = fake_pool([])
+    pool.start_refused = 2
+    sup = fake_supervisor(pool.app, {}, desired=0)
+    sup.floor, sup.zero_state, sup.idle_since, sup.zero_since, sup.cold = 0, "idle (scaled to zero)", 40.0, 39.0, None
+    sup.cold_starts, sup.cold_start_failures, sup.last_cold_start, sup.unproven = 3, 1, 2.5, False
+    z = snapshot.take_app(pool, sup, None, now=100.0).zero
+    assert z == snapshot.ZeroSnap("idle (scaled to zero)", 60.0, 3, 1, 2.5, 2) and z.idle
+    assert not replace(z, state="start failed").idle and replace(z, state="cold start").idle
+    assert snapshot.take_app(pool, fake_supervisor(pool.app, {}), None, now=0.0).zero is None  # min_workers >= 1

@@ -119,3 +119,16 @@ def test_dashboard_page_is_self_contained():
     page = (ROOT / "src" / "corral" / "ops" / "dashboard.html").read_text()
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", page)  # no CDN, works offline
     assert "fetch(" in page and "/status" in page and "/series" in page
+
+
+def test_dashboard_shows_an_app_scaled_to_zero(corral):
+    aport = free_ports(1)
+    c = corral(
+        stub_args("--admin", f"127.0.0.1:{aport}", "--min-workers", "0", "--max-workers", "2", "--idle-timeout", "1"),
+        workers=None,
+    )
+    c.wait_for(r"idle \(scaled to zero\): no worker runs")
+    html = browser(f"http://127.0.0.1:{aport}/", "--dump-dom")
+    assert 'data-loaded="1"' in html, html[-3000:]
+    assert '<b class="zero-state">idle (scaled to zero)</b>' in html
+    assert rows(html) == {} and '<input type="number" min="0"' in html  # `corral scale 0` is allowed for it

@@ -374,7 +374,8 @@ def _summary(cfg: Config, app: AppConfig) -> str:
     what = f"plumber {app.plumber}" if app.plumber else f"shiny {app.shiny}" if app.shiny else " ".join(app.command)
     n = len(ports)
     where = "unix sockets" if transport(app) == "unix" else f"{app.worker_host}:{span}"
-    return f"{app.name} {app.route} -> {n} worker{'s' * (n != 1)} on {where} ({what})"
+    zero = " (0 when idle: min_workers 0)" if C.scales_to_zero(app) else ""
+    return f"{app.name} {app.route} -> {n} worker{'s' * (n != 1)}{zero} on {where} ({what})"
 
 
 def _checked_or_exit(
@@ -412,6 +413,12 @@ def check(
       corral check -w 4 app/plumber.R
     """
     cfg = _checked_or_exit(app_or_command, config_path, upstreams, name, knobs)
+    if supervise_only:
+        problems = C.supervise_only_problems(cfg)
+        for problem in problems:
+            click.echo(f"{config_path or cfg.source}: {problem}", err=True)
+        if problems:
+            sys.exit(2)
     apps = "; ".join(_summary(cfg, a) for a in cfg.apps)
     n = len(cfg.apps)
     where = config_path or cfg.source

@@ -202,6 +202,9 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
             line += "  [reloading]"
         if app.get("crash_loop"):
             line += "  [crash-looping]"
+        zero = app.get("scale_to_zero")
+        if zero and zero["state"] != "running":
+            line += f"  \\[{zero['state']}]"  # escaped: rich would read "[idle (scaled to zero)]" as markup
         sessions = _sessions_shown(app)
         if sessions:
             line += (
@@ -212,6 +215,7 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
         if app["reload_note"]:
             console.print(f"  {app['reload_note']}", style="red")
         _print_crash_loop(console, app.get("crash_loop"))
+        _print_zero(console, zero)
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
         columns = ["#", "PID", "PORT", "STATE", "INFLIGHT", "SERVED", "FAILED", "RESTARTS", "RSS", "CPU%", "UPTIME"]
         if any(w.get("socket") for w in app["workers"]):
@@ -247,6 +251,25 @@ def _sessions_shown(app: dict[str, Any]) -> dict[str, Any] | None:
     if not sessions or (app.get("sticky", "none") == "none" and not sessions["opened"] and not sessions["open"]):
         return None
     return sessions
+
+
+def _print_zero(console: Any, zero: dict[str, Any] | None) -> None:
+    """An app that scales to zero: its state in words, and its cold starts so far."""
+    if not zero:
+        return
+    state = zero["state"]
+    what = {
+        "idle (scaled to zero)": f"idle (scaled to zero) for {_age(zero['for_s'])}: no worker runs; the next request "
+        "starts one",
+        "scaling to zero": "scaling to zero: the last worker finishes what it holds, then stops",
+        "cold start": f"cold start: a worker is starting from zero ({_age(zero['for_s'])} so far); requests wait",
+        "start failed": "start failed: a start from zero failed; requests get 503 + Retry-After until one succeeds",
+    }.get(state, "running (scales to zero when idle)")
+    last = zero["last_cold_start_s"]
+    tail = f"; cold starts {zero['cold_starts']}" + (f", last {last:.2f} s" if last is not None else "")
+    if zero["cold_start_failures"]:
+        tail += f", {zero['cold_start_failures']} failed"
+    console.print(f"  {what}{tail}", style="red" if state == "start failed" else None, markup=False)
 
 
 def _print_crash_loop(console: Any, loop: dict[str, Any] | None) -> None:
@@ -360,8 +383,8 @@ def scale(
     timeout: float,
 ) -> None:
     """Add workers, or drain and stop surplus ones, until there are WORKERS; +N and -N are relative
-    to the workers asked for now."""
-    if not re.fullmatch(r"[+-]?\d{1,9}", workers) or (workers.isdigit() and int(workers) < 1):
+    to the workers asked for now. 0 only for an app that scales to zero (min_workers 0)."""
+    if not re.fullmatch(r"[+-]?\d{1,9}", workers):
         raise click.BadParameter(f"{workers!r}: give N (1 or more), +N or -N", param_hint="WORKERS")
     try:
         client = _client(port, admin, admin_token)
@@ -393,9 +416,11 @@ def _relative(client: AdminClient, delta: str, app: str | None) -> int:
         raise ControlError(f"scale {delta}: give --app (apps corral runs: {names})", exit_code=2)
     now = apps[0]["desired"]
     target = now + int(delta)
-    if target < 1:
+    least = 0 if (apps[0].get("autoscale") or {}).get("min_workers") == 0 else 1  # min_workers 0: zero too
+    if target < least:
         raise ControlError(
-            f"scale {delta}: would leave {max(target, 0)} workers (app {apps[0]['name']} has {now}); the least is 1",
+            f"scale {delta}: would leave {max(target, 0)} workers (app {apps[0]['name']} has {now}); "
+            f"the least is {least}",
             exit_code=2,
         )
     return target

@@ -29,6 +29,7 @@ from .derived import (
     parse_health,
     parse_upstream,
     port_span,
+    scales_to_zero,
     sticky_mode,
     worker_ports,
 )
@@ -71,6 +72,7 @@ from .sources import (
 from .validation import (
     least_workers,
     range_problem,
+    supervise_only_problems,
     validate,
 )
 
@@ -115,7 +117,9 @@ __all__ = [
     "reserved_fds",
     "resolve_plumber",
     "resolve_shiny",
+    "scales_to_zero",
     "sticky_mode",
+    "supervise_only_problems",
     "type_word",
     "unit_text",
     "update_reference",

@@ -19,7 +19,9 @@ def normalize_route(route: str) -> str:
 
 
 def effective_workers(app: AppConfig) -> int:
-    """Workers started: `workers` (default one per CPU) kept within min_workers..max_workers."""
+    """Workers started: `workers` (default one per CPU) kept within min_workers..max_workers. An app that
+    scales to zero (min_workers 0) starts with one all the same: corral learns at once whether it can start
+    (an app that cannot stops corral, as any), and it goes to zero after idle_timeout without a request."""
     if autoscaled(app) and not app.workers:
         return app.min_workers or 1  # autoscaled without --workers: start small, grow on demand
     n = app.workers or os.cpu_count() or 1
@@ -38,6 +40,11 @@ def sticky_mode(app: AppConfig) -> str:
 def autoscaled(app: AppConfig) -> bool:
     """Setting either bound turns autoscaling on (there is no separate switch)."""
     return app.min_workers is not None or app.max_workers is not None
+
+
+def scales_to_zero(app: AppConfig) -> bool:
+    """min_workers 0: the app's last worker stops when idle, and the next request starts one."""
+    return app.min_workers == 0
 
 
 def port_span(app: AppConfig) -> int:

@@ -331,9 +331,11 @@ class AppConfig:
     short_routes: list[str] = knob([], "route patterns always short", cli=False)
     min_workers: int | None = knob(
         None,
-        "autoscale: never fewer workers than this (setting min or max turns autoscaling on)",
-        minimum=1,
+        "autoscale: never fewer workers than this (setting min or max turns autoscaling on); 0: scale to zero, "
+        "the last worker stops after idle_timeout without a request or session and the next request starts one",
+        minimum=0,
         maximum=WORKERS_MAX,
+        breach="0: a request arriving at zero waits for a worker to start (cold start), within startup_timeout",
     )
     max_workers: int | None = knob(
         None,
@@ -353,11 +355,11 @@ class AppConfig:
     )
     idle_timeout: float = knob(
         60.0,
-        "autoscale: workers unused for this long are drained and stopped",
+        "autoscale: workers unused for this long are drained and stopped (with min_workers 0, the last one too)",
         unit="s",
         minimum=0.5,
         maximum=MONTH,
-        breach="surplus workers drained, down to min_workers",
+        breach="surplus workers drained, down to min_workers (0: idle, scaled to zero)",
     )
 
 

@@ -182,6 +182,17 @@ def _check_health(cfg: Config, problems: list[str]) -> None:
             )
 
 
+def supervise_only_problems(cfg: Config) -> list[str]:
+    """What --supervise-only (nginx or HAProxy in front, no balancer) cannot run: an app that scales to zero,
+    since no request would reach corral to start its worker again."""
+    return [
+        f"--supervise-only: app '{app.name}' has min_workers 0, but with nginx or HAProxy in front no request "
+        "reaches corral to start a worker again: use min_workers 1 or more"
+        for app in cfg.apps
+        if app.min_workers == 0 and not app.upstreams
+    ]
+
+
 def least_workers(app: AppConfig) -> tuple[int | None, str]:
     """The fewest workers an app may have in rotation by design, and what sets it (None: not known)."""
     if app.upstreams:
@@ -192,6 +203,7 @@ def least_workers(app: AppConfig) -> tuple[int | None, str]:
     if not _in_range(app, "workers", "min_workers", "max_workers"):
         return None, ""
     if autoscaled(app):
+        # min_workers 0 counts as 1: an app scaled to zero (or starting from zero) counts as ready for /readyz.
         return min(app.min_workers or 1, app.max_workers or WORKERS_MAX), "autoscaling's min_workers"
     return effective_workers(app), "workers"
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import math
 import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
@@ -21,7 +22,7 @@ from ..logs import say
 from . import fairness, sticky
 from .costs import SHORT, RouteCosts, route_key
 from .outcomes import CUTS, OUTCOMES
-from .scheduler import Scheduler
+from .scheduler import QueueFull, Scheduler
 from .upstream import UpstreamConnection
 from .worker import State, Worker
 
@@ -91,6 +92,13 @@ class Pool:
         # goes there (_pin). Bounded by the open tunnels: one name each, dropped when the tunnel closes.
         self.session_workers: dict[bytes, Worker] = {}
         self.names_sessions = False  # this app's paths name its sessions: page loads spread by sessions
+        # Scale to zero (min_workers 0): on_demand tells the autoscaler that a request waits with no worker in
+        # rotation (it decides; the pool starts nothing). After a start from zero failed, requests are answered
+        # 503 with Retry-After at once until `unavailable_until`, the supervisor's next attempt.
+        self.on_demand: Callable[[], None] | None = None
+        self.unavailable_until = 0.0
+        self.unavailable_why = ""
+        self.start_refused = 0  # requests answered 503 because a start from zero had failed
         self._fd_warned = -FD_WARN_EVERY
         self._disk_warned = -FD_WARN_EVERY
         self._preempt_timer: asyncio.TimerHandle | None = None
@@ -172,11 +180,50 @@ class Pool:
         ex.route = self.route_of(ex.head.method, ex.head.target)
         if self.cost_aware:
             ex.cls, ex.cost = self.costs.classify(ex.route)
+        if self.unavailable_until and not self.scheduler.workers:
+            self._refuse_while_unavailable()
         worker = self.scheduler.submit(ex, time.monotonic())
         if worker is not None:
             self.connect(ex, worker)
+        elif self.on_demand is not None and not self.scheduler.workers:
+            self.on_demand()  # scaled to zero (or on the way): a worker is wanted
         elif self._preempt_timer is None and any(w.probing for w in self.scheduler.workers):
             self._preempt_timer = self.loop.call_later(PROBE_GRACE, self._preempt_probe)
+
+    # --- starts from zero (the supervisor calls these) ----------------------------------------
+    def hold_for_start(self, on: bool) -> None:
+        """on: a worker is starting from zero, and what waits is held for it (its bound is startup_timeout, not
+        queue_timeout); off: the start is over, and queue_timeout counts from now for what still waits."""
+        sched = self.scheduler
+        if on:
+            sched.wait_from = math.inf
+            self.unavailable_until = 0.0
+        elif sched.wait_from == math.inf:
+            sched.wait_from = time.monotonic()
+
+    def start_failed(self, backoff: float, why: str) -> int:
+        """A start from zero failed: every waiting request gets 503 now, Retry-After the time until the next
+        attempt; so does every request that arrives before it. Returns how many were waiting."""
+        now = time.monotonic()
+        self.hold_for_start(False)
+        self.unavailable_until = now + backoff
+        self.unavailable_why = why
+        waiting = self.scheduler.flush()
+        retry = max(1, math.ceil(backoff))
+        for ex in waiting:
+            self.start_refused += 1
+            ex.respond_error(503, why, retry_after=retry)  # type: ignore[attr-defined]
+        if waiting and self.on_settle is not None:
+            self.on_settle()
+        return len(waiting)
+
+    def _refuse_while_unavailable(self) -> None:
+        left = self.unavailable_until - time.monotonic()
+        if left <= 0:
+            self.unavailable_until = 0.0
+            return
+        self.start_refused += 1
+        raise QueueFull(max(1, math.ceil(left)), self.unavailable_why)
 
     def _pin(self, ex: Exchange) -> None:
         """Where a sticky request must go (ex.pin), in this order:

@@ -148,6 +148,10 @@ class Scheduler:
         self.rejected = 0
         self.timed_out = 0
         self.refused_early = 0  # admission control
+        # queue_timeout counts from here for the jobs queued before it: while a worker starts from zero (the
+        # pool sets it to inf), what waits for it is bounded by that start, and its queue_timeout runs from
+        # the moment the worker is ready (a start may take longer than queue_timeout).
+        self.wait_from = -math.inf
         self.service_ewma = 0.05  # seconds; words Retry-After when nothing better is known
 
     # --- workers ------------------------------------------------------------------------
@@ -400,10 +404,21 @@ class Scheduler:
         limit = now - self.queue_timeout
         if self.several_keys:
             self.several_keys = self.arrivals.several(now)
+        if limit < self.wait_from:
+            return out  # each job counts as queued at wait_from at the earliest: none has waited long enough
         for q in (*self.queues, self.held):
             for job in q.expire(limit):
                 self._leave_queue(job, EXPIRED)
                 self.timed_out += 1
+                out.append(job)
+        return out
+
+    def flush(self) -> list[Job]:
+        """Every waiting job, out of the queue (the caller answers them): a start from zero has failed."""
+        out: list[Job] = []
+        for q in (*self.queues, self.held):
+            for job in q.expire(math.inf):
+                self._leave_queue(job, EXPIRED)
                 out.append(job)
         return out
 

@@ -13,11 +13,18 @@ Down: `memory.last_needed[k]` is the last time at least k workers were busy at o
 means all were). Levels not needed for `idle_timeout` are surplus: drop to the highest level
 still needed, never below min_workers.
 Never above `ceiling(app)`, the bound `corral scale` and /scale obey too.
+Zero (min_workers 0): the last worker goes like any surplus one, after `idle_timeout` without a request
+or a session. At zero, a queued request is demand: one worker at once (a cold start), however many wait;
+more come by the rule above once it serves. The pool signals that demand (`Autoscaler.demand`, so the
+start does not wait for the next tick); it starts nothing itself. While the app has not shown it can start
+(no worker ready yet, or its last start failed) it keeps one worker going: it is never left at zero with
+a start that fails, where /readyz would call it ready.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from dataclasses import dataclass, replace
@@ -45,7 +52,7 @@ class Policy:
 
     @classmethod
     def of(cls, app: AppConfig, cpus: int) -> Policy:
-        lo = app.min_workers or 1
+        lo = app.min_workers if app.min_workers is not None else 1  # 0: scale to zero
         hi = min(max(lo, app.max_workers or app.workers or cpus), ceiling(app))
         return cls(min(lo, hi), hi, app.scale_up_wait, app.idle_timeout)
 
@@ -62,6 +69,7 @@ class Observation:
     depth: int  # requests waiting in the queue
     oldest_wait: float  # seconds the oldest of them has waited
     max_inflight: int = 1
+    unproven: bool = False  # no worker ready yet, or the last start failed: keep one going (never zero)
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ def observation(app: AppSnap, now: float) -> Observation:
         depth=app.queue.depth,
         oldest_wait=app.queue.oldest_wait,
         max_inflight=app.max_inflight,
+        unproven=app.unproven,
     )
 
 
@@ -110,6 +119,10 @@ def decide(policy: Policy, obs: Observation, memory: Memory | None) -> Decision:
         return Decision(target, why, Memory(target, _fresh(now, target, size)))
     in_use = desired if obs.depth else obs.busy
     memory = replace(memory, last_needed=_fresh(now, in_use, size, memory.last_needed))
+    if desired == 0 and obs.depth:
+        # Scaled to zero and a request waits: one worker now (a cold start), not one per request.
+        why = f"cold start: {obs.depth} request{'s' * (obs.depth != 1)} waiting"
+        return Decision(1, why, Memory(1, _fresh(now, 1, size, memory.last_needed)))
     if obs.depth and obs.oldest_wait >= policy.scale_up_wait and desired < policy.max_workers and not obs.starting:
         wanted = math.ceil(obs.depth / max(1, obs.max_inflight))
         target = desired + min(policy.max_workers - desired, max(1, min(wanted, desired)))
@@ -119,9 +132,13 @@ def decide(policy: Policy, obs: Observation, memory: Memory | None) -> Decision:
         )
         return Decision(target, why, Memory(target, _fresh(now, target, size, memory.last_needed)))
     needed = [k for k in range(1, desired + 1) if now - memory.last_needed[k] < policy.idle_timeout]
-    target = max(policy.min_workers, max(needed, default=0))
+    # Zero waits for a start under way (a cold start whose client left): it ends, then idles like any worker.
+    floor = max(policy.min_workers, 1 if obs.unproven or obs.starting else 0)
+    target = max(floor, max(needed, default=0))
     if target < desired:
         why = f"{desired - target} worker(s) unused for idle_timeout ({policy.idle_timeout:g}s)"
+        if target == 0:
+            why += ": scaling to zero"
         return Decision(target, why, Memory(target, memory.last_needed))
     return Decision(desired, None, memory)
 
@@ -136,6 +153,11 @@ class Autoscaler:
         self.policy = policy
         self.memory: Memory | None = None
         self.last_reason: str | None = None
+        self._wake = asyncio.Event()
+
+    def demand(self) -> None:
+        """The pool's signal: a request waits and no worker is in rotation. The next step comes at once."""
+        self._wake.set()
 
     def observe(self, now: float) -> Observation:
         return observation(snapshot.take_app(self.pool, self.supervisor, self, now, routes=0), now)
@@ -153,4 +175,6 @@ class Autoscaler:
     async def run(self) -> None:
         while not self.supervisor.stopping:
             self.step(time.monotonic())  # the scheduler's clock: queued_at is time.monotonic()
-            await asyncio.sleep(TICK)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), TICK)

@@ -19,6 +19,7 @@ from prometheus_client.registry import Collector
 from ..datapath.worker import State
 from ..logs import AccessLog
 from ..supervision.processes import tree_rss
+from ..supervision.supervisor import IDLE
 
 if TYPE_CHECKING:
     from ..datapath.exchange import Exchange
@@ -127,6 +128,7 @@ class CorralCollector(Collector):
             _add_fleet(fams, app)
             _add_routes(fams, app)
             _add_clients(fams, app)
+            _add_zero(fams, app)
         up = GaugeMetricFamily("corral_start_time_seconds", "Unix time corral started")
         up.add_metric([], self.started)
         yield from fams.values()
@@ -203,6 +205,16 @@ def _families() -> dict[str, Any]:
             ["client"],
         ),
         (gauge, "corral_client_queued", "Requests the heaviest clients have waiting", ["client"]),
+        (gauge, "corral_scaled_to_zero", "1 while the app is idle, scaled to zero: no worker runs (min_workers 0)", []),
+        (counter, "corral_cold_starts", "Starts from zero that ended with a worker ready", []),
+        (counter, "corral_cold_start_failures", "Attempts of starts from zero that failed", []),
+        (gauge, "corral_cold_start_last_seconds", "How long the last start from zero took, to a worker ready", []),
+        (
+            counter,
+            "corral_cold_start_refused",
+            "Requests answered 503 + Retry-After because a start from zero had failed",
+            [],
+        ),
     ]
     return {name: kind(name, doc, labels=["app", *labels]) for kind, name, doc, labels in specs}
 
@@ -267,6 +279,19 @@ def _add_clients(fams: dict[str, Any], app: Any) -> None:
     for c in fair.clients:
         fams["corral_client_share"].add_metric([app.name, c.key], c.share)
         fams["corral_client_queued"].add_metric([app.name, c.key], c.queued)
+
+
+def _add_zero(fams: dict[str, Any], app: Any) -> None:
+    zero = getattr(app, "zero", None)
+    if zero is None:  # not an app that scales to zero
+        return
+    name = app.name
+    fams["corral_scaled_to_zero"].add_metric([name], 1 if zero.state == IDLE else 0)
+    fams["corral_cold_starts"].add_metric([name], zero.cold_starts)
+    fams["corral_cold_start_failures"].add_metric([name], zero.failures)
+    fams["corral_cold_start_refused"].add_metric([name], zero.refused)
+    if zero.last_cold_start is not None:
+        fams["corral_cold_start_last_seconds"].add_metric([name], zero.last_cold_start)
 
 
 def registry_for(read: Callable[[], Any], started: float, stats: dict[str, PoolStats]) -> CollectorRegistry:

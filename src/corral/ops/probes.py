@@ -3,7 +3,10 @@
     GET /livez    200 while corral's event loop runs (it is this loop that answers)
     GET /readyz   200 while every app has at least `ready_min` ready workers and corral is not
                   stopping; 503 otherwise, from the first moment of a stop (SIGTERM, `corral stop`),
-                  so an outer balancer stops sending before corral stops accepting
+                  so an outer balancer stops sending before corral stops accepting. An app scaled to
+                  zero (min_workers 0) counts as ready without a worker, and so does one starting from
+                  zero, until such a start fails: then it is not ready until a worker is. A probe reads
+                  a snapshot only: it never starts a worker, nor keeps one awake
 
 `--health-listen HOST:PORT` serves them on a listener of their own: no token, no data (a fixed word
 as the body), nothing else (404), one request per connection. It is its own asyncio server, apart
@@ -42,12 +45,13 @@ class Watched(snapshot.Fleet, Protocol):
 
 
 def readiness(corral: Watched) -> tuple[bool, str]:
-    """(ready, the word for the body). Ready: not stopping, and every app has ready_min workers in rotation."""
+    """(ready, the word for the body). Ready: not stopping, and every app has ready_min workers in rotation,
+    or is idle at zero (or starting from it, and no start of it has failed since)."""
     if corral.draining:
         return False, "draining"
     need = corral.cfg.server.ready_min
     for app in snapshot.take(corral, time.monotonic(), routes=0).apps:
-        if app.ready < need:
+        if app.ready < need and not (app.zero is not None and app.zero.idle):
             return False, "not ready"
     return True, "ready"
 

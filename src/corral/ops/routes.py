@@ -130,7 +130,7 @@ class Routes:
         return json_answer(202, {"ok": True, "messages": [self.corral.supervisors[n].reload() for n in names]})
 
     def _scale(self, workers: str | None, app: str | None) -> Answer:
-        if workers is None or not workers.isascii() or not workers.isdigit() or int(workers) < 1:
+        if workers is None or not workers.isascii() or not workers.isdigit():
             return json_answer(400, {"error": "give workers=N with N >= 1"})
         names, err = self._pick(app)
         if err:
@@ -139,6 +139,10 @@ class Routes:
             return json_answer(400, {"error": "several apps: give app=NAME", "apps": names})
         name, n = names[0], int(workers)
         scaler = self.corral.autoscalers.get(name)
+        if n == 0 and (scaler is None or scaler.policy.min_workers != 0):
+            # Zero only for an app that scales to zero: one without a worker would never start one again.
+            error = "give workers=N with N >= 1 (0 only for an app with min_workers 0)"
+            return json_answer(400, {"error": error, "ceiling": snapshot.ceiling(self.corral.supervisors[name].app)})
         if scaler is not None:  # its policy's bounds already lie within the ceiling
             return self._scale_to(name, scaler.policy.clamp(n), n)
         sup = self.corral.supervisors[name]

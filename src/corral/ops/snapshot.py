@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from .. import config
 from ..datapath.fairness import shown
 from ..datapath.worker import State
+from ..supervision.supervisor import COLD_START, IDLE, SCALING_TO_ZERO
 
 if TYPE_CHECKING:
     from ..config import AppConfig
@@ -135,6 +136,23 @@ class AutoscaleSnap:
 
 
 @dataclass(frozen=True, slots=True)
+class ZeroSnap:
+    """Scale to zero (min_workers 0): where the app stands, and its cold starts so far."""
+
+    state: str | None  # supervisor.IDLE, SCALING_TO_ZERO, COLD_START, START_FAILED; None: running
+    for_s: float  # how long it has been in that state (0 while running)
+    cold_starts: int  # completed: a worker was ready
+    failures: int  # failed attempts of cold starts
+    last_cold_start: float | None  # seconds the last completed one took
+    refused: int  # requests answered 503 because a start from zero had failed
+
+    @property
+    def idle(self) -> bool:
+        """At zero, on the way there, or starting from it and not failed: ready for /readyz without a worker."""
+        return self.state in (IDLE, SCALING_TO_ZERO, COLD_START)
+
+
+@dataclass(frozen=True, slots=True)
 class CrashLoopSnap:
     """An app whose workers exited crash_limit times within its window (supervisor._check_crash_loop)."""
 
@@ -176,6 +194,8 @@ class AppSnap:
     sessions_opened: int = 0  # WebSocket sessions ever opened (tunnels after a worker's 101)
     sessions_rejected: int = 0  # new sessions answered 503 at the queue's limits
     fair: FairSnap | None = None  # fair queueing (None: fair_key none, or a snapshot taken with routes=0)
+    zero: ZeroSnap | None = None  # scale to zero (None: min_workers is not 0)
+    unproven: bool = False  # no worker ready yet, or its last start from zero failed (autoscale keeps one)
 
     @property
     def sessions(self) -> int:
@@ -265,6 +285,25 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         sessions_opened=pool.sessions_opened,
         sessions_rejected=pool.sessions_rejected,
         fair=_fair(pool, now) if routes else None,
+        zero=_zero(pool, sup, now),
+        unproven=bool(getattr(sup, "unproven", False)),
+    )
+
+
+def _zero(pool: Pool, sup: Supervisor | None, now: float) -> ZeroSnap | None:
+    if sup is None or getattr(sup, "floor", 1) != 0:
+        return None
+    state = sup.zero_state
+    since = {IDLE: sup.idle_since, SCALING_TO_ZERO: sup.zero_since, None: None}.get(
+        state, sup.cold.began if sup.cold is not None else None
+    )
+    return ZeroSnap(
+        state=state,
+        for_s=now - since if since is not None else 0.0,
+        cold_starts=sup.cold_starts,
+        failures=sup.cold_start_failures,
+        last_cold_start=sup.last_cold_start,
+        refused=pool.start_refused,
     )
 
 

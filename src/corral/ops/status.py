@@ -111,6 +111,7 @@ class StatusBuilder:
             "sticky": app.sticky,
             "sessions": _sessions_doc(app),
             "fair": _fair_doc(app),
+            "scale_to_zero": _zero_doc(app),
         }
 
     def _worker(self, w: WorkerSnap) -> dict[str, Any]:
@@ -146,6 +147,22 @@ def _crash_loop_doc(app: AppSnap) -> dict[str, Any] | None:
         "window_s": c.window,
         "worker": c.worker,
         "last_lines": list(c.last_lines),
+    }
+
+
+def _zero_doc(app: AppSnap) -> dict[str, Any] | None:
+    """Scale to zero (min_workers 0): its state (idle (scaled to zero), scaling to zero, cold start, start
+    failed, running), for how long, and its cold starts so far."""
+    z = app.zero
+    if z is None:
+        return None
+    return {
+        "state": z.state or "running",
+        "for_s": round(z.for_s, 1),
+        "cold_starts": z.cold_starts,
+        "cold_start_failures": z.failures,
+        "last_cold_start_s": round(z.last_cold_start, 3) if z.last_cold_start is not None else None,
+        "refused": z.refused,  # requests answered 503 because a start from zero had failed
     }
 
 

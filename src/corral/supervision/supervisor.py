@@ -4,6 +4,12 @@
 recycle marks) with the actual workers and starts, swaps, drains or stops processes to close the
 gap. Everything else (exits, readiness, health verdicts, hung requests, reload and scale requests)
 only records facts and wakes the loop.
+
+Scale to zero (min_workers 0): the autoscaler sets desired to 0 and reconcile drains the last worker like
+any surplus one; the app is then idle. A start from zero (desired back above 0) is a cold start: the pool
+holds its waiting requests for it (bounded by startup_timeout, not queue_timeout), one line logs how long it
+took and how many requests waited, and a start that fails answers them 503 + Retry-After (the backoff) at
+once rather than letting them hang.
 """
 
 from __future__ import annotations
@@ -18,9 +24,18 @@ import subprocess
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..config import AppConfig, Config, connect_host, effective_workers, parse_crash_limit, worker_ports
+from ..config import (
+    AppConfig,
+    Config,
+    connect_host,
+    effective_workers,
+    parse_crash_limit,
+    scales_to_zero,
+    worker_ports,
+)
 from ..datapath.worker import State, Worker
 from ..logs import event, say, warn
 from ..net import PORT_MAX
@@ -41,6 +56,18 @@ TICK = 0.1
 # exit and the end of its pipes are separate events, and a child it left behind may hold the pipes open.
 OUTPUT_GRACE = 2.0
 MEMORY_EVERY = 2.0
+COLD_POLL = 0.05  # seconds between readiness probes of a worker starting from zero (requests wait for it)
+# What the app's status says about zero (status, metrics, the dashboard, /readyz).
+IDLE, SCALING_TO_ZERO = "idle (scaled to zero)", "scaling to zero"
+COLD_START, START_FAILED = "cold start", "start failed"
+
+
+@dataclass
+class ColdStart:
+    """A start from zero, from its first spawn until a worker is ready (or the app is scaled to zero again)."""
+
+    began: float
+    failures: int = 0  # failed attempts so far: the app is not "idle" then, and /readyz says not ready
 
 
 class Supervisor:
@@ -87,6 +114,15 @@ class Supervisor:
         self.crash_seen = 0.0  # when it exited
         self.crash_looping_since: float | None = None
         self._killed: dict[Worker, float] = {}  # SIGKILLed as failed by reconcile -> the backoff it began
+        # Scale to zero (min_workers 0). zero_since: desired has been 0 since then (a spawn then is a cold
+        # start); idle_since: and no worker has been left since then.
+        self.floor = 0 if scales_to_zero(app) else 1
+        self.zero_since: float | None = None
+        self.idle_since: float | None = None
+        self.cold: ColdStart | None = None
+        self.cold_starts = 0  # completed: a worker was ready
+        self.cold_start_failures = 0  # failed attempts of cold starts (each answered its waiting requests 503)
+        self.last_cold_start: float | None = None  # seconds the last completed cold start took
         pool.on_hung = self.kill_hung
         pool.slot_indexes = lambda: range(self.desired)
 
@@ -95,11 +131,15 @@ class Supervisor:
         self.generation += 1
         self.reload_note = None
         self.wake()
+        if not self.slots and self.desired == 0:
+            return f"reloading {self.app.name}: scaled to zero, no worker to replace; the next start runs the new code"
         return f"reloading {self.app.name}: replacing {len(self.slots)} workers, {self.surge} at a time"
 
     def scale(self, n: int) -> str:
-        self.desired = max(1, n)
+        self.desired = max(self.floor, n)
         self.wake()
+        if self.desired == 0:
+            return f"scaling {self.app.name} to zero: its workers drain and stop; the next request starts one"
         return f"scaling {self.app.name} to {self.desired} workers"
 
     def wake(self) -> None:
@@ -151,6 +191,8 @@ class Supervisor:
                 self._stop(succ, "scaled down before it was ready")
         for worker in list(self.retiring):
             self._reconcile_retiring(worker, now)
+        if self.floor == 0:
+            self._reconcile_zero(now)
         if now - self._last_memory >= MEMORY_EVERY and self.app.max_memory:
             self._last_memory = now
             self._check_memory()
@@ -166,6 +208,8 @@ class Supervisor:
             if succ is not None:  # its predecessor died: the replacement simply takes the slot
                 self.slots[index] = succ
             elif now >= self._next_start(index):
+                if self.floor == 0:
+                    self._cold_attempt(now)
                 self.slots[index] = self._spawn(index, self.base_ports_for(index))
             return
         if self._kill_if_failed(worker, now):
@@ -214,6 +258,81 @@ class Supervisor:
         self._killed[worker] = self._record_failure(worker, why, now)
         self._stop(worker, why, kill=True)
         return True
+
+    # --- scale to zero ---------------------------------------------------------------------------
+    def _reconcile_zero(self, now: float) -> None:
+        """At desired 0: note when the app got there, and when its last worker was gone (logged once). A cold
+        start scaled away before a worker was ready is over: its waiting requests go back to queue_timeout."""
+        if self.desired != 0:
+            return
+        if self.cold is not None:
+            self.cold = None
+            self.pool.hold_for_start(False)
+        if self.zero_since is None:
+            self.zero_since = now
+        if self.idle_since is None and not any(w.state is not State.STOPPED for w in self.all_workers()):
+            self.idle_since = now
+            say(
+                f"corral: app {self.app.name}: idle (scaled to zero): no worker runs; the next request starts one",
+                app=self.app.name,
+            )
+
+    def _cold_attempt(self, now: float) -> None:
+        """A slot is about to spawn: from zero, that is a cold start (or its next attempt after a failure).
+        The pool holds the waiting requests for it: they wait for the start, not queue_timeout."""
+        if self.zero_since is not None:
+            self.zero_since = self.idle_since = None
+            self.cold = ColdStart(now)
+        if self.cold is not None:
+            self.pool.hold_for_start(True)
+
+    def _cold_done(self, worker: Worker) -> None:
+        """The first worker of a cold start is ready: one line with the time it took and who waited."""
+        cold = self.cold
+        if cold is None or worker.ready_at is None:
+            return
+        self.cold = None
+        took = worker.ready_at - cold.began
+        waited = self.pool.scheduler.depth  # read before the pool hands them to the worker
+        self.cold_starts += 1
+        self.last_cold_start = took
+        after = f" (after {cold.failures} failed start{'s' * (cold.failures != 1)})" if cold.failures else ""
+        say(
+            f"corral: app {self.app.name}: cold start: worker ready in {took:.2f} s{after}, "
+            f"{waited} request{'s' * (waited != 1)} waited",
+            app=self.app.name,
+        )
+        self.pool.hold_for_start(False)
+
+    def _cold_failed(self, delay: float, reason: str) -> None:
+        """A cold start's attempt failed and no worker serves: its waiting requests get 503 with the backoff as
+        Retry-After now, and so does every request until the next attempt; none hangs for a start."""
+        cold = self.cold
+        if cold is None or any(w.state is State.READY for w in self.slots.values()):
+            return
+        cold.failures += 1
+        self.cold_start_failures += 1
+        refused = self.pool.start_failed(delay, "the app's worker failed to start; try again later")
+        say(
+            f"corral: app {self.app.name}: cold start failed ({reason}): {refused} waiting "
+            f"request{'s' * (refused != 1)} answered 503; next attempt in {delay:.1f}s",
+            app=self.app.name,
+        )
+
+    @property
+    def zero_state(self) -> str | None:
+        """The app's place on the way to and from zero, as status shows it; None: none of that (running)."""
+        if self.cold is not None:
+            return START_FAILED if self.cold.failures else COLD_START
+        if self.desired != 0:
+            return None
+        return IDLE if self.idle_since is not None else SCALING_TO_ZERO
+
+    @property
+    def unproven(self) -> bool:
+        """No worker has been ready yet, or the last start from zero failed: the autoscaler keeps a worker
+        going rather than leave at zero an app that may not be able to start."""
+        return not self.ever_ready or (self.cold is not None and self.cold.failures > 0)
 
     def _replace_in_place(self, worker: Worker) -> None:
         # Behind nginx/HAProxy (--supervise-only) the worker ports are in their config: a reload or
@@ -338,14 +457,17 @@ class Supervisor:
                 self._became_ready(worker)
                 return
             await asyncio.sleep(delay)  # a poll: only the worker's process knows when it listens
-            delay = min(delay * 1.5, 0.5)
+            # Requests wait for a start from zero: every 50 ms, not up to 500, is what they pay for the poll.
+            delay = min(delay * 1.5, COLD_POLL if self.cold is not None else 0.5)
 
     def _became_ready(self, worker: Worker) -> None:
         worker.ready_at = self.clock()
         self.ever_ready = True
-        self.pool.set_state(worker, State.READY)
         took = worker.ready_at - worker.born
         self._emit(worker, State.READY, f"pid {worker.pid} {_where(worker)} ready in {took:.2f}s")
+        if self.cold is not None:
+            self._cold_done(worker)
+        self.pool.set_state(worker, State.READY)
         self.wake()
 
     def _watch_exit(self, worker: Worker) -> None:
@@ -405,6 +527,8 @@ class Supervisor:
         self.index_restarts[index] = self.index_restarts.get(index, 0) + 1
         self.exits.append(now)
         self.crash_worker, self.crash_seen = worker, now
+        if self.cold is not None and worker.ready_at is None:
+            self._cold_failed(delay, reason)
         return delay
 
     def _count_restart(self, reason: str) -> None:
@@ -417,7 +541,7 @@ class Supervisor:
 
     def _check_fatal(self) -> None:
         # An app that cannot start at all (syntax error, missing package) must not loop silently.
-        if self.ever_ready or self.fatal:
+        if self.ever_ready or self.fatal or self.desired == 0:
             return
         if len(self.failures) >= self.desired and all(self.failures.get(i, 0) >= 1 for i in range(self.desired)):
             now = self.clock()
@@ -525,6 +649,8 @@ class Supervisor:
         takes at most graceful_timeout + kill_timeout, never two graceful_timeouts.
         """
         self.stopping = True
+        if self.floor == 0:
+            self.pool.hold_for_start(False)  # no start comes now: what waits is bounded by queue_timeout again
         workers = [w for w in self.all_workers() if w.state is not State.STOPPED]
         for w in workers:
             if w.state is State.READY:
