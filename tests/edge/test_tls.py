@@ -23,31 +23,11 @@ from pathlib import Path
 
 import pytest
 from conftest import SUPPORT, closed_by_peer, corral_cli, poll, read_response, request, stub_args
+from support.certs import make_pair, serial_of
 
 OPENSSL = shutil.which("openssl")
 CURL = shutil.which("curl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
-
-
-def make_pair(where: Path, name: str, cn: str) -> tuple[Path, Path]:
-    """A self-signed P-256 certificate for localhost and 127.0.0.1 (a CA of its own, so a client can trust it
-    by --cacert) and its key."""
-    cert, key = where / f"{name}.crt", where / f"{name}.key"
-    subprocess.run(
-        [
-            *(OPENSSL, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"),
-            *("-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", f"/CN={cn}"),
-            *("-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"),
-        ],
-        check=True,
-        capture_output=True,
-    )
-    return cert, key
-
-
-def serial_of(cert: Path) -> str:
-    out = subprocess.run([OPENSSL, "x509", "-noout", "-serial", "-in", str(cert)], capture_output=True, text=True)
-    return out.stdout.strip().split("=", 1)[1].upper()
 
 
 @pytest.fixture
