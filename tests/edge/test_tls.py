@@ -265,3 +265,30 @@ def test_bad_tls_settings_stop_corral_naming_the_key_and_the_fix(tmp_path, pairs
     r = corral_cli("check", "-c", str(toml), timeout=60, cwd="/")
     out = r.stdout + r.stderr
     assert r.returncode != 0 and f"tls_key: {tmp_path}/certs/missing.pem: no such file" in out, out
+
+
+# --- an outside audit ------------------------------------------------------------------------------------
+# Findings about the test's own certificate, not about corral: a certificate made here has no CRL or OCSP URI;
+# and security headers (HSTS among them) are the app's to send (docs/security.md), the stub worker sends none.
+NOT_CORRALS = {"cert_revocation", "security_headers", "engine_problem", "RC4"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("testssl") is None, reason="testssl.sh is not installed (Debian: testssl.sh)")
+def test_testssl_finds_nothing_above_low(corral, tmp_path):
+    cert, key = make_pair(tmp_path, "site", "localhost", days=90)
+    c = corral(stub_args("--tls-cert", str(cert), "--tls-key", str(key)), workers=1)
+    report = tmp_path / "testssl.json"
+    subprocess.run(
+        [
+            *("testssl", "--quiet", "--color", "0", "--warnings", "off", "--fast", "--add-ca", str(cert)),
+            *("-p", "-s", "-S", "-P", "-U", "-h", "--jsonfile", str(report), f"localhost:{c.port}"),
+        ],
+        capture_output=True,
+        timeout=600,
+    )
+    findings = json.loads(report.read_text())
+    above = [f for f in findings if f["severity"] in ("MEDIUM", "HIGH", "CRITICAL") and f["id"] not in NOT_CORRALS]
+    assert above == [], above
+    offered = {f["id"]: f["finding"] for f in findings}
+    assert offered["TLS1_1"] == "not offered" and offered["TLS1_2"] == "offered" and offered["TLS1"] == "not offered"
