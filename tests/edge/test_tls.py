@@ -292,3 +292,25 @@ def test_testssl_finds_nothing_above_low(corral, tmp_path):
     assert above == [], above
     offered = {f["id"]: f["finding"] for f in findings}
     assert offered["TLS1_1"] == "not offered" and offered["TLS1_2"] == "offered" and offered["TLS1"] == "not offered"
+
+
+def test_reload_reads_the_certificate_when_corral_runs_no_workers(corral, pairs, tmp_path):
+    # Balancing upstreams corral does not start, a reload has no worker to replace: it still reads the pair.
+    from conftest import STUB, free_ports
+
+    port = free_ports(1)
+    worker = subprocess.Popen([sys.executable, STUB, str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        args = ["--tls-cert", str(pairs["live"]), "--tls-key", str(pairs["live_key"])]
+        c = corral([*args, "--upstream", f"127.0.0.1:{port}"], workers=None, ready=False)
+        c.wait_for("all workers ready|1 of 1 upstreams answering", timeout=60)
+        ctx = client_context(pairs["ca"])
+        poll("the upstream in rotation", lambda: tls_get(c.port, ctx)[0] == 200)
+        _replace(pairs["two"], pairs["live"])
+        _replace(pairs["two_key"], pairs["live_key"])
+        r = corral_cli("reload", "-p", str(c.port), "--no-wait")
+        assert r.returncode == 0 and "TLS certificate reloaded" in r.stdout, r.stdout + r.stderr
+        assert tls_get(c.port, ctx)[2] == serial_of(pairs["two"])
+    finally:
+        worker.terminate()
+        worker.wait(10)
