@@ -71,7 +71,7 @@ def tls_get(port: int, ctx: ssl.SSLContext, path: str = "/") -> tuple[int, dict,
 # --- serving -------------------------------------------------------------------------------------------
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")
 def test_curl_with_cacert_gets_the_answer_and_the_worker_sees_https(corral, pairs):
-    c = corral(tls_args(pairs), workers=1)
+    c = corral(tls_args(pairs, "--response-buffer", "65536"), workers=1)
     assert f"listening on https://127.0.0.1:{c.port}" in c.log()
     out = subprocess.run(
         [CURL, "-sS", "--cacert", str(pairs["ca"]), "-w", "\\n%{http_code} %{http_version}", f"{https(c)}/hello?x=1"],
@@ -88,6 +88,17 @@ def test_curl_with_cacert_gets_the_answer_and_the_worker_sees_https(corral, pair
     # A client's own X-Forwarded-Proto is not believed (no --trusted-proxies): the worker still sees https.
     status, seen, _ = tls_get(c.port, client_context(pairs["ca"]))
     assert status == 200 and seen["headers"]["x-forwarded-proto"] == "https"
+    # A response larger than the memory buffer, to a slow reader: spilled to a file, then through TLS whole.
+    big = subprocess.run(
+        [
+            *(CURL, "-sS", "--cacert", str(pairs["ca"]), "--limit-rate", "2M", "-o", "/dev/null"),
+            *("-w", "%{http_code} %{size_download}", f"{https(c)}/big?n=5000000"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert big.stdout == "200 5000000", big.stdout + big.stderr
     # Plain HTTP on the TLS port is not served.
     with socket.create_connection(("127.0.0.1", c.port), timeout=30) as s:
         s.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
