@@ -18,6 +18,7 @@ from .config import Config, autoscaled, scales_to_zero, worker_ports
 from .datapath import tracing
 from .datapath.client import Proxy, make_listener
 from .datapath.pool import Pool
+from .datapath.redirect import Redirector
 from .datapath.tunnel import GO_AWAY_GRACE
 from .datapath.worker import State
 from .logs import AccessLog, say, warn
@@ -30,6 +31,7 @@ from .supervision.output import reopen_worker_log
 from .supervision.processes import port_free
 from .supervision.supervisor import Supervisor
 from .supervision.watch import Watcher
+from .tls import Certificates, TLSError
 
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a core task died; no port at all beats a port that serves nothing
 
@@ -65,6 +67,9 @@ class Corral:
         self.activated = False  # serving on a socket systemd passed (LISTEN_FDS), not one we bound
         self.access_logs: list[AccessLog] = []  # reopened on SIGUSR1
         self.interrupted = False  # the stop began with Ctrl-C: a second one quits at once
+        self.certificates: Certificates | None = None  # --tls-cert/--tls-key: the public port speaks HTTPS
+        self.redirect_sock: Any = None  # --http-redirect: bound in preflight, served by self.redirector
+        self.redirector: Redirector | None = None
 
     # --- preflight: refuse busy ports before starting anything -----------------------------------
     def preflight(self) -> Any:
@@ -82,6 +87,7 @@ class Corral:
                 ) from None
         try:
             self._prepare_sockets()
+            self._prepare_tls(sock)
         except StartupError:
             if sock is not None:
                 sock.close()
@@ -108,10 +114,31 @@ class Corral:
         except AdminError as exc:
             if sock is not None:
                 sock.close()
+            if self.redirect_sock is not None:
+                self.redirect_sock.close()
             if self.health_listener is not None:
                 self.health_listener.sock.close()
             raise StartupError(str(exc)) from None
         return sock
+
+    def _prepare_tls(self, sock: Any) -> None:
+        """Load the certificate and key (validated already; the files may have changed since) and bind the
+        --http-redirect port, before any worker starts."""
+        server = self.cfg.server
+        if server.tls_cert is None or server.tls_key is None or sock is None:
+            return
+        try:
+            self.certificates = Certificates(os.path.abspath(server.tls_cert), os.path.abspath(server.tls_key))
+        except TLSError as exc:
+            raise StartupError(f"{exc.key}: {exc}") from None
+        if server.http_redirect is not None:
+            try:
+                self.redirect_sock = make_listener(server.host, server.http_redirect)
+            except OSError as exc:
+                raise StartupError(
+                    f"http_redirect port {server.http_redirect} on {server.host} is not available ({exc.strerror}); "
+                    "choose another with --http-redirect"
+                ) from None
 
     def _prepare_sockets(self) -> None:
         """The private worker socket directory, made now so a problem with it stops corral before any
@@ -190,10 +217,16 @@ class Corral:
             say(f"corral: health on http://{self.health_listener.address} (/livez, /readyz)")
         if sock is not None:
             self.proxy = Proxy(loop, self.cfg.server, self.pools)
-            await self.proxy.start(sock)
+            certs = self.certificates
+            await self.proxy.start(sock, certs.context if certs is not None else None)
             origin = " (socket from systemd)" if self.activated else ""
-            address = f"http://{self.cfg.server.host}:{self.cfg.server.port}"
-            say(f"corral: listening on {address}{origin}; data path {build()}")
+            say(f"corral: listening on {self._public_url()}{origin}; data path {build()}")
+            if certs is not None:
+                say(f"corral: TLS 1.2/1.3, certificate {certs.loaded}")
+            if self.redirect_sock is not None:
+                self.redirector = Redirector(loop, self.cfg.server)
+                await self.redirector.start(self.redirect_sock)
+                say(f"corral: redirecting http://{self.cfg.server.host}:{self.cfg.server.http_redirect} to https (308)")
         if self.admin is not None:
             await self.admin.start(self)
             say(f"corral: admin on {self.admin.address}")
@@ -236,7 +269,7 @@ class Corral:
             return
         names = ", ".join(self._describe(p) for p in self.pools)
         if self.balance:
-            where = f"serving on http://{self.cfg.server.host}:{self.cfg.server.port}"
+            where = f"serving on {self._public_url()}"
         else:
             where = "supervise-only, no balancer; workers at " + "; ".join(
                 f"{p.name} {_addresses(p)}" for p in self.pools if p.name in self.supervisors
@@ -369,8 +402,24 @@ class Corral:
         else:
             say("corral: SIGUSR1: no log file to reopen (no --access-log file, no --log-dir)")
 
+    def _public_url(self) -> str:
+        scheme = "https" if self.certificates is not None else "http"
+        return f"{scheme}://{self.cfg.server.host}:{self.cfg.server.port}"
+
     def reload(self) -> list[str]:
-        return [sup.reload() for sup in self.supervisors.values()]
+        """SIGHUP: the TLS certificate and key are read again (certbot's deploy hook), then every app's
+        workers are replaced, one by one."""
+        tls = self.reload_tls()
+        return ([tls] if tls else []) + [sup.reload() for sup in self.supervisors.values()]
+
+    def reload_tls(self) -> str | None:
+        """Read the certificate and key again; the new pair serves every handshake from now on. A pair that
+        does not load is refused in one log line, and the old one keeps serving. None without TLS."""
+        if self.certificates is None:
+            return None
+        ok, message = self.certificates.reload()
+        (say if ok else warn)(f"corral: {message}")
+        return message
 
     def scale(self, n: int, app: str | None = None) -> list[str]:
         return [s.scale(n) for name, s in self.supervisors.items() if app is None or name == app]
@@ -397,6 +446,8 @@ class Corral:
         deadline = begun + grace
         say(f"corral: stopping: {self._drain_note(grace)}")
         proxy = self.proxy
+        if self.redirector is not None:
+            self.redirector.close()
         if proxy is not None:
             proxy.stop_accepting()
             # Open WebSocket sessions count as in flight: they keep working until they close or the deadline

@@ -398,3 +398,27 @@ def test_four_tabs_of_one_browser_spread_over_the_workers_and_each_finds_its_ses
     finally:
         for tab in reversed(tabs):
             tab.close()
+
+
+@needs_shiny
+def test_shiny_session_over_https_connects_over_wss(corral, tmp_path):
+    """Issue 24: with --tls-cert the page loads over https and its session's WebSocket is wss://, through
+    corral's TLS edge (Chromium told to accept the test's self-signed certificate)."""
+    from support.cdp import Browser
+    from support.certs import make_pair
+
+    cert, key = make_pair(tmp_path, "site", "corral-shiny")
+    c = corral([EXAMPLE_SHINY, "--tls-cert", str(cert), "--tls-key", str(key)], workers=1)
+    b = Browser(flags=("--ignore-certificate-errors",))
+    try:
+        tab, pid, _ = open_session(b, f"https://localhost:{c.port}/")
+        try:
+            assert pid in c.worker_pids().values()
+            assert tab.evaluate("location.protocol") == "https:"
+            assert tab.evaluate("Shiny.shinyapp.$socket.url").startswith(f"wss://localhost:{c.port}/")
+            tab.evaluate("Shiny.setInputValue('n', 5)")
+            assert tab.wait("document.getElementById('out').textContent === 'n squared is 25'")
+        finally:
+            tab.close()
+    finally:
+        b.close()

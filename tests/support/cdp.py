@@ -42,12 +42,12 @@ class CDPError(Exception):
 
 
 class Browser:
-    def __init__(self, timeout: float = 60) -> None:
+    def __init__(self, timeout: float = 60, flags: tuple[str, ...] = ()) -> None:
         if CHROMIUM is None:
             raise CDPError("chromium is not installed")
         self.profile = tempfile.mkdtemp(prefix="corral-cdp-")
         self.proc = subprocess.Popen(
-            [CHROMIUM, *FLAGS, "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "about:blank"],
+            [CHROMIUM, *FLAGS, *flags, "--remote-debugging-port=0", f"--user-data-dir={self.profile}", "about:blank"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )

@@ -189,6 +189,7 @@ class FakeClient:
     def __init__(self, rig: Rig, spill_limit: int | None = None) -> None:
         self.rig = rig
         self.peer = b"127.0.0.1"
+        self.proto = b"http"
         self.trusted = False
         self.closing = False
         self.reader = edge.RequestReader(self, edge.EdgeLimits())

@@ -345,7 +345,8 @@ def _apps(doc: dict[str, Any], app: str | None) -> list[dict[str, Any]]:
 def reload(
     port: int | None, admin: str | None, admin_token: str | None, app: str | None, no_wait: bool, timeout: float
 ) -> None:
-    """Rolling reload: replace every worker with a fresh one, one at a time, without failing requests."""
+    """Rolling reload: replace every worker with a fresh one, one at a time, without failing requests; with
+    --tls-cert, also read the certificate and key again (as SIGHUP does; certbot's deploy hook)."""
     try:
         client = _client(port, admin, admin_token)
         before = {w["pid"] for a in _apps(client.ok("GET", "/status"), app) for w in a["workers"]}

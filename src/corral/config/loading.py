@@ -30,6 +30,10 @@ def load_toml(path: str | Path, strict: bool = True) -> Config:
     server = build_section(ServerConfig, data.get("server", {}), f"{where}: server", problems)
     cfg = Config(server=server, apps=_build_apps(data.get("app", []), where, problems), source=where)
     base = path.resolve().parent
+    for name in ("tls_cert", "tls_key"):
+        value = getattr(server, name)
+        if isinstance(value, str) and not os.path.isabs(value):
+            setattr(server, name, os.path.normpath(base / value))
     for app in cfg.apps:
         _anchor_paths(app, base)
         if app.route.startswith("/"):  # any other route is kept as written, for validate's message

@@ -369,6 +369,27 @@ class ServerConfig:
 
     host: str = knob("127.0.0.1", "public listen address")
     port: int = knob(8000, "public listen port", short="-p", minimum=1, maximum=PORT_MAX)
+    tls_cert: str | None = knob(
+        None,
+        "PEM certificate chain (leaf first, e.g. certbot's fullchain.pem): the public port speaks HTTPS only, "
+        "TLS 1.2 and 1.3 with Mozilla's intermediate ciphers, ALPN http/1.1; needs tls_key. `corral reload` and "
+        "SIGHUP read both files again (certbot's deploy hook). Relative paths: to corral.toml",
+        breach="a file that is missing, unreadable or not the key's pair stops corral at start; at a reload it is "
+        "refused (one log line) and the old pair keeps serving",
+    )
+    tls_key: str | None = knob(
+        None,
+        "PEM private key of tls_cert, unencrypted (e.g. certbot's privkey.pem; mode 0600)",
+        breach="as tls_cert",
+    )
+    http_redirect: int | None = knob(
+        None,
+        "also listen on this port (same host) for plain HTTP and answer every request with a 308 to the same "
+        "host, path and query over https on the public port; needs tls_cert",
+        minimum=1,
+        maximum=PORT_MAX,
+        breach="a Host that is not a DNS name or an IP address gets 400, never a redirect",
+    )
     admin: str | None = knob(None, "admin channel: HOST:PORT or unix:/path (default: a unix socket per public port)")
     admin_token: str | None = knob(None, "bearer token every admin call must carry")
     admin_hosts: list[str] = knob(

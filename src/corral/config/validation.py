@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..net import PORT_MAX, is_ip, parse_address, reaches_loopback
+from ..tls import TLSError, server_context
 from .derived import (
     autoscaled,
     effective_workers,
@@ -56,6 +57,7 @@ def validate(cfg: Config) -> list[str]:
     problems = list(cfg.load_problems)
     _check_server(cfg, problems)
     _check_health(cfg, problems)
+    _check_tls(cfg, problems)
     _check_apps(cfg, problems)
     _check_ports(cfg, problems)
     return problems
@@ -191,6 +193,27 @@ def supervise_only_problems(cfg: Config) -> list[str]:
         for app in cfg.apps
         if app.min_workers == 0 and not app.upstreams
     ]
+
+
+def _check_tls(cfg: Config, problems: list[str]) -> None:
+    """tls_cert and tls_key go together and must load as a pair now, not at the first handshake; http_redirect
+    needs TLS to redirect to, and a port of its own."""
+    server = cfg.server
+    label = f"{cfg.source}: server"
+    cert, key = server.tls_cert, server.tls_key
+    if (cert is None) != (key is None):
+        have, missing = ("tls_cert", "tls_key") if key is None else ("tls_key", "tls_cert")
+        problems.append(f"{label}: {missing}: needed with {have} (give both: the certificate chain and its key)")
+    elif cert is not None and key is not None:
+        try:
+            server_context(cert, key)
+        except TLSError as exc:
+            problems.append(f"{label}: {exc.key}: {exc}")
+    if server.http_redirect is not None:
+        if cert is None:
+            problems.append(f"{label}: http_redirect: redirects to https, so it needs tls_cert and tls_key")
+        if server.http_redirect == server.port:
+            problems.append(f"{label}: http_redirect: port {server.port} is the public port: choose another (80)")
 
 
 def least_workers(app: AppConfig) -> tuple[int | None, str]:
@@ -347,6 +370,8 @@ def _server_ports(cfg: Config, public_ok: bool) -> dict[int, str]:
     with contextlib.suppress(ValueError):
         if cfg.server.health_listen is not None:
             owner.setdefault(parse_health(cfg.server.health_listen)[1], "the health listener")
+    if cfg.server.http_redirect is not None and _in_range(cfg.server, "http_redirect"):
+        owner.setdefault(cfg.server.http_redirect, "the http_redirect listener")
     return owner
 
 

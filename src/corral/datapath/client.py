@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import socket
+import ssl
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -26,6 +27,7 @@ from .outcomes import CUT_CLIENT, CUT_SEND_TIMEOUT, Refusal
 # struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 _TCP_ESTABLISHED = 1
+TLS_SHUTDOWN = 1.0  # s: how long a TLS connection being closed waits for the client's close_notify
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -64,6 +66,8 @@ class Edge:
         self.trusted = [
             ipaddress.ip_network(c.strip(), strict=False) for c in server.trusted_proxies.split(",") if c.strip()
         ]
+        self.tls = server.tls_cert is not None
+        self.proto = b"https" if self.tls else b"http"
 
     def is_trusted(self, ip: str) -> bool:
         if not self.trusted:
@@ -91,8 +95,19 @@ class Proxy:
         self._ticker: asyncio.TimerHandle | None = None
         self._tick_n = 0
 
-    async def start(self, sock: socket.socket) -> None:
-        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024)
+    async def start(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
+        """Serve on `sock`; with `tls` (tls.Certificates.context), HTTPS only.
+
+        A TLS handshake is the first part of a request head: a client that has not finished one within
+        header_timeout is cut (the handshake timeout; the connection is not ours until it completes). Then the
+        usual clocks run: keepalive_timeout for the first byte, header_timeout for the head. A TLS connection
+        that corral closes waits at most TLS_SHUTDOWN for the client's close_notify, not asyncio's 30 s, so
+        closed connections do not hold descriptors."""
+        extra = {}
+        if tls is not None:
+            extra = {"ssl": tls, "ssl_handshake_timeout": self.edge.header_timeout}
+            extra["ssl_shutdown_timeout"] = TLS_SHUTDOWN
+        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024, **extra)
         self._ticker = self.loop.call_later(0.1, self._tick)
 
     def stop_accepting(self) -> None:
@@ -147,6 +162,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = b"127.0.0.1"
         self.trusted = False
+        self.proto = proxy.edge.proto
         self.current: Exchange | None = None  # the exchange whose response is being produced
         self.parsing: Exchange | None = None  # the exchange whose request bytes are arriving
         self.upgrading: Exchange | None = None  # a WebSocket upgrade request: every later byte is its tunnel's
@@ -209,6 +225,11 @@ class ClientConnection(asyncio.Protocol):
         # (or send_timeout cuts it, should the client not read it either).
         self._unsent_now()
         cur = self.current
+        if self.edge.tls:
+            # TLS has no half-close: the TLS layer closes the connection after its client's close_notify or EOF
+            # whatever is returned here (asyncio warns if True is), so what is unanswered is abandoned now.
+            self._abandon(CUT_CLIENT)
+            return False
         if cur is not None and cur.response_complete and not cur.ended and not cur.switched:
             self.closing = True
             pending, self.pipeline = list(self.pipeline), deque()

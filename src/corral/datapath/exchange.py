@@ -250,7 +250,13 @@ class Exchange:
             head.chunked = False
             head.content_length = self.body.size
         return edge.forward_head(
-            head, client.peer, self.request_id, client.trusted, prefix=self.prefix, traceparent=self.traceparent
+            head,
+            client.peer,
+            self.request_id,
+            client.trusted,
+            proto=client.proto,
+            prefix=self.prefix,
+            traceparent=self.traceparent,
         )
 
     def flush_body(self, conn: Upstream) -> None:

@@ -24,6 +24,7 @@ class Client(Protocol):
 
     peer: bytes
     trusted: bool
+    proto: bytes  # b"https" on a TLS listener: the X-Forwarded-Proto (and Forwarded proto=) workers get
     closing: bool
     written: int  # bytes handed to the transport, over the connection's life
 

@@ -7,7 +7,8 @@ lacks is said in the file's opening comments.
 
 from __future__ import annotations
 
-from ..config import AppConfig, Config, sticky_mode
+from ..config import AppConfig, Config, ServerConfig, sticky_mode
+from ..tls import INTERMEDIATE_CIPHERS
 from .common import (
     NOT_FOUND_JSON,
     Target,
@@ -56,8 +57,9 @@ def haproxy(cfg: Config) -> str:
         f"    timeout client {seconds(max(server.body_timeout, server.keepalive_timeout, server.send_timeout))}",
         "    timeout connect 5s",
         "",
+        *_haproxy_redirect(server),
         "frontend corral",
-        f"    bind {address(server.host, server.port)}",
+        *_haproxy_bind(server),
         *(
             [f"    maxconn {server.max_connections}"]
             if server.max_connections is not None
@@ -70,7 +72,7 @@ def haproxy(cfg: Config) -> str:
             if trusted_proxies(cfg)
             else ["    http-request del-header X-Forwarded-For  # as corral: a client's own is replaced"]
         ),
-        "    http-request set-header X-Forwarded-Proto http",
+        f"    http-request set-header X-Forwarded-Proto {'https' if server.tls_cert else 'http'}",
         "    http-request set-header X-Forwarded-Host %[req.hdr(host)]",
         f"    http-request deny deny_status 413 if {{ req.hdr_val(content-length) gt {server.max_body} }}",
         f"    acl {WS_ACL} hdr(upgrade) -i websocket",
@@ -99,6 +101,34 @@ def haproxy(cfg: Config) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def _haproxy_bind(server: ServerConfig) -> list[str]:
+    """The public bind; with tls_cert, HTTPS as corral serves it (TLS 1.2/1.3, Mozilla intermediate, ALPN
+    http/1.1)."""
+    bind = f"    bind {address(server.host, server.port)}"
+    if server.tls_cert is None:
+        return [bind]
+    return [
+        "    # TLS: HAProxy reads the certificate and its key from ONE PEM file (cat fullchain.pem privkey.pem),",
+        f"    # or, HAProxy >= 2.2, the key from a file beside it named {server.tls_cert}.key. A renewed pair is read",
+        "    # by a reload (systemctl reload haproxy), as corral's by `corral reload`.",
+        f"{bind} ssl crt {server.tls_cert} alpn http/1.1 ssl-min-ver TLSv1.2 ciphers {INTERMEDIATE_CIPHERS}",
+    ]
+
+
+def _haproxy_redirect(server: ServerConfig) -> list[str]:
+    """--http-redirect: plain HTTP answered with a 308 to the same host (its port dropped), path and query over
+    https on the public port."""
+    if server.http_redirect is None or server.tls_cert is None:
+        return []
+    port = "" if server.port == 443 else f":{server.port}"
+    return [
+        "frontend corral_http_redirect",
+        f"    bind {address(server.host, server.http_redirect)}",
+        f"    http-request redirect prefix https://%[req.hdr(host),field(1,:)]{port} code 308",
+        "",
+    ]
 
 
 def _haproxy_backend(t: Target) -> list[str]:

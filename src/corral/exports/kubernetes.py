@@ -35,6 +35,7 @@ APP_DIR = "/app"  # where the image keeps the API and corral.toml (deploy/Docker
 CONFIG_FILE = "corral.toml"
 DEFAULT_HEALTH_PORT = 9000
 POD_SHUTDOWN_DELAY = 5.0  # when corral.toml has none: endpoint updates reach kube-proxy and ingresses in seconds
+TLS_DIR = "/etc/corral/tls"  # tls_cert/tls_key in the pod: the keys of a kubernetes.io/tls Secret, mounted here
 RUN_AS = 10001  # the image's user (deploy/Dockerfile); any non-root uid that can read /app works
 SERVICE_PORT = 80
 CPU_PER_WORKER_M = 1000  # a single-threaded worker uses at most one core, and a busy one all of it
@@ -141,6 +142,8 @@ def run_args(cfg: Config, hport: int) -> list[str]:
     args = ["run", "-c", f"{APP_DIR}/{CONFIG_FILE}", "--host", any_host, "--health-listen", health]
     if cfg.server.shutdown_delay == 0:
         args += ["--shutdown-delay", plain_number(POD_SHUTDOWN_DELAY)]
+    if cfg.server.tls_cert is not None:  # the host's paths mean nothing in the pod: the Secret's files instead
+        args += ["--tls-cert", f"{TLS_DIR}/tls.crt", "--tls-key", f"{TLS_DIR}/tls.key"]
     return args
 
 
@@ -388,7 +391,8 @@ def pod_spec(
         },
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
         "volumeMounts": [
-            {"name": "config", "mountPath": f"{APP_DIR}/{CONFIG_FILE}", "subPath": CONFIG_FILE, "readOnly": True}
+            {"name": "config", "mountPath": f"{APP_DIR}/{CONFIG_FILE}", "subPath": CONFIG_FILE, "readOnly": True},
+            *_tls_mount(cfg),
         ],
     }
     return {
@@ -406,8 +410,37 @@ def pod_spec(
         "shareProcessNamespace": True,
         "securityContext": {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS},
         "containers": [container],
-        "volumes": [{"name": "config", "configMap": {"name": f"{name}-config"}}],
+        "volumes": [{"name": "config", "configMap": {"name": f"{name}-config"}}, *_tls_volume(cfg, name)],
     }
+
+
+def _tls_mount(cfg: Config) -> list[dict[str, Any]]:
+    if cfg.server.tls_cert is None:
+        return []
+    return [
+        {
+            "name": "tls",
+            Note(
+                "tls_cert/tls_key: the pod serves HTTPS itself (end-to-end TLS). Usually TLS belongs to the\n"
+                "Ingress instead (its tls: section): then drop tls_cert and tls_key from corral.toml. No subPath,\n"
+                "so a renewed Secret reaches these files (within a minute); `corral reload` in the pod reads them"
+            ): None,
+            "mountPath": TLS_DIR,
+            "readOnly": True,
+        }
+    ]
+
+
+def _tls_volume(cfg: Config, name: str) -> list[dict[str, Any]]:
+    if cfg.server.tls_cert is None:
+        return []
+    return [
+        {
+            "name": "tls",
+            Note(f"kubectl create secret tls {name}-tls --cert=fullchain.pem --key=privkey.pem"): None,
+            "secret": {"secretName": f"{name}-tls"},
+        }
+    ]
 
 
 def service(cfg: Config, name: str, labels: dict[str, str]) -> str:

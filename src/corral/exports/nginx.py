@@ -10,7 +10,8 @@ from __future__ import annotations
 import math
 import re
 
-from ..config import AppConfig, Config, KiB, sticky_mode
+from ..config import AppConfig, Config, KiB, ServerConfig, sticky_mode
+from ..tls import INTERMEDIATE_CIPHERS
 from .common import (
     NOT_FOUND_JSON,
     Target,
@@ -73,10 +74,12 @@ def nginx(cfg: Config) -> str:
     # As corral does: a client's own X-Forwarded-For is replaced, unless it comes via trusted_proxies
     # (then also add `set_real_ip_from` for them, or nginx appends to what anyone sends).
     xff = "$proxy_add_x_forwarded_for" if trusted_proxies(cfg) else "$remote_addr"
+    lines += _nginx_redirect(server)
     lines += [
         "server {",
-        f"    listen {address(server.host, server.port)};",
+        f"    listen {address(server.host, server.port)}{' ssl' if server.tls_cert else ''};",
         "    server_name _;",
+        *_nginx_tls(server),
         f"    client_max_body_size {max(server.max_body, 1)};",
         f"    large_client_header_buffers 4 {math.ceil(server.max_header_bytes / 1024)}k;",
         f"    client_header_timeout {seconds(server.header_timeout)};",
@@ -113,6 +116,37 @@ def nginx(cfg: Config) -> str:
         ]
     lines += ["}", ""]
     return "\n".join(lines)
+
+
+def _nginx_tls(server: ServerConfig) -> list[str]:
+    """corral's TLS settings in nginx's words (Mozilla intermediate, as corral). A renewed certificate is read
+    by `nginx -s reload`, as corral's by `corral reload`."""
+    if server.tls_cert is None:
+        return []
+    return [
+        f"    ssl_certificate {server.tls_cert};",
+        f"    ssl_certificate_key {server.tls_key};",
+        "    ssl_protocols TLSv1.2 TLSv1.3;",
+        f"    ssl_ciphers {INTERMEDIATE_CIPHERS};",
+        "    ssl_prefer_server_ciphers off;",
+        "    # The handshake is bounded by client_header_timeout below (nginx >= 1.25.3: ssl_handshake_timeout).",
+    ]
+
+
+def _nginx_redirect(server: ServerConfig) -> list[str]:
+    """--http-redirect: plain HTTP answered with a 308 to https. nginx's $host is the request's host, lower-cased
+    and without its port, and nginx refuses a malformed Host itself (400)."""
+    if server.http_redirect is None or server.tls_cert is None:
+        return []
+    port = "" if server.port == 443 else f":{server.port}"
+    return [
+        "server {",
+        f"    listen {address(server.host, server.http_redirect)};",
+        "    server_name _;",
+        f"    return 308 https://$host{port}$request_uri;",
+        "}",
+        "",
+    ]
 
 
 def _nginx_upstream(t: Target) -> list[str]:

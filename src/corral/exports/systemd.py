@@ -57,6 +57,7 @@ def systemd(cfg: Config, supervise_only: bool = False, run_args: list[str] | Non
             f"WatchdogSec={WATCHDOG_SEC}s",
             f"ExecStart={shlex.join(args)}",
             "ExecReload=/bin/kill -HUP $MAINPID",
+            *_tls_lines(cfg, unit),
             f"WorkingDirectory={workdir}",
             "Environment=PYTHONUNBUFFERED=1",
             "# User=corral",
@@ -87,6 +88,16 @@ def systemd(cfg: Config, supervise_only: bool = False, run_args: list[str] | Non
             _socket_unit(cfg, unit),
         ]
     )
+
+
+def _tls_lines(cfg: Config, unit: str) -> list[str]:
+    if cfg.server.tls_cert is None:
+        return []
+    return [
+        "# TLS: a reload (SIGHUP) also reads tls_cert and tls_key again. certbot's deploy hook:",
+        f"#   certbot renew --deploy-hook 'systemctl reload {unit}'",
+        "# The key must be readable by the User= below (e.g. a group with read access to it).",
+    ]
 
 
 def _startup(cfg: Config) -> float:

@@ -124,10 +124,16 @@ class Routes:
         return list(sups), None
 
     def _reload(self, app: str | None) -> Answer:
+        # `corral reload` (no app) also reads the TLS certificate and key again, as SIGHUP does: certbot's
+        # deploy hook runs either. A pair that does not load is refused and the old one keeps serving.
+        tls = self.corral.reload_tls() if app is None else None
+        if tls is not None and not self.corral.supervisors:
+            return json_answer(202, {"ok": True, "messages": [tls]})
         names, err = self._pick(app)
         if err:
             return err
-        return json_answer(202, {"ok": True, "messages": [self.corral.supervisors[n].reload() for n in names]})
+        reloads = [self.corral.supervisors[n].reload() for n in names]
+        return json_answer(202, {"ok": True, "messages": ([tls] if tls else []) + reloads})
 
     def _scale(self, workers: str | None, app: str | None) -> Answer:
         if workers is None or not workers.isascii() or not workers.isdigit():
