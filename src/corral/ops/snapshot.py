@@ -126,6 +126,25 @@ class FairSnap:
 
 
 @dataclass(frozen=True, slots=True)
+class QuarantinedSnap:
+    """One quarantined request (datapath/quarantine.py): refused with 502 until it lifts."""
+
+    route: str  # method and path
+    digest: str  # the start of its query-and-body hash: tells two requests of one path apart
+    deaths: int  # workers it made exit
+    for_s: float  # quarantined this long
+    left_s: float  # lifts in this long
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineSnap:
+    period: float  # quarantine_period
+    refused: int  # requests answered 502 because they were quarantined
+    total: int  # requests ever quarantined
+    entries: tuple[QuarantinedSnap, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AutoscaleSnap:
     min_workers: int
     max_workers: int
@@ -176,6 +195,8 @@ class AppSnap:
     sessions_opened: int = 0  # WebSocket sessions ever opened (tunnels after a worker's 101)
     sessions_rejected: int = 0  # new sessions answered 503 at the queue's limits
     fair: FairSnap | None = None  # fair queueing (None: fair_key none, or a snapshot taken with routes=0)
+    redispatched: int = 0  # requests sent again, to another worker, after theirs was killed from outside
+    quarantine: QuarantineSnap | None = None  # None: a snapshot taken with routes=0
 
     @property
     def sessions(self) -> int:
@@ -265,7 +286,14 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         sessions_opened=pool.sessions_opened,
         sessions_rejected=pool.sessions_rejected,
         fair=_fair(pool, now) if routes else None,
+        redispatched=pool.redispatched,
+        quarantine=_quarantine(pool, now) if routes else None,
     )
+
+
+def _quarantine(pool: Pool, now: float) -> QuarantineSnap:
+    q = pool.quarantine
+    return QuarantineSnap(q.period, q.refused, q.total, tuple(QuarantinedSnap(*row) for row in q.shown(now)))
 
 
 def _fair(pool: Pool, now: float, n: int = CLIENTS) -> FairSnap | None:
