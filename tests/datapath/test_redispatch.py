@@ -166,3 +166,25 @@ def test_an_unsupervised_worker_costs_a_502_at_once():
     conn.transport.lose()
     assert ex.client.response().status == 502
     settled(rig)
+
+
+def test_a_kill_seen_first_as_a_stale_kept_alive_connection_still_goes_to_another_worker():
+    # The worker's socket closed before its exit could be seen: to corral it looks like a kept-alive connection
+    # the worker closed while idle, so the request goes again to the same worker, whose socket now refuses.
+    rig = supervised(Rig(workers=2, dispatch="fifo"))
+    _, conn = rig.dispatched(get("/warm"))
+    conn.data_received(ok())
+    worker = conn.worker
+    rig.loop.errors[worker.port] = [ConnectionRefusedError(111, "Connection refused")]
+    _, busy = rig.dispatched(get("/busy"))  # the other worker
+    ex = rig.request(get("/x"))
+    assert ex.upstream is conn  # the kept-alive connection
+    conn.transport.lose()
+    rig.loop.run()  # sent again to the same worker: refused
+    assert not ex.ended and worker.awaiting == [ex]
+    exits(rig, worker, KILLED)
+    busy.data_received(ok())
+    assert ex.upstream is not None and ex.upstream.worker is busy.worker
+    ex.upstream.data_received(ok(b"elsewhere"))
+    assert ex.client.response().body == b"elsewhere"
+    settled(rig)

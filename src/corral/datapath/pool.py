@@ -371,8 +371,9 @@ class Pool:
 
     def _unreached(self, ex: Exchange, worker: Worker, exc: OSError) -> None:
         if ex.retried:
-            # The request did reach this worker once, on the connection it closed: it must not go elsewhere.
-            ex.upstream_failed(f"worker closed the connection, then refused a new one ({exc.strerror or exc})")
+            # The request did reach this worker once, on the connection it closed: it goes elsewhere only if the
+            # worker turns out to have been killed from outside (it was dying, not idle-closing: upstream_lost).
+            self.upstream_lost(ex, f"worker closed the connection, then refused a new one ({exc.strerror or exc})")
             return
         # Nothing reached the worker, so the request may go elsewhere: first in line, not last.
         self._free_slot(ex, worker, served=False)
@@ -467,6 +468,7 @@ class Pool:
         if ex.worker is not None:
             ex.detach()
         ex.redispatched = True
+        ex.retried = False  # the new worker's stale kept-alive connection may be retried once, as for any request
         self.redispatched += 1
         if ex.pin is dead:
             ex.pin = None  # its sticky worker is gone: any worker (the client's cookie is re-issued)
