@@ -7,11 +7,12 @@ finish separately, and it is counted and logged once, when both have (as one of 
 
 * the worker half holds one of the worker's slots from dispatch until the worker has finished with the
   request: its whole response received, or the worker failed. `_release_worker` is the only place a slot
-  is given back for good; `detach` gives it back for a request whose worker connection broke, which may go to
-  another worker (pool.upstream_lost: should that worker turn out to have been killed from outside). Responses are buffered (the client transport's buffer up to `response_buffer`, then a
-  temporary file up to `response_buffer_file`, only then back-pressure on the worker), so a slow client
-  never holds a worker. A client that leaves does not free the slot of a worker still computing its
-  answer: the worker is busy until it is done, and its answer is read and dropped;
+  is given back for good; `detach` gives it back for a request whose worker connection broke, which may go
+  to another worker (pool.upstream_lost: should that worker turn out to have been killed from outside).
+  Responses are buffered (the client transport's buffer up to `response_buffer`, then a temporary file up
+  to `response_buffer_file`, only then back-pressure on the worker), so a slow client never holds a worker.
+  A client that leaves does not free the slot of a worker still computing its answer: the worker is busy
+  until it is done, and its answer is read and dropped;
 * the client half ends when the client's socket has taken the last byte, or the client is gone.
 
 Request bodies are read whole before dispatch by default (`request_buffering`, buffers.RequestBody), so
