@@ -5,8 +5,8 @@
 
 Load: wrk on 127.0.0.1 (bounded by --duration). Every --every seconds a random worker process of this
 corral (a child of the corral process we started, found with psutil) gets SIGKILL. Reports requests
-sent, failed (non-2xx + socket errors), kills, and failures per kill. The only acceptable failures are
-requests in flight on a killed worker: at most one per kill with --max-inflight 1.
+sent, failed (non-2xx + socket errors), kills, and failures per kill. Since issue 23 (part 2) a GET whose worker
+is killed from outside goes to another worker: the run passes with 0 failed.
 The same kills against nginx and HAProxy over harness-restarted workers are scenario T6 of bench/compare.
 """
 
@@ -27,7 +27,7 @@ from wrk import parse, wrk_argv
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "bench" / "app" / "plumber.R"
-STUB = ROOT / "tests" / "stub_worker.py"
+STUB = ROOT / "tests" / "support" / "stub_worker.py"
 PORT = 19050
 
 
@@ -76,7 +76,7 @@ def main() -> int:
             "app": "stub" if args.stub else "plumber",
         }
         print(json.dumps(result))
-        return 0 if failed <= kills else 1
+        return 0 if failed == 0 else 1  # issue 23: GETs whose worker is killed go to another worker
     finally:
         terminate(corral)
 

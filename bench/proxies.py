@@ -37,6 +37,10 @@ class ProxySpec:
     template: str | None = None
     corral_args: tuple[str, ...] = ()
     build: CorralBuild | None = None  # corral only: None = the current tree's corral (the harness's command)
+    # corral only: run this app on `own_workers` workers of its own instead of balancing the harness's (T6: only
+    # a corral that started its workers can tell a kill from outside from a crash, and send a request again)
+    app: str | None = None
+    own_workers: int = 0
 
 
 CORRAL = ProxySpec("corral", "corral", CORRAL_PORT)
@@ -114,9 +118,10 @@ def _corral_child(
     health_path: str,
     user_args: Sequence[str],
 ) -> Child:
+    workers = ["-w", str(spec.own_workers), spec.app] if spec.app else ["--upstream", upstream_spec(upstream_ports)]
     argv = [
         *build.argv, "run", "--host", HOST, "--port", str(spec.port),
-        "--upstream", upstream_spec(upstream_ports), "--health-path", health_path,
+        *workers, "--health-path", health_path,
         *spec.corral_args, *user_args,
     ]  # fmt: skip
     return Child(spec.name, argv, workdir / "corral.log", env=build.env())

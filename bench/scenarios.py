@@ -13,6 +13,7 @@ an error for that scenario and skipped; the other proxies still get measured.
 from __future__ import annotations
 
 import random
+import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 import fairload
 import ggc
 import loadgen
+import psutil
 from baseline import CorralBuild, Revision
 from procs import HOST, Usage, http_get
 from proxies import (
@@ -39,6 +41,7 @@ from proxies import (
 )
 from report import Goal, Metric, Results
 from stats import percentile
+from workers import APP as WORKER_APP
 from workers import WorkerPool
 from wrk import BackgroundWrk, WrkResult, run_wrk
 
@@ -387,6 +390,10 @@ def t5(ctx: Context) -> None:
 
 
 def t6(ctx: Context) -> None:
+    """SIGKILL a worker every 5 s under GET load. The peers balance the harness's workers, which the harness
+    restarts; corral supervises 4 workers of its own (the same plumber app), the same kill schedule hitting
+    them: a corral balancing workers it did not start cannot know how one died, so never sends a request again
+    (issue 23, part 2), and would lose the request in flight on each killed worker."""
     res = ctx.results
     failed = res.metric("T6", "failed requests", "lower")
     kills_m = res.metric("T6", "workers SIGKILLed")
@@ -407,7 +414,7 @@ def t6(ctx: Context) -> None:
             start = time.monotonic()
             while (nxt := start + interval * (len(kills) + 1)) < start + duration - 1:
                 time.sleep(max(0.0, nxt - time.monotonic()))
-                kills.append(pool.kill_random(rng))
+                kills.append(_kill_own(proxy, rng) if proxy.spec.app else pool.kill_random(rng))
             r = load.result()
         finally:
             load.stop()
@@ -421,8 +428,17 @@ def t6(ctx: Context) -> None:
 
     with pool:
         pool.start_supervisor()
-        each_proxy(ctx, "T6", [CORRAL, NGINX, HAPROXY], pool.ports, "/fast", measure)
+        own = replace(CORRAL, app=str(WORKER_APP), own_workers=len(pool.ports))
+        each_proxy(ctx, "T6", [own, NGINX, HAPROXY], pool.ports, "/fast", measure)
         res.record("T6", "workers", 0, {"restarts": pool.restarts})
+
+
+def _kill_own(proxy: RunningProxy, rng: random.Random) -> int:
+    """SIGKILL one of the workers corral started (its children), chosen by rng as pool.kill_random chooses."""
+    victims = sorted(psutil.Process(proxy.pid).children(), key=lambda p: p.pid)
+    victim = rng.choice(victims)
+    victim.send_signal(signal.SIGKILL)
+    return victim.pid
 
 
 # --- T7: corral's own footprint -----------------------------------------------------------------

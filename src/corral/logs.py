@@ -134,6 +134,7 @@ class AccessLog:
             "trace_id": ex.traceparent[3:35].decode("latin-1"),  # W3C trace id (tracing.trace_id)
             "outcome": ex.outcome,  # served, failed, refused, abandoned (datapath/outcomes.py OUTCOMES)
             "cut": ex.cut,  # why the response did not reach the client whole; "" when it did
+            "redispatched": getattr(ex, "redispatched", False),  # sent again: its first worker was killed
         }
         if self.json:
             line = json.dumps(rec) + "\n"
@@ -143,6 +144,7 @@ class AccessLog:
                 f"wait={rec['queue_wait_ms']}ms service={rec['service_ms']}ms worker={rec['worker']} "
                 f"id={rec['request_id']} trace={rec['trace_id']}"
                 + (f" cut={ex.cut.replace(' ', '_')}" if ex.cut else "")
+                + (" redispatched" if rec["redispatched"] else "")
                 + "\n"
             )
         write(self.out, line)

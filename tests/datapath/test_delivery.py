@@ -242,7 +242,7 @@ def test_a_stale_kept_alive_connection_is_retried_once_on_a_fresh_one():
     assert fresh.transport.data.startswith(b"GET /again HTTP/1.1\r\n")
     fresh.data_received(ok(b"fine"))
     assert ex.client.response().status == 200 and ex.client.response().body == b"fine"
-    assert w.failed == 0 and not w.quarantined and rig.pool.failed == 0 and rig.pool.retried == 1
+    assert w.failed == 0 and not w.sitting_out and rig.pool.failed == 0 and rig.pool.retried == 1
     settled(rig)
 
 

@@ -249,7 +249,7 @@ def test_worker_closes_before_any_body_byte_gets_a_502_page(sent, eof_first):
     assert ex.client.keep() is True  # a whole answer was written
     w = rig.workers[0]
     assert w.failed == 1 and rig.pool.failed == 1
-    assert w.quarantined  # a supervised worker that dropped a request sits out a moment
+    assert w.sitting_out  # a supervised worker that dropped a request sits out a moment
     settled(rig)
 
 
@@ -350,7 +350,7 @@ def test_client_leaves_before_the_response():
     assert waiting.upstream is None, "a second request went to a worker still computing the first"
     conn.data_received(ok(b"nobody reads this"))
     assert ex.client.out == b"" and rig.observed == [ex] and ex.outcome == "abandoned" and ex.status == 499
-    assert w.failed == 0 and not w.quarantined and w.state is State.READY  # not the worker's fault
+    assert w.failed == 0 and not w.sitting_out and w.state is State.READY  # not the worker's fault
     assert waiting.upstream is conn  # the worker is free now, and its connection was kept
     waiting.upstream.data_received(ok())
     settled(rig)

@@ -43,7 +43,8 @@ Invariants (each has a name; CORRAL_MACHINE_SKIP=name,name turns some off to loo
   408-unjustified          408 only to a client that owed bytes (and could send them) for the timeout (the head's
                            header_timeout from its first byte, body_timeout since the last byte; less CHECK_SLACK)
   buffering                with request_buffering (the default) a worker sees a request only once its body is in
-  dispatched-twice         a request reaches a worker twice only by the retry rule (sent on a reused connection
+  dispatched-twice         a request reaches a worker twice only by the retry rules (killed from outside with no
+                           answer byte: once more, another worker; or sent on a reused connection
                            that closed with no byte of answer: once more, same worker, fresh connection)
   dispatched-after-client-left  a request whose client had gone never reaches a worker
   worker-pipelined         a worker connection never carries a second request before the first is answered
@@ -103,7 +104,7 @@ from support.machine_fakes import (
 from corral.config import AppConfig, ServerConfig
 from corral.datapath.client import ClientConnection, Proxy
 from corral.datapath.pool import Pool
-from corral.datapath.worker import State, Worker
+from corral.datapath.worker import KILLED, State, Worker
 
 pytestmark = pytest.mark.unit  # in-process: no child process, no listener (tests/conftest.py)
 
@@ -343,6 +344,15 @@ def _fields(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+class _Supervised:
+    """A killed worker's process, as `worker.proc` shows it: gone (poll() has its exit status)."""
+
+    pid = 1
+
+    def poll(self) -> int:
+        return -9
+
+
 # --- the machine -------------------------------------------------------------------------------------
 class ExchangeMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
@@ -366,6 +376,10 @@ class ExchangeMachine(RuleBasedStateMachine):
         self.stale: dict[str, int] = {}
         self.hung: set[str] = set()
         self.killed: set[int] = set()
+        # Requests a worker killed from outside held with no byte of answer: corral may send each once more, to
+        # another worker (docs/operations.md, Retry and quarantine); `moved`: those it did send again.
+        self.outside: set[str] = set()
+        self.moved: set[str] = set()
         self.observed: list[Snap] = []
 
     # --- reporting ------------------------------------------------------------------------------
@@ -785,7 +799,14 @@ class ExchangeMachine(RuleBasedStateMachine):
                     f"{len(creq.wire)} bytes in (request_buffering is on)",
                 )
         earlier = self.receipts[rid]
-        if earlier:
+        if (
+            earlier
+            and rid in self.outside
+            and rid not in self.moved
+            and all(e.wc.worker is not wc.worker for e in earlier)
+        ):
+            self.moved.add(rid)  # its worker was killed from outside: once more, to another worker
+        elif earlier:
             first = earlier[0]
             ft = first.wc.t
             ok = (  # corral's rule: a kept connection (one that sat idle, before a request or after one)
@@ -1226,6 +1247,25 @@ class ExchangeMachine(RuleBasedStateMachine):
         self.pool.forget(worker)
         self.settle()
 
+    @rule(w=st.integers(0, 1), exit_seen_first=st.booleans())
+    @applies(lambda self: self.ready and any(w.state is State.READY for w in self.workers))
+    def worker_killed_from_outside(self, w: int, exit_seen_first: bool) -> None:
+        """An operator's kill -9 (or the OOM killer): the process ends, its connections close, the supervisor reaps
+        it. `exit_seen_first`: the exit is known before corral reads the sockets' close (else the other way)."""
+        worker = self._pick([w for w in self.workers if w.state is State.READY], w)
+        worker.proc = _Supervised()  # type: ignore[assignment]  # a worker corral started: its end can be known
+        for r in self._wreqs(worker):
+            if not r.finished and not r.dead and not r.any_byte and r.method != b"POST":  # POST: never again
+                self.outside.add(r.rid)
+        self._kill(worker, "killed from outside")
+        if not exit_seen_first:
+            self.settle()  # the close first: its requests wait for the verdict
+        worker.exit_cause = KILLED  # what Supervisor._after_exit does once it has reaped the process
+        self.pool.set_state(worker, State.STOPPED)
+        self.pool.forget(worker)
+        self.pool.worker_exited(worker)
+        self.settle()
+
     def _revivable(self) -> list[Worker]:
         if not self.ready:
             return []
@@ -1244,6 +1284,7 @@ class ExchangeMachine(RuleBasedStateMachine):
 
     def _revive(self, worker: Worker) -> None:
         self.killed.discard(worker.index)
+        worker.proc, worker.exit_cause, worker.lost, worker.awaiting = None, None, [], []  # a new process
         if worker not in self.pool.workers:
             self.pool.join(worker)
         self.pool.set_state(worker, State.READY)

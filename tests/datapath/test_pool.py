@@ -2,7 +2,7 @@
 
 The fakes (FakeLoop, FakeTransport, FakeClient, Rig) and the `settled` invariants come from
 tests/support/exchange_rig.py. Connections open when the test runs the loop's tasks (`rig.loop.run()`), so a test can
-act while one is still being opened; timers (quarantine, probe grace) fire when it calls `rig.loop.fire()`.
+act while one is still being opened; timers (sit-out, probe grace) fire when it calls `rig.loop.fire()`.
 """
 
 from __future__ import annotations
@@ -205,7 +205,7 @@ def test_emfile_on_connect_answers_503_and_never_marks_the_worker(capsys):
     for ex in (first, second):
         resp = ex.client.response()
         assert resp.status == 503 and resp.headers[b"retry-after"] == b"1"
-    assert w.state is State.READY and w.failed == 0 and not w.quarantined
+    assert w.state is State.READY and w.failed == 0 and not w.sitting_out
     assert rig.unreachable == [] and rig.pool.retried == 0
     assert capsys.readouterr().out.count("out of file descriptors") == 1  # once per interval, not per request
     third = rig.request()  # descriptors are back
@@ -304,14 +304,14 @@ def test_a_worker_that_drops_a_request_sits_out_a_moment():
     assert dropped.upstream is not None and dropped.upstream.worker is w0
     dropped.upstream.transport.lose()
     assert dropped.client.response().status == 502
-    assert w0.quarantined and w0.state is State.READY
+    assert w0.sitting_out and w0.state is State.READY
     nxt = rig.request()
-    assert nxt.upstream is not None and nxt.upstream.worker is w1  # passed over while quarantined
+    assert nxt.upstream is not None and nxt.upstream.worker is w1  # passed over while it sits out
     waiting = rig.request()
     assert waiting.sched_state == QUEUED
-    assert rig.loop.fire() == 1  # the quarantine lifts and the queue moves
+    assert rig.loop.fire() == 1  # the sit-out ends and the queue moves
     rig.loop.run()
-    assert not w0.quarantined
+    assert not w0.sitting_out
     assert waiting.upstream is not None and waiting.upstream.worker is w0
     answer(nxt)
     answer(waiting)

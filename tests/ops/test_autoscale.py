@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from corral import config
 from corral.config import AppConfig
 from corral.datapath.costs import RouteCosts
+from corral.datapath.quarantine import Quarantine
 from corral.datapath.worker import State, Worker
 from corral.ops import snapshot
 from corral.ops.autoscale import Autoscaler, Observation, Policy, decide, observation
@@ -153,6 +154,8 @@ def fake_pool(workers: list[Worker], depth: int = 0, oldest: float = 0.0, max_in
         outcomes={"served": 0, "failed": 0, "refused": 0, "abandoned": 0},
         cuts={},
         retried=0,
+        redispatched=0,
+        quarantine=Quarantine(300.0),
         sessions_opened=0,
         sessions_rejected=0,
         inflight=set(),

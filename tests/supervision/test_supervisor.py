@@ -29,6 +29,7 @@ class FakePool:
         self.scheduler = Scheduler(100, 30.0)
         self.workers: list[Worker] = []
         self.on_hung = None
+        self.exited: list[Worker] = []
 
     def join(self, worker: Worker) -> None:
         self.workers.append(worker)
@@ -42,6 +43,12 @@ class FakePool:
         self.scheduler.remove_worker(worker)
         if worker in self.workers:
             self.workers.remove(worker)
+
+    def worker_exited(self, worker: Worker) -> None:
+        self.exited.append(worker)
+
+    def lift_quarantine(self, why: str) -> None:
+        pass
 
 
 class Clock:

@@ -70,6 +70,8 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         if url.path == "/crash":
             os._exit(3)
+        if url.path.startswith("/sleep"):
+            time.sleep(float(parse_qs(url.query).get("s", ["1"])[0]))
         self._json({"len": len(body), "sha256": hashlib.sha256(body).hexdigest(), "index": INDEX, "pid": os.getpid()})
 
     do_PUT = do_POST
@@ -119,6 +121,13 @@ class Handler(BaseHTTPRequestHandler):
         if path == "/hop":
             self._send(200, b"{}", extra={"Connection": "X-Secret", "X-Secret": "1", "Keep-Alive": "timeout=5"})
             return
+        if path == "/drip":  # a head promising 1000 bytes, 10 of them, then nothing more for an hour
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"0123456789")
+            self.wfile.flush()
+            time.sleep(3600)
         if path == "/garbage":
             self.wfile.write(b"NOT HTTP AT ALL\r\n\r\n")
             self.close_connection = True

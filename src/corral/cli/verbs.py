@@ -216,6 +216,7 @@ def render_status(doc: dict[str, Any], color: bool) -> None:
             console.print(f"  {app['reload_note']}", style="red")
         _print_crash_loop(console, app.get("crash_loop"))
         _print_zero(console, zero)
+        _print_quarantine(console, app.get("quarantine"), app.get("redispatched", 0))
         table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1))
         columns = ["#", "PID", "PORT", "STATE", "INFLIGHT", "SERVED", "FAILED", "RESTARTS", "RSS", "CPU%", "UPTIME"]
         if any(w.get("socket") for w in app["workers"]):
@@ -284,6 +285,24 @@ def _print_crash_loop(console: Any, loop: dict[str, Any] | None) -> None:
     )
     for line in loop["last_lines"] or ["(the worker printed nothing)"]:
         console.print(f"    {line}", markup=False)
+
+
+def _print_quarantine(console: Any, q: dict[str, Any] | None, redispatched: int) -> None:
+    """Requests sent again after their worker was killed, and the quarantined ones (an older corral: neither)."""
+    if redispatched:
+        console.print(f"  {redispatched} request(s) sent again to another worker: theirs was killed from outside")
+    if not q or not q["requests"]:
+        return
+    console.print(
+        f"  quarantined (answered 502 without reaching a worker; {q['refused']} refused so far):",
+        style="bold red",
+        markup=False,
+    )
+    for e in q["requests"]:
+        console.print(
+            f"    {e['route']}  #{e['digest']}  made {e['deaths']} workers exit; lifts in {_age(e['left_s'])}",
+            markup=False,
+        )
 
 
 def _print_routes(console: Any, routes: list[dict[str, Any]], shown: int = 10) -> None:

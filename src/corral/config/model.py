@@ -329,6 +329,24 @@ class AppConfig:
     )
     long_routes: list[str] = knob([], "route patterns always long, e.g. 'POST /fit*' or '/model/*'", cli=False)
     short_routes: list[str] = knob([], "route patterns always short", cli=False)
+    no_retry_routes: list[str] = knob(
+        [],
+        "route patterns never sent again, e.g. 'GET /report*' or '/admin/*' ('*': none of the app's). A request "
+        "whose worker is killed from outside (SIGKILL or SIGTERM corral did not send) goes once to another worker "
+        "when its method is idempotent (GET, HEAD, OPTIONS, PUT, DELETE) or it carries Idempotency-Key, and no "
+        "byte of its response has reached the client",
+        cli=False,
+        breach="a matching request whose worker is killed gets 502, as one whose worker dies on its own",
+    )
+    quarantine_period: float = knob(
+        300.0,
+        "a request (method, path, hash of query and body) that made two workers exit within 10 minutes is "
+        "refused for this long, without reaching a worker (0: never); a reload lifts every quarantine",
+        unit="s",
+        minimum=0,
+        maximum=DAY,
+        breach="502 at once, with Retry-After; one log line when it begins",
+    )
     min_workers: int | None = knob(
         None,
         "autoscale: never fewer workers than this (setting min or max turns autoscaling on); 0: scale to zero, "

@@ -2,7 +2,9 @@
 
 * RequestBody: a request body read whole before its request goes out (nginx's proxy_request_buffering):
   memory up to a limit, then a temporary file. A slow uploader costs corral a file, never a worker; and the
-  body can be sent twice, should the first connection turn out to be one the worker had closed.
+  body can be sent twice, should the first connection turn out to be one the worker had closed, or the worker
+  be killed from outside (pool.redispatch). It is held until the first byte of the response goes to the
+  client, or the exchange ends: no longer, since nothing can be sent again after that.
 * Spill: response bytes the client has not taken yet, beyond its transport buffer (proxy_buffering): a
   temporary file, so the worker is freed before a slow reader has read its answer. When the file cannot
   grow (a full disk), the bytes stay in memory and the caller stops reading the worker: back-pressure,
@@ -28,7 +30,7 @@ def _temp_file(prefix: str) -> IO[bytes]:
 class RequestBody:
     """A whole request body: the first `memory` bytes in memory, the rest in a temporary file."""
 
-    __slots__ = ("_joined", "chunks", "file", "in_memory", "memory", "size")
+    __slots__ = ("_joined", "chunks", "closed", "file", "in_memory", "memory", "size")
 
     def __init__(self, memory: int) -> None:
         self.memory = memory
@@ -37,6 +39,7 @@ class RequestBody:
         self.file: IO[bytes] | None = None
         self.size = 0
         self._joined: bytes | None = None
+        self.closed = False  # its bytes are gone: it cannot be sent again
 
     def add(self, data: bytes) -> None:
         """Raises OSError when the file cannot take the bytes (the request cannot be buffered)."""
@@ -63,6 +66,7 @@ class RequestBody:
         return os.pread(self.file.fileno(), n, pos - self.in_memory)
 
     def close(self) -> None:
+        self.closed = True
         self.chunks = []
         self._joined = None
         if self.file is not None:

@@ -60,8 +60,8 @@ class RouteStats:
 class RouteCosts:
     def __init__(self, long_threshold: float, long_routes: list[str] = (), short_routes: list[str] = ()) -> None:
         self.long_threshold = long_threshold
-        self.long_patterns = [_pattern(p) for p in long_routes]
-        self.short_patterns = [_pattern(p) for p in short_routes]
+        self.long_patterns = [route_pattern(p) for p in long_routes]
+        self.short_patterns = [route_pattern(p) for p in short_routes]
         self.routes: dict[str, RouteStats] = {}
 
     def stats(self, key: str) -> RouteStats:
@@ -118,7 +118,7 @@ class RouteCosts:
         ]
 
 
-def _pattern(spec: str):
+def route_pattern(spec: str):
     """`/model/*` matches any method; `POST /fit*` matches that method only (fnmatch globbing)."""
     method, sep, path = spec.partition(" ")
     if not sep:

@@ -7,10 +7,12 @@ finish separately, and it is counted and logged once, when both have (as one of 
 
 * the worker half holds one of the worker's slots from dispatch until the worker has finished with the
   request: its whole response received, or the worker failed. `_release_worker` is the only place a slot
-  is given back. Responses are buffered (the client transport's buffer up to `response_buffer`, then a
-  temporary file up to `response_buffer_file`, only then back-pressure on the worker), so a slow client
-  never holds a worker. A client that leaves does not free the slot of a worker still computing its
-  answer: the worker is busy until it is done, and its answer is read and dropped;
+  is given back for good; `detach` gives it back for a request whose worker connection broke, which may go
+  to another worker (pool.upstream_lost: should that worker turn out to have been killed from outside).
+  Responses are buffered (the client transport's buffer up to `response_buffer`, then a temporary file up
+  to `response_buffer_file`, only then back-pressure on the worker), so a slow client never holds a worker.
+  A client that leaves does not free the slot of a worker still computing its answer: the worker is busy
+  until it is done, and its answer is read and dropped;
 * the client half ends when the client's socket has taken the last byte, or the client is gone.
 
 Request bodies are read whole before dispatch by default (`request_buffering`, buffers.RequestBody), so
@@ -29,6 +31,7 @@ from .buffers import READ_SIZE, RequestBody, Spill
 from .costs import SHORT
 from .interfaces import PAUSE_BUFFER, PAUSE_UPSTREAM
 from .outcomes import ABANDONED, CLIENT_CLOSED, CUT_CLIENT, CUT_REQUEST_TIMEOUT, CUT_WORKER, FAILED, REFUSED, SERVED
+from .quarantine import Quarantined
 from .scheduler import QUEUED, QueueFull
 from .tunnel import Tunnel
 
@@ -36,6 +39,7 @@ if TYPE_CHECKING:
     from .interfaces import Client, Dispatcher, Upstream
     from .worker import Worker
 
+IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"))  # RFC 9110 9.2.2: safe to send again
 BODY_BUFFER_LIMIT = 256 * 1024  # a streamed request body held while queued before reading is paused
 SPILL_READ = READ_SIZE  # bytes moved from the spill file to the client per write
 
@@ -79,6 +83,7 @@ class Exchange:
         "pool",
         "prefix",
         "queued_at",
+        "redispatched",
         "relay_chunked",
         "request_done",
         "request_id",
@@ -160,6 +165,7 @@ class Exchange:
         self.client_gone = False
         self.discarding = False  # the client left; the worker's answer is read and dropped
         self.retried = False  # sent once more, on a fresh connection (pool.resend)
+        self.redispatched = False  # sent once more, to another worker: its first was killed from outside
         self.ended = False  # the client half
         self.worker_done = False  # the worker half: never dispatched, or its slot given back
         self.finished = False  # counted and logged
@@ -194,6 +200,8 @@ class Exchange:
         except QueueFull as full:
             # 503 when the queue is full for everyone, 429 when this client's share of it is (fair queueing)
             self.respond_error(full.status, full.reason, retry_after=full.retry_after)
+        except Quarantined as q:
+            self.respond_error(502, str(q), retry_after=q.retry_after)
 
     def request_body(self, data: bytes) -> None:
         self.body_last = time.monotonic()
@@ -295,6 +303,33 @@ class Exchange:
             return self.body_pos >= self.body.size
         return self.request_done and not self.body_buf
 
+    def streamed(self) -> bool:
+        """Its body goes to the worker as it arrives (request_buffering off): it cannot be sent twice."""
+        return self.body is None and self.head.has_body
+
+    def redispatchable(self) -> bool:
+        """Safe to send to another worker, should its own be killed from outside: nothing of its response has
+        reached the client, its body is still ours, it is idempotent (RFC 9110 9.2.2) or carries
+        Idempotency-Key, it was not sent again already, and it is not a WebSocket upgrade."""
+        if self.head_sent or self.ended or self.redispatched or self.head.websocket:
+            return False
+        body = self.body
+        if (body is None and self.head.has_body) or (body is not None and body.closed):
+            return False
+        return self.head.method in IDEMPOTENT or self.head.header(b"idempotency-key") is not None
+
+    def detach(self) -> None:
+        """Give the worker's slot back but keep the request, body and all: it may go to another worker
+        (pool.redispatch), or end with a 502."""
+        conn, self.upstream = self.upstream, None
+        if conn is not None:
+            self.client.resume(PAUSE_UPSTREAM)
+            conn.finish(False)
+        self.upstream_paused = False
+        if self.worker is not None:
+            assert self.pool is not None
+            self.pool.release(self)
+
     def resendable(self) -> bool:
         """The request can go out again as it was: its body (if any) is still ours."""
         if self.head.websocket or self.retried:
@@ -379,6 +414,9 @@ class Exchange:
             self.head_len = len(self.out_head)
             data = self.out_head + data
             self.out_head = b""
+        body = self.body
+        if not self.head_sent and body is not None and self.body_pos >= body.size:
+            body.close()  # the response has begun: the request will never be sent again (else: still going out)
         self.head_sent = True
         if self.client_gone or self.ended:
             return

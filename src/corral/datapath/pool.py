@@ -20,11 +20,12 @@ from typing import TYPE_CHECKING
 from ..config import effective_workers, sticky_mode
 from ..logs import say
 from . import fairness, sticky
-from .costs import SHORT, RouteCosts, route_key
+from .costs import SHORT, RouteCosts, route_key, route_pattern
 from .outcomes import CUTS, OUTCOMES
+from .quarantine import Quarantine, fingerprint
 from .scheduler import QueueFull, Scheduler
 from .upstream import UpstreamConnection
-from .worker import State, Worker
+from .worker import DIED, KILLED, STOPPED, State, Worker
 
 if TYPE_CHECKING:
     from ..config import AppConfig
@@ -33,8 +34,12 @@ if TYPE_CHECKING:
 
 _OUT_OF_FDS = (errno.EMFILE, errno.ENFILE)
 FD_WARN_EVERY = 10.0  # seconds between two "out of file descriptors" (or "disk full") lines
-QUARANTINE = 0.2  # seconds a supervised worker that dropped a request is passed over
+SIT_OUT = 0.2  # seconds a supervised worker that dropped a request is passed over
 PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before taking its worker
+# How long a request whose worker connection broke waits to learn how the worker ended (the supervisor reaps it):
+# the socket closes a moment before the process is reaped, or the worker closed it and lives on (then: 502).
+EXIT_WAIT = 0.5
+LOST_KEPT = 16  # requests lost per worker remembered until its exit is known (a live worker that drops many)
 
 
 class Pool:
@@ -82,6 +87,10 @@ class Pool:
         self.outcomes = dict.fromkeys(OUTCOMES, 0)
         self.cuts = dict.fromkeys(CUTS, 0)  # responses that did not reach their client whole, by why
         self.retried = 0  # sent again: the worker refused the connection, or had closed a kept-alive one
+        self.redispatched = 0  # sent again, to another worker: theirs was killed from outside
+        self.no_retry = [route_pattern(p) for p in app.no_retry_routes]
+        self._no_retry_routes: dict[str, bool] = {}
+        self.quarantine = Quarantine(app.quarantine_period)
         self.sticky = sticky_mode(app)
         self.tokens: dict[bytes, Worker] = {}  # sticky cookie token -> the worker process it names
         self.ws_idle_timeout = app.ws_idle_timeout
@@ -172,7 +181,11 @@ class Pool:
 
     # --- requests -------------------------------------------------------------------------
     def submit(self, ex: Exchange) -> None:
-        """Dispatch now, queue, or raise QueueFull (the caller answers 503, or 429 for a client over its share)."""
+        """Dispatch now, queue, or raise QueueFull (the caller answers 503, or 429 for a client over its share), or
+        Quarantined (502: this very request made workers exit)."""
+        if self.quarantine.entries:
+            head = ex.head
+            self.quarantine.check(head.method, head.target, ex.body, ex.streamed(), time.monotonic())
         if self.sticky != "none":
             self._pin(ex)
         if self.fair is not None:
@@ -296,7 +309,7 @@ class Pool:
         best: Worker | None = None
         best_key: tuple[int, bool, int, float] | None = None
         for w in self.scheduler.workers:
-            if w.routable and w.inflight < w.max_inflight and not w.quarantined:
+            if w.routable and w.inflight < w.max_inflight and not w.sitting_out:
                 key = (w.sessions, w is not home, w.inflight, w.last_used)
                 if best_key is None or key < best_key:
                     best, best_key = w, key
@@ -342,11 +355,11 @@ class Pool:
             key = cache[(method, target)] = route_key(method, target)
         return key
 
-    def quarantine(self, worker: Worker, seconds: float = QUARANTINE) -> None:
-        worker.quarantined = True
+    def sit_out(self, worker: Worker, seconds: float = SIT_OUT) -> None:
+        worker.sitting_out = True
 
         def lift() -> None:
-            worker.quarantined = False
+            worker.sitting_out = False
             self.pump()
 
         self.loop.call_later(seconds, lift)
@@ -405,8 +418,9 @@ class Pool:
 
     def _unreached(self, ex: Exchange, worker: Worker, exc: OSError) -> None:
         if ex.retried:
-            # The request did reach this worker once, on the connection it closed: it must not go elsewhere.
-            ex.upstream_failed(f"worker closed the connection, then refused a new one ({exc.strerror or exc})")
+            # The request did reach this worker once, on the connection it closed: it goes elsewhere only if the
+            # worker turns out to have been killed from outside (it was dying, not idle-closing: upstream_lost).
+            self.upstream_lost(ex, f"worker closed the connection, then refused a new one ({exc.strerror or exc})")
             return
         # Nothing reached the worker, so the request may go elsewhere: first in line, not last.
         self._free_slot(ex, worker, served=False)
@@ -431,6 +445,111 @@ class Pool:
             say(f"corral: out of file descriptors: {what} (raise the open-file limit, or lower max_connections)")
         return "corral is out of file descriptors"
 
+    # --- a worker lost under a request: another worker, or 502 (docs/operations.md, "Retry and quarantine") ---
+    def upstream_lost(self, ex: Exchange, why: str) -> None:
+        """The connection to ex's worker closed under its request, before the whole response came. A worker corral
+        supervises may be dying: its request is remembered for the quarantine, and it goes to another worker if the
+        worker turns out to have been killed from outside and the request is safe to send again. corral learns how
+        the worker ended when the supervisor reaps it, usually a moment after the socket closed: the request waits
+        for that (EXIT_WAIT at most; a worker that closed the connection and lives on did not die: 502)."""
+        worker = ex.worker
+        assert worker is not None
+        if worker.proc is None:  # not started by corral (or a test's): how it ended is unknown, so no retry
+            ex.upstream_failed(why)
+            return
+        if ex.body is None or not ex.body.closed:  # else its response had begun: nothing left to fingerprint
+            worker.lost.append((fingerprint(ex.head.method, ex.head.target, ex.body, ex.streamed()), ex.redispatched))
+            if len(worker.lost) > LOST_KEPT:
+                del worker.lost[0]
+        if not (ex.redispatchable() and self.retry_on(ex.route)):
+            ex.upstream_failed(why)
+        elif worker.exit_cause is not None:
+            self._settle_lost(ex, worker, why)
+        else:
+            self.sit_out(worker)  # not handed the next request while it may be dying
+            ex.detach()
+            worker.awaiting.append(ex)
+            self.loop.call_later(EXIT_WAIT, self._exit_unseen, ex, worker, why)
+        if worker.exit_cause is not None:
+            self._count_deaths(worker)
+
+    def retry_on(self, route: str) -> bool:
+        """Whether requests of this route may be sent again (no_retry_routes), cached per route."""
+        if not self.no_retry:
+            return True
+        cache = self._no_retry_routes
+        on = cache.get(route)
+        if on is None:
+            if len(cache) > 4096:
+                cache.clear()
+            on = cache[route] = not any(p(route) for p in self.no_retry)
+        return on
+
+    def worker_exited(self, worker: Worker) -> None:
+        """The supervisor reaped `worker` (worker.exit_cause is set): the requests lost with it are settled."""
+        self._count_deaths(worker)
+        awaiting, worker.awaiting = worker.awaiting, []
+        for ex in awaiting:
+            self._settle_lost(ex, worker, "worker closed the connection")
+
+    def _exit_unseen(self, ex: Exchange, worker: Worker, why: str) -> None:
+        if ex in worker.awaiting:  # no exit within EXIT_WAIT: the worker closed the connection, and lives
+            worker.awaiting.remove(ex)
+            worker.failed += 1
+            ex.upstream_failed(why, blame=False)  # its slot was given back already
+
+    def _settle_lost(self, ex: Exchange, worker: Worker, why: str) -> None:
+        if ex.ended:
+            return  # the client left while it waited: counted as abandoned already
+        if worker.exit_cause == KILLED:
+            self.redispatch(ex, worker)
+            return
+        if ex.worker is not None:
+            ex.upstream_failed(why)
+        else:
+            worker.failed += 1
+            ex.upstream_failed(why, blame=False)
+
+    def redispatch(self, ex: Exchange, dead: Worker) -> None:
+        """Once, to another worker, first in line: it has waited already (its queue_timeout clock runs on)."""
+        if ex.worker is not None:
+            ex.detach()
+        ex.redispatched = True
+        ex.retried = False  # the new worker's stale kept-alive connection may be retried once, as for any request
+        self.redispatched += 1
+        if ex.pin is dead:
+            ex.pin = None  # its sticky worker is gone: any worker (the client's cookie is re-issued)
+        ex.extra_headers = []  # the first worker's Set-Cookie, if any
+        ex.status = 0
+        ex.out_head = b""  # a head that came without a body byte never reached the client
+        worker = self.scheduler.requeue_front(ex, time.monotonic())
+        if worker is not None:
+            self.connect(ex, worker)
+
+    def _count_deaths(self, worker: Worker) -> None:
+        """A worker that held requests has ended: each of them may have killed it (DIED); one sent again after
+        its first worker was killed from outside, and whose second worker ended too (not by corral), killed two."""
+        cause, lost = worker.exit_cause, worker.lost
+        worker.lost = []
+        if cause == STOPPED:
+            return
+        now = time.monotonic()
+        for fp, second in lost:
+            if not second and cause != DIED:
+                continue
+            entry = self.quarantine.death(fp, now, 2 if second else 1)
+            if entry is not None:
+                say(
+                    f"corral: app {self.name}: quarantined {entry.route}: this request made {entry.deaths} "
+                    f"workers exit; it is answered 502 without reaching a worker for "
+                    f"{self.quarantine.period:g}s (a reload lifts it)"
+                )
+
+    def lift_quarantine(self, why: str) -> None:
+        n = self.quarantine.clear()
+        if n:
+            say(f"corral: app {self.name}: {why}: lifted the quarantine of {n} request(s)")
+
     def _mark_unreachable(self, worker: Worker, why: str) -> None:
         if worker.state is State.READY:
             worker.stop_reason = why
@@ -445,7 +564,7 @@ class Pool:
         if worker.external:
             self.on_unreachable(worker, why)
         else:
-            self.quarantine(worker)
+            self.sit_out(worker)
 
     def release(self, ex: Exchange) -> None:
         """Exchange._release_worker's other half (its connection already kept or closed): free the slot,

@@ -172,7 +172,10 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             return
         if not (self.reused and not self.answered and _closed_while_idle(worker)):
-            ex.upstream_failed("worker closed the connection")
+            if ex.worker is worker:
+                self.pool.upstream_lost(ex, "worker closed the connection")  # killed? another worker, else 502
+            else:
+                ex.upstream_failed("worker closed the connection")
         elif ex.resendable() and not ex.ended:
             self.pool.resend(ex, worker)
         else:  # the client left, or its streamed body is gone: no second try, and not the worker's failure

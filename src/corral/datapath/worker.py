@@ -14,6 +14,13 @@ if TYPE_CHECKING:
     import subprocess
 
 
+# Why a supervised worker's process ended (the supervisor sets `Worker.exit_cause` when it reaps it,
+# supervision.processes.exit_cause): what the retry rule and the query-of-death quarantine read.
+KILLED = "killed from outside"  # SIGKILL or SIGTERM corral did not send: an operator, the OOM killer, a drain
+DIED = "died on its own"  # an exit status, or any other signal (SIGSEGV, SIGABRT, SIGBUS, ...)
+STOPPED = "stopped by corral"  # after a signal corral sent: stop, reload, scale down, a deadline, a failed probe
+
+
 class State(StrEnum):
     STARTING = "starting"  # spawned, not yet answering its readiness probe
     READY = "ready"  # in rotation (shown as "busy" while it holds a request)
@@ -26,9 +33,11 @@ class State(StrEnum):
 class Worker:
     __slots__ = (
         "app",
+        "awaiting",
         "born",
         "busy_until",
         "draining_since",
+        "exit_cause",
         "external",
         "failed",
         "generation",
@@ -39,6 +48,7 @@ class Worker:
         "last_probe",
         "last_used",
         "logs",
+        "lost",
         "max_inflight",
         "max_requests",
         "max_sessions",
@@ -49,11 +59,12 @@ class Worker:
         "probe_started",
         "probing",
         "proc",
-        "quarantined",
         "ready_at",
         "retire_reason",
+        "sent_signal",
         "served",
         "sessions",
+        "sitting_out",
         "socket",
         "state",
         "sticky_token",
@@ -96,7 +107,7 @@ class Worker:
         self.probing = False
         self.last_probe = time.monotonic()  # a new worker has just passed its readiness probe
         self.probe_due = False  # a health probe waits for this busy worker to free up
-        self.quarantined = False  # briefly passed over after it dropped a request (pool.quarantine)
+        self.sitting_out = False  # briefly passed over after it dropped a request (pool.sit_out)
         self.probe_started = 0.0
         self.retire_reason: str | None = None  # set when the supervisor wants it replaced
         self.stop_reason: str | None = None
@@ -105,6 +116,12 @@ class Worker:
         self.tail: list[str] = []  # last output lines, shown when the app cannot start
         self.pipes_open = 0  # its stdout/stderr not yet at EOF: its last lines may still be on the way
         self.logs: Any = None  # per-worker log file (--log-dir)
+        self.sent_signal = 0  # the last signal corral sent it (supervisor): its exit is then corral's doing
+        self.exit_cause: str | None = None  # KILLED, DIED or STOPPED, once its process has been reaped
+        # Requests whose connection broke under them while it may be dying: their fingerprint, and whether the
+        # request had been sent again already (pool.upstream_lost; counted once its exit_cause is known).
+        self.lost: list[tuple[Any, bool]] = []
+        self.awaiting: list[Any] = []  # exchanges waiting for exit_cause to decide: another worker, or 502
 
     @property
     def routable(self) -> bool:
@@ -118,7 +135,7 @@ class Worker:
             and self.inflight < self.max_inflight
             and not self.probing
             and not self.probe_due
-            and not self.quarantined
+            and not self.sitting_out
         )
 
     @property
@@ -131,7 +148,7 @@ class Worker:
             and self.inflight < self.max_inflight
             and not self.probing
             and not self.probe_due
-            and not self.quarantined
+            and not self.sitting_out
         )
 
     @property

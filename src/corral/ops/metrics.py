@@ -129,6 +129,7 @@ class CorralCollector(Collector):
             _add_routes(fams, app)
             _add_clients(fams, app)
             _add_zero(fams, app)
+            _add_quarantine(fams, app)
         up = GaugeMetricFamily("corral_start_time_seconds", "Unix time corral started")
         up.add_metric([], self.started)
         yield from fams.values()
@@ -178,6 +179,21 @@ def _families() -> dict[str, Any]:
             ["reason"],
         ),
         (counter, "corral_retries", "Requests moved to another worker because theirs refused the connection", []),
+        (
+            counter,
+            "corral_redispatched",
+            "Requests sent once more, to another worker, because theirs was killed from outside (SIGKILL or SIGTERM "
+            "corral did not send) before any response byte reached the client",
+            [],
+        ),
+        (
+            gauge,
+            "corral_quarantined",
+            "Requests (method, path, hash of query and body) quarantined now, by route: they made two workers exit "
+            "and are answered 502 without reaching a worker until the quarantine lifts",
+            ["route"],
+        ),
+        (counter, "corral_quarantine_refused", "Requests answered 502 at once because they were quarantined", []),
         (
             gauge,
             "corral_route_service_seconds",
@@ -292,6 +308,19 @@ def _add_zero(fams: dict[str, Any], app: Any) -> None:
     fams["corral_cold_start_refused"].add_metric([name], zero.refused)
     if zero.last_cold_start is not None:
         fams["corral_cold_start_last_seconds"].add_metric([name], zero.last_cold_start)
+
+
+def _add_quarantine(fams: dict[str, Any], app: Any) -> None:
+    fams["corral_redispatched"].add_metric([app.name], app.redispatched)
+    q = app.quarantine
+    if q is None:
+        return
+    fams["corral_quarantine_refused"].add_metric([app.name], q.refused)
+    by_route: dict[str, int] = {}
+    for e in q.entries:
+        by_route[e.route] = by_route.get(e.route, 0) + 1
+    for route, n in by_route.items():
+        fams["corral_quarantined"].add_metric([app.name, route], n)
 
 
 def registry_for(read: Callable[[], Any], started: float, stats: dict[str, PoolStats]) -> CollectorRegistry:

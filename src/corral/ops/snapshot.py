@@ -127,6 +127,25 @@ class FairSnap:
 
 
 @dataclass(frozen=True, slots=True)
+class QuarantinedSnap:
+    """One quarantined request (datapath/quarantine.py): refused with 502 until it lifts."""
+
+    route: str  # method and path
+    digest: str  # the start of its query-and-body hash: tells two requests of one path apart
+    deaths: int  # workers it made exit
+    for_s: float  # quarantined this long
+    left_s: float  # lifts in this long
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantineSnap:
+    period: float  # quarantine_period
+    refused: int  # requests answered 502 because they were quarantined
+    total: int  # requests ever quarantined
+    entries: tuple[QuarantinedSnap, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class AutoscaleSnap:
     min_workers: int
     max_workers: int
@@ -196,6 +215,8 @@ class AppSnap:
     fair: FairSnap | None = None  # fair queueing (None: fair_key none, or a snapshot taken with routes=0)
     zero: ZeroSnap | None = None  # scale to zero (None: min_workers is not 0)
     unproven: bool = False  # no worker ready yet, or its last start from zero failed (autoscale keeps one)
+    redispatched: int = 0  # requests sent again, to another worker, after theirs was killed from outside
+    quarantine: QuarantineSnap | None = None  # None: a snapshot taken with routes=0
 
     @property
     def sessions(self) -> int:
@@ -287,6 +308,8 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         fair=_fair(pool, now) if routes else None,
         zero=_zero(pool, sup, now),
         unproven=bool(getattr(sup, "unproven", False)),
+        redispatched=pool.redispatched,
+        quarantine=_quarantine(pool, now) if routes else None,
     )
 
 
@@ -305,6 +328,11 @@ def _zero(pool: Pool, sup: Supervisor | None, now: float) -> ZeroSnap | None:
         last_cold_start=sup.last_cold_start,
         refused=pool.start_refused,
     )
+
+
+def _quarantine(pool: Pool, now: float) -> QuarantineSnap:
+    q = pool.quarantine
+    return QuarantineSnap(q.period, q.refused, q.total, tuple(QuarantinedSnap(*row) for row in q.shown(now)))
 
 
 def _fair(pool: Pool, now: float, n: int = CLIENTS) -> FairSnap | None:

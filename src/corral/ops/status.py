@@ -112,6 +112,8 @@ class StatusBuilder:
             "sessions": _sessions_doc(app),
             "fair": _fair_doc(app),
             "scale_to_zero": _zero_doc(app),
+            "redispatched": app.redispatched,  # sent again to another worker: theirs was killed from outside
+            "quarantine": _quarantine_doc(app),
         }
 
     def _worker(self, w: WorkerSnap) -> dict[str, Any]:
@@ -225,3 +227,20 @@ def _sessions_doc(app: AppSnap) -> dict[str, int]:
         "opened": app.sessions_opened,
         "rejected": app.sessions_rejected,
     }
+
+
+def _quarantine_doc(app: AppSnap) -> dict[str, Any] | None:
+    """Requests that made workers exit, answered 502 without reaching a worker until they lift."""
+    q = app.quarantine
+    if q is None:
+        return None
+    return {
+        "period_s": q.period,
+        "refused": q.refused,
+        "total": q.total,
+        "requests": [
+            {"route": e.route, "digest": e.digest, "deaths": e.deaths, "for_s": round(e.for_s, 1),
+             "left_s": round(e.left_s, 1)}
+            for e in q.entries
+        ],
+    }  # fmt: skip

@@ -11,6 +11,7 @@ import socket
 
 import psutil
 
+from ..datapath.worker import DIED, KILLED, STOPPED
 from ..net import PORT_MAX
 
 _PR_SET_PDEATHSIG = 1
@@ -45,6 +46,23 @@ def describe_exit(code: int) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exited with code {code}"
+
+
+# Signals that kill from outside: an operator's kill, the OOM killer (SIGKILL), a node drain (SIGTERM). A shell
+# wrapper reports its child's death by signal N as exit status 128 + N.
+_OUTSIDE = (signal.SIGKILL, signal.SIGTERM)
+_OUTSIDE_STATUS = tuple(128 + s for s in _OUTSIDE)
+
+
+def exit_cause(code: int, sent: int) -> str:
+    """Why a worker's process ended, from its wait status (`Popen.returncode`) and the last signal corral sent it
+    (0: none). STOPPED when corral had signalled it, whatever the exit; KILLED for SIGKILL or SIGTERM from
+    anyone else; DIED for the rest: an exit status or any other signal (SIGSEGV, SIGABRT, SIGBUS, SIGINT)."""
+    if sent:
+        return STOPPED
+    if -code in _OUTSIDE or code in _OUTSIDE_STATUS:
+        return KILLED
+    return DIED
 
 
 def describe_error(exc: Exception) -> str:

@@ -42,7 +42,7 @@ from ..net import PORT_MAX
 from . import health, launch, sockdir
 from .changes import Changes
 from .output import WorkerOutput, error_lines
-from .processes import describe_error, describe_exit, port_free, prepare_child, tree_rss
+from .processes import describe_error, describe_exit, exit_cause, port_free, prepare_child, tree_rss
 
 if TYPE_CHECKING:
     from ..datapath.pool import Pool
@@ -129,6 +129,7 @@ class Supervisor:
     # --- public requests: record the wish, let reconcile act ------------------------------------
     def reload(self) -> str:
         self.generation += 1
+        self.pool.lift_quarantine("reload")  # the new code may not crash on what the old one did
         self.reload_note = None
         self.wake()
         if not self.slots and self.desired == 0:
@@ -479,6 +480,7 @@ class Supervisor:
             os.close(fd)
             assert worker.proc is not None
             code = worker.proc.wait()
+            worker.exit_cause = exit_cause(code, worker.sent_signal)  # before the pool hears of the exit
             self._after_exit(worker, describe_exit(code))
 
         self.loop.add_reader(fd, exited)
@@ -492,6 +494,7 @@ class Supervisor:
         worker.state = State.STOPPED
         self.pool.set_state(worker, State.STOPPED)
         self.pool.forget(worker)
+        self.pool.worker_exited(worker)  # requests lost with it: to another worker, or 502 (exit_cause)
         delay = self._killed.pop(worker, None)  # killed as failed: counted and backed off at the kill
         if delay is not None and not self.stopping and self.slots.get(worker.index) is worker:
             self._emit(worker, State.STOPPED, f"{how} ({worker.stop_reason}); restarting in {delay:.1f}s")
@@ -623,6 +626,7 @@ class Supervisor:
     def _signal(self, worker: Worker, sig: int) -> None:
         if worker.proc is None or worker.proc.returncode is not None:
             return
+        worker.sent_signal = sig  # its exit is corral's doing: never a kill from outside (exit_cause)
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(worker.proc.pid, sig)
 
