@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"OPTIONS", b"PUT", b"DELETE"))  # RFC 9110 9.2.2: safe to send again
 BODY_BUFFER_LIMIT = 256 * 1024  # a streamed request body held while queued before reading is paused
+# A re-chunked body's ledger forgets the chunks the client took once it holds this many (edge.ChunkLedger).
+LEDGER_CHECK = 64
 SPILL_READ = READ_SIZE  # bytes moved from the spill file to the client per write
 
 
@@ -77,6 +79,7 @@ class Exchange:
         "head_sent",
         "held_back",
         "keep",
+        "ledger",
         "out_head",
         "outcome",
         "pin",
@@ -154,6 +157,7 @@ class Exchange:
         self.head_sent = False  # response bytes have gone toward the client: no error page can follow
         self.wire_start = -1  # client.written when this exchange's response head went out
         self.relay_chunked = False
+        self.ledger: edge.ChunkLedger | None = None  # a re-chunked body's chunks on the wire, for _took
         self.response_complete = False  # the worker's whole response is in our hands
         self.keep = False  # the response announced that the client connection stays open
         self.spill: Spill | None = None
@@ -343,6 +347,7 @@ class Exchange:
         self.status = status
         head = self.head
         self.relay_chunked, close_delimited = edge.client_framing(framing, head.version)
+        self.ledger = edge.ChunkLedger() if self.relay_chunked else None
         self.keep = (
             head.keep_alive and self.request_done and not self.client.closing and not close_delimited
         ) and not head.websocket  # a refused upgrade: the client's next bytes may not be HTTP
@@ -355,7 +360,14 @@ class Exchange:
         if self.discarding:
             return
         self.body_out += len(data)
-        self._deliver(edge.chunk(data) if self.relay_chunked else data)
+        ledger = self.ledger
+        if ledger is None:
+            self._deliver(data)
+            return
+        if len(ledger.marks) >= LEDGER_CHECK and self.wire_start >= 0:
+            ledger.taken(self.client.taken() - self.wire_start - self.head_len)
+        ledger.add(len(data))
+        self._deliver(edge.chunk(data))
 
     def on_response_end(self, reusable: bool) -> None:
         if not self.discarding:
@@ -595,15 +607,18 @@ class Exchange:
         self._finish()
 
     def _took(self) -> int:
-        """Body bytes of a cut response that went to the client (nginx's $body_bytes_sent; for a re-chunked
-        body, counted with its chunk framing): when corral cut it (the worker failed or hung), all it had
-        handed to the client's socket, which closes only once they are sent; when the client left, what its
-        socket had taken by then."""
+        """Body bytes of a cut response that went to the client (nginx's $body_bytes_sent, without the chunk
+        framing of a re-chunked body): when corral cut it (the worker failed or hung), all it had handed to
+        the client's socket, which closes only once they are sent; when the client left, what its socket had
+        taken by then. Bytes still in the spill file never count: they never reached the socket."""
         if self.wire_start < 0:
             return 0
         client = self.client
         out = client.written if self.cut in (CUT_WORKER, CUT_REQUEST_TIMEOUT) else client.taken()
-        return max(0, min(self.body_out, out - self.wire_start - self.head_len))
+        wire = out - self.wire_start - self.head_len
+        if self.ledger is not None:
+            return self.ledger.body_within(wire)
+        return max(0, min(self.body_out, wire))
 
     def _finish(self) -> None:
         if self.finished or not (self.ended and self.worker_done):

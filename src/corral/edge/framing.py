@@ -3,6 +3,8 @@ and the Connection field that says whether the connection outlives the message."
 
 from __future__ import annotations
 
+from collections import deque
+
 from .errors import EdgeError
 
 # How a message body is delimited (RFC 9112 6.3). Every reader and writer asks body_framing, so no
@@ -45,6 +47,57 @@ def chunk(data: bytes) -> bytes:
 
 
 LAST_CHUNK = b"0\r\n\r\n"
+
+# Chunks a ledger keeps while the client's socket has not taken them; past that it stops recording (below).
+LEDGER_MAX = 4096
+
+
+class ChunkLedger:
+    """Where the body bytes sit in a re-chunked body on the wire, so that a cut response counts the body bytes
+    the client's socket took (its $body_bytes_sent), not their chunk framing.
+
+    Offsets count from the end of the response head. A chunk is forgotten once the socket has taken it whole
+    (`taken`), so the ledger holds only the chunks still in corral's buffers. A client that takes nothing while
+    more than LEDGER_MAX chunks pile up for it stops the recording: a cut past the last recorded chunk then
+    counts only the chunks recorded, an undercount, never more than the client could have."""
+
+    __slots__ = ("body", "marks", "recording", "settled_body", "settled_wire", "wire")
+
+    def __init__(self) -> None:
+        self.marks: deque[tuple[int, int, int, int]] = deque()  # (wire offset, prefix length, body offset, size)
+        self.wire = 0  # framed bytes recorded so far
+        self.body = 0  # body bytes recorded so far
+        self.recording = True
+        self.settled_wire = 0  # the chunks forgotten (taken whole) end here ...
+        self.settled_body = 0  # ... holding this many body bytes
+
+    def add(self, size: int) -> None:
+        """A chunk of `size` body bytes, framed by chunk(), goes toward the client."""
+        if not self.recording or len(self.marks) >= LEDGER_MAX:
+            self.recording = False
+            return
+        prefix = len(b"%x" % size) + 2
+        self.marks.append((self.wire, prefix, self.body, size))
+        self.wire += prefix + size + 2
+        self.body += size
+
+    def taken(self, wire: int) -> None:
+        """The client's socket has taken `wire` bytes of the body: forget the chunks wholly inside them."""
+        marks = self.marks
+        while marks:
+            start, prefix, body, size = marks[0]
+            end = start + prefix + size + 2
+            if end > wire:
+                return
+            marks.popleft()
+            self.settled_wire, self.settled_body = end, body + size
+
+    def body_within(self, wire: int) -> int:
+        """Body bytes in the first `wire` bytes of the framed body."""
+        for start, prefix, body, size in reversed(self.marks):
+            if start <= wire:
+                return body + min(size, max(0, wire - start - prefix))
+        return self.settled_body if wire >= self.settled_wire else 0
 
 
 _KNOWN_CODINGS = frozenset({b"chunked", b"gzip", b"x-gzip", b"deflate", b"compress", b"x-compress"})
