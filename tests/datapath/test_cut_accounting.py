@@ -38,7 +38,6 @@ def test_a_worker_cut_never_logs_spilled_bytes_the_client_never_got():
     assert logged.bytes_out <= 1, f"logged {logged.bytes_out} body bytes; the client can have had 1 at most"
 
 
-
 def test_the_ledger_counts_body_bytes_not_framing_and_forgets_what_was_taken():
     from corral.edge import ChunkLedger, chunk
 
