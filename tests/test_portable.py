@@ -64,18 +64,17 @@ def test_each_mechanism_is_chosen_on_its_own(missing):
 
 
 @pytest.mark.parametrize(
-    ("setting", "force", "have", "want"),
+    ("setting", "have", "want"),
     [
-        ("auto", False, True, ("uvloop", "")),
-        ("auto", False, False, ("asyncio", "uvloop is not installed")),
-        ("auto", True, True, ("asyncio", "CORRAL_PORTABLE=1")),
-        ("asyncio", False, True, ("asyncio", "--loop asyncio")),
-        ("uvloop", True, True, ("uvloop", "--loop uvloop")),  # an explicit choice wins over the forcing
-        ("uvloop", False, False, ("uvloop", "--loop uvloop")),  # the caller refuses it: uvloop is missing
+        ("auto", True, ("uvloop", "")),
+        ("auto", False, ("asyncio", "uvloop is not installed")),
+        ("asyncio", True, ("asyncio", "--loop asyncio")),
+        ("uvloop", True, ("uvloop", "--loop uvloop")),
+        ("uvloop", False, ("uvloop", "--loop uvloop")),  # the caller refuses it: uvloop is missing
     ],
 )
-def test_loop_choice(setting, force, have, want):
-    assert portable.choose_loop(setting, force, have) == want
+def test_loop_choice(setting, have, want):
+    assert portable.choose_loop(setting, have) == want
 
 
 @pytest.mark.parametrize(
@@ -92,8 +91,8 @@ def test_the_start_line_names_every_choice():
         "platform linux: loop uvloop; exit watch pidfd; worker lifetime PDEATHSIG; worker scheduling SCHED_BATCH; "
         "TCP_QUICKACK on; TCP_INFO on; file watch inotify"
     )
-    forced = portable.describe(portable.choose(LINUX, True), "asyncio", "CORRAL_PORTABLE=1", True, "linux")
-    assert forced.startswith("platform linux, portable paths forced (CORRAL_PORTABLE=1): loop asyncio (CORRAL_PORT")
+    forced = portable.describe(portable.choose(LINUX, True), "asyncio", "uvloop is not installed", True, "linux")
+    assert forced.startswith("platform linux, portable paths forced (CORRAL_PORTABLE=1): loop asyncio (uvloop is not")
     assert "exit watch SIGCHLD; worker lifetime death-pipe; worker scheduling default (no SCHED_BATCH)" in forced
     assert forced.endswith("TCP_QUICKACK off; TCP_INFO off; file watch polling")
 

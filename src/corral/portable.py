@@ -13,12 +13,12 @@ scheduling          SCHED_BATCH                  none: the system's default poli
 TCP_QUICKACK        after a partial response     none: a reused TCP connection to httpuv may wait for the ACK
 TCP_INFO            a paused client's close      none: seen when its response is written
 file watch          inotify                      the OS's own (FSEvents, kqueue), polling when it fails
-event loop          uvloop                       asyncio's own loop when uvloop is missing
+event loop          uvloop                       uvloop too; asyncio's own loop when it is missing (not forced)
 ==================  ===========================  ================================================================
 
-`CORRAL_PORTABLE=1` takes every portable path on Linux (asyncio's loop too, unless `--loop` says otherwise),
-so the test suite's second pass covers them. sd_notify and socket activation need no choice: without
-systemd's variables they do nothing.
+`CORRAL_PORTABLE=1` takes every portable path on Linux but the loop (a Mac has uvloop too; `--loop asyncio`
+asks for asyncio's), so the test suite's second pass covers them. sd_notify and socket activation need no
+choice: without systemd's variables they do nothing.
 
 No corral imports: the bottom layer (the data path, the supervisors and the CLI read it).
 """
@@ -89,16 +89,14 @@ def choose(offered: Offered, force: bool) -> Paths:
     )
 
 
-def choose_loop(setting: str, force: bool, have_uvloop: bool) -> tuple[str, str]:
-    """(loop, why) for the `loop` knob: uvloop or asyncio's own. auto is uvloop when installed, except under
-    CORRAL_PORTABLE=1 (a machine without uvloop, as the test suite's second pass has it). An explicit
-    `uvloop` without uvloop installed is the caller's error to report."""
+def choose_loop(setting: str, have_uvloop: bool) -> tuple[str, str]:
+    """(loop, why) for the `loop` knob: uvloop or asyncio's own. auto is uvloop when installed (on a Mac too:
+    it ships wheels for macOS, so CORRAL_PORTABLE=1 leaves it alone). An explicit `uvloop` without uvloop
+    installed is the caller's error to report."""
     if setting == "asyncio":
         return "asyncio", "--loop asyncio"
     if setting == "uvloop":
         return "uvloop", "--loop uvloop"
-    if force:
-        return "asyncio", f"{PORTABLE_ENV}=1"
     if not have_uvloop:
         return "asyncio", "uvloop is not installed"
     return "uvloop", ""

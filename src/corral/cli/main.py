@@ -369,7 +369,7 @@ def event_loop_runner(setting: str, corral: Any) -> Any:
         import uvloop
     except ImportError:
         uvloop = None
-    loop, why = portable.choose_loop(setting, portable.forced(), uvloop is not None)
+    loop, why = portable.choose_loop(setting, uvloop is not None)
     corral.loop_why = why
     if loop == "asyncio":
         return asyncio.run

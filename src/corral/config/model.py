@@ -468,8 +468,7 @@ class ServerConfig:
     loop: str = knob(
         "auto",
         "event loop: uvloop (libuv), or asyncio's own, which runs wherever Python does (T1 measured on both in "
-        "bench/RESULTS.md). auto: uvloop when it is installed, asyncio's loop when it is not or when "
-        "CORRAL_PORTABLE=1 forces the portable paths",
+        "bench/RESULTS.md). auto: uvloop when it is installed, asyncio's loop when it is not",
         choices=("auto", "uvloop", "asyncio"),
         breach="n/a",
     )
