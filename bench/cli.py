@@ -42,6 +42,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--corral-rev", metavar="REV", default=None,
         help="run the corral column from git revision REV (extracted the same way) instead of the working tree",
     )  # fmt: skip
+    ap.add_argument(
+        "--asyncio-twin", action="store_true",
+        help="also run corral on asyncio's own loop (--loop asyncio), as corral@asyncio, right next to corral",
+    )  # fmt: skip
     ap.add_argument("--no-install", action="store_true", help="never apt-get / pip install")
     ap.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
     ap.add_argument("--keep-tmp", action="store_true", help="keep configs and logs of the run")
@@ -148,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         corral_args=shlex.split(args.corral_args),
         baseline=base,
         corral_build=None if current is None else current.build,
+        asyncio_twin=args.asyncio_twin,
     )
     try:
         run_scenarios(ctx, args.only)

@@ -63,6 +63,7 @@ class Context:
     corral_args: list[str] = field(default_factory=list)
     baseline: Revision | None = None
     corral_build: CorralBuild | None = None  # None: the working tree's corral (corral_cmd)
+    asyncio_twin: bool = False  # also corral@asyncio: the same corral on asyncio's own loop (issue 24)
 
     def dur(self, full: float, quick: float) -> float:
         return quick if self.quick else full
@@ -70,6 +71,9 @@ class Context:
     @property
     def warm_s(self) -> float:
         return self.dur(2.0, 1.0)
+
+
+ASYNCIO_TWIN = "corral@asyncio"  # a corral@ name: the report sets it beside corral, with its ratio
 
 
 def url(port: int, path: str) -> str:
@@ -94,7 +98,7 @@ def each_proxy(
     if ctx.corral_cmd is None and ctx.corral_build is None and any(s.kind == "corral" for s in specs):
         ctx.results.error(scenario, CORRAL.name, ctx.corral_error or "corral not available")
         broken.add(CORRAL.name)
-    units = rotation_units(ctx.corral_build, ctx.baseline, specs)
+    units = rotation_units(ctx.corral_build, ctx.baseline, specs, ctx.asyncio_twin)
     for run in range(ctx.runs):
         if per_run is not None:
             per_run(run)
@@ -113,17 +117,20 @@ def each_proxy(
 
 
 def rotation_units(
-    current: CorralBuild | None, baseline: Revision | None, specs: Sequence[ProxySpec]
+    current: CorralBuild | None, baseline: Revision | None, specs: Sequence[ProxySpec], asyncio_twin: bool = False
 ) -> list[list[ProxySpec]]:
-    """What rotates: one proxy, or the current corral together with its baseline twin (same corral args)."""
+    """What rotates: one proxy, or the current corral together with its baseline twin (same corral args) and
+    its asyncio twin (`--asyncio-twin`: the same corral with `--loop asyncio`)."""
     units: list[list[ProxySpec]] = []
     for spec in specs:
         if spec.kind == "corral" and spec.build is None and current is not None:
             spec = replace(spec, build=current)
+        unit = [spec]
         if baseline is not None and spec.kind == "corral" and spec.name == CORRAL.name:
-            units.append([spec, replace(spec, name=baseline.name, build=baseline.build)])
-        else:
-            units.append([spec])
+            unit.append(replace(spec, name=baseline.name, build=baseline.build))
+        if asyncio_twin and spec.kind == "corral" and spec.name == CORRAL.name:
+            unit.append(replace(spec, name=ASYNCIO_TWIN, corral_args=(*spec.corral_args, "--loop", "asyncio")))
+        units.append(unit)
     return units
 
 

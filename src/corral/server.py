@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import functools
 import os
 import resource
@@ -13,11 +14,11 @@ import time
 import traceback
 from typing import Any
 
-from . import build, config, logs
+from . import build, config, logs, portable
 from .config import Config, autoscaled, scales_to_zero, worker_ports
 from .datapath import tracing
 from .datapath.client import Proxy, make_listener
-from .datapath.pool import Pool
+from .datapath.pool import FD_WARN_EVERY, Pool
 from .datapath.redirect import Redirector
 from .datapath.tunnel import GO_AWAY_GRACE
 from .datapath.worker import State
@@ -33,6 +34,7 @@ from .supervision.supervisor import Supervisor
 from .supervision.watch import Watcher
 from .tls import Certificates, TLSError
 
+OPEN_MAX = 10240  # macOS's ceiling for RLIMIT_NOFILE's soft limit
 EXIT_INTERNAL = 70  # EX_SOFTWARE: a core task died; no port at all beats a port that serves nothing
 
 
@@ -70,6 +72,8 @@ class Corral:
         self.certificates: Certificates | None = None  # --tls-cert/--tls-key: the public port speaks HTTPS
         self.redirect_sock: Any = None  # --http-redirect: bound in preflight, served by self.redirector
         self.redirector: Redirector | None = None
+        self.loop_why = ""  # why this event loop, when not the default (cli.main.event_loop_runner)
+        self._fd_warned = -FD_WARN_EVERY
 
     # --- preflight: refuse busy ports before starting anything -----------------------------------
     def preflight(self) -> Any:
@@ -183,6 +187,10 @@ class Corral:
 
     async def run(self, sock: Any) -> int:
         loop = asyncio.get_running_loop()
+        # The start line names each platform mechanism chosen (corral.portable): Linux's, or the portable one.
+        loop_name = "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+        say(f"corral: {portable.describe(portable.paths(), loop_name, self.loop_why, portable.forced())}")
+        loop.set_exception_handler(self._loop_exception)
         logs.RING.resize(self.cfg.server.log_buffer)
         size_for_fd_limit(self.cfg, raise_fd_limit())
         tracing.configure(self.cfg.server.trace_sample)
@@ -240,6 +248,19 @@ class Corral:
         await self._stop.wait()
         await self.shutdown()
         return self.exit_code
+
+    def _loop_exception(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        """asyncio's own loop reports every accept() that finds no descriptor left, with a traceback, and goes on
+        trying the rest of its backlog (uvloop says nothing): one line at most every FD_WARN_EVERY seconds."""
+        exc = context.get("exception")
+        if isinstance(exc, OSError) and exc.errno in (errno.EMFILE, errno.ENFILE):
+            now = time.monotonic()
+            if now - self._fd_warned >= FD_WARN_EVERY:
+                self._fd_warned = now
+                say("corral: out of file descriptors: accepting a connection (raise the open-file limit, or lower "
+                    "max_connections)")  # fmt: skip
+            return
+        loop.default_exception_handler(context)
 
     def watch(self, task: asyncio.Task[Any], what: str) -> None:
         """Own a core task: should it ever end with an error, corral stops with EXIT_INTERNAL rather
@@ -498,9 +519,14 @@ def raise_fd_limit() -> int:
     default of 1024 would cap corral far below what the machine allows."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = hard if hard != resource.RLIM_INFINITY else _nr_open()
-    if soft != resource.RLIM_INFINITY and soft < target:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    # macOS refuses a soft limit above OPEN_MAX (10240) even under an unlimited hard one (its setrlimit(2))
+    for want in (target, min(target, OPEN_MAX)):
+        if soft != resource.RLIM_INFINITY and soft < want:
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                break
+            except (ValueError, OSError):
+                continue
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 

@@ -16,6 +16,10 @@ from conftest import poll, read_response, stub_args
 
 from corral.cli.verbs import AdminClient, locate
 
+# Seeing a client leave while its socket is not read takes TCP_INFO: Linux's path, pinned in both passes of
+# scripts/test (the portable one has none: docs/operations.md, macOS).
+TCP_INFO = {"CORRAL_PORTABLE": None}
+
 WS_HEAD = (
     b"GET /ws HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
     b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -74,7 +78,9 @@ def test_queued_request_of_a_client_that_left_while_pipelining_is_never_dispatch
     worker anyway, computed, and logged `served` 200 with every byte, though its client had gone."""
     log = tmp_path / "access.log"
     seen = tmp_path / "stub.log"
-    c = corral(stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)})
+    c = corral(
+        stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen), **TCP_INFO}
+    )
     with socket.create_connection(("127.0.0.1", c.port), timeout=30) as x:
         x.sendall(b"GET /sleep?s=3&who=x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n")
         poll("x on the worker", lambda: seen.exists() and "who=x" in seen.read_text())
@@ -99,7 +105,9 @@ def test_response_to_a_client_that_left_while_pipelining_is_not_logged_as_served
     (a pipelined request waits), writes the answer into a dead socket, and logs it `served` 200 whole."""
     log = tmp_path / "access.log"
     seen = tmp_path / "stub.log"
-    c = corral(stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen)})
+    c = corral(
+        stub_args("--access-log", str(log), "--log-format", "json"), workers=1, env={"STUB_LOG": str(seen), **TCP_INFO}
+    )
     y = socket.create_connection(("127.0.0.1", c.port), timeout=30)
     y.sendall(b"GET /sleep?s=1.5&who=y1 HTTP/1.1\r\nHost: t\r\n\r\nGET /?who=y2 HTTP/1.1\r\nHost: t\r\n\r\n")
     poll("y1 on the worker", lambda: seen.exists() and "who=y1" in seen.read_text())

@@ -299,6 +299,10 @@ def test_fd_exhaustion_answers_503_and_never_counts_against_workers(tmp_path):
         "2",
         "--max-connections",
         "2000",
+        # The idle connections below must hold corral's descriptors until the test closes them: cut at the
+        # default header_timeout (10 s) on a loaded machine, they freed them before a probe found none left.
+        "--header-timeout",
+        "60",
         "--health-path",
         "/health",
         "--health-interval",

@@ -81,9 +81,11 @@ def test_plumber_workers_serve_on_unix_sockets(corral):
     assert "SOCKET" in table and os.path.basename(ws[0]["socket"]) in table
 
 
-def _delayed_acks(transport: str, n: int, log: Path) -> dict:
-    """tests/support/delayed_acks.py in a network namespace of its own (see there)."""
-    env = dict(os.environ, DELAYED_ACKS_LOG=str(log), PYTHONPATH=str(HERE))
+def _delayed_acks(transport: str, n: int, log: Path, portable: str = "") -> dict:
+    """tests/support/delayed_acks.py in a network namespace of its own (see there). `portable`: CORRAL_PORTABLE
+    for that corral, Linux's paths (TCP_QUICKACK on) unless "1"."""
+    path = os.pathsep.join(p for p in (str(HERE), os.environ.get("PYTHONPATH")) if p)  # keep a checkout's src/
+    env = dict(os.environ, DELAYED_ACKS_LOG=str(log), PYTHONPATH=path, CORRAL_PORTABLE=portable)
     script = f"ip link set lo up && exec {sys.executable} {SUPPORT / 'delayed_acks.py'} {transport} {n}"
     r = subprocess.run(["unshare", "-n", "sh", "-c", script], capture_output=True, text=True, timeout=180, env=env)
     assert r.returncode == 0, r.stdout + r.stderr + (log.read_text() if log.exists() else "")
@@ -106,6 +108,22 @@ def test_keepalive_to_plumber_through_corral_has_no_40ms_stall(transport, tmp_pa
     assert got["through"] <= n // 4, got  # through corral: no stall, on either transport
     if transport == "tcp":
         assert got["direct"] >= n // 2, got  # the control: straight to plumber, a reused connection stalls
+
+
+@pytest.mark.r
+@needs_r
+@needs_root
+@pytest.mark.skipif(shutil.which("unshare") is None or shutil.which("ip") is None, reason="needs unshare and ip")
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_without_quickack_tcp_to_plumber_stalls_and_unix_does_not(transport, tmp_path):
+    """The portable path's cost (docs/operations.md, macOS): no TCP_QUICKACK, so a reused TCP connection to
+    httpuv stalls on the delayed ACK, as nginx's does; plumber's default transport, a Unix socket, has none."""
+    n = 60
+    got = _delayed_acks(transport, n, tmp_path / "corral.log", portable="1")
+    if transport == "tcp":
+        assert got["through"] >= n // 2, got
+    else:
+        assert got["through"] <= n // 4, got
 
 
 # --- any command: {socket} or $CORRAL_WORKER_SOCKET -----------------------------------------------

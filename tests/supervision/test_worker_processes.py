@@ -12,6 +12,7 @@ import sys
 import time
 
 import psutil
+import pytest
 from conftest import STUB, corral_cli, free_ports, get, stub_args, thread_policies
 
 
@@ -32,11 +33,19 @@ def test_workers_get_port_index_and_pm2_env(corral):
 
 
 def test_workers_run_as_sched_batch_unless_told_normal(corral):
-    batch = corral(stub_args(), workers=1)
-    normal = corral(stub_args("--worker-scheduling", "normal"), workers=1)
+    linux = {"CORRAL_PORTABLE": None}  # Linux's own paths, in both passes of scripts/test
+    batch = corral(stub_args(), workers=1, env=linux)
+    normal = corral(stub_args("--worker-scheduling", "normal"), workers=1, env=linux)
     assert thread_policies(get(batch.port, "/env").json()["pid"]) == {os.SCHED_BATCH}
     assert thread_policies(get(normal.port, "/env").json()["pid"]) == {os.SCHED_OTHER}
     assert os.sched_getscheduler(batch.proc.pid) == os.SCHED_OTHER  # corral itself keeps the default
+
+
+def test_no_scheduling_policy_on_the_portable_path(corral):
+    """What a machine without SCHED_BATCH gets: the system's default, whatever worker_scheduling says."""
+    c = corral(stub_args(), workers=1, env={"CORRAL_PORTABLE": "1"})
+    assert "worker scheduling default (no SCHED_BATCH)" in c.log()
+    assert thread_policies(get(c.port, "/env").json()["pid"]) == {os.SCHED_OTHER}
 
 
 def test_ready_lines_and_public_url(corral):
@@ -118,8 +127,11 @@ def test_sigterm_drains_inflight_then_stops_workers(corral):
         assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
 
 
-def test_no_worker_outlives_a_sigkilled_corral(corral):
-    c = corral(stub_args(), workers=2)
+@pytest.mark.parametrize(("portable", "lifetime"), [(None, "PDEATHSIG"), ("1", "death-pipe")])
+def test_no_worker_outlives_a_sigkilled_corral(corral, portable, lifetime):
+    """Linux's PDEATHSIG, and the death pipe every other POSIX system gets (CORRAL_PORTABLE=1 forces it)."""
+    c = corral(stub_args(), workers=2, env={"CORRAL_PORTABLE": portable})
+    assert f"worker lifetime {lifetime}" in c.log()
     pids = list(c.worker_pids().values())
     assert len(pids) == 2
     c.proc.kill()

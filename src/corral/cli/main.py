@@ -335,8 +335,6 @@ def _default_name(app: AppConfig) -> str:
 
 
 def serve(cfg: Config, balance: bool = True) -> int:
-    import uvloop
-
     from ..server import Corral, StartupError
 
     problems = launch_problems(cfg)
@@ -350,7 +348,34 @@ def serve(cfg: Config, balance: bool = True) -> int:
     except StartupError as exc:
         click.echo(f"corral: {exc}", err=True)
         return 2
-    return uvloop.run(corral.run(sock))
+    try:
+        run = event_loop_runner(cfg.server.loop, corral)
+    except RuntimeError as exc:
+        if sock is not None:
+            sock.close()
+        click.echo(f"corral: {exc}", err=True)
+        return 2
+    return run(corral.run(sock))
+
+
+def event_loop_runner(setting: str, corral: Any) -> Any:
+    """uvloop.run or asyncio.run, by the `loop` knob (corral.portable.choose_loop); the reason for asyncio's
+    loop goes to the start line. RuntimeError: `--loop uvloop` without uvloop installed."""
+    import asyncio
+
+    from .. import portable
+
+    try:
+        import uvloop
+    except ImportError:
+        uvloop = None
+    loop, why = portable.choose_loop(setting, uvloop is not None)
+    corral.loop_why = why
+    if loop == "asyncio":
+        return asyncio.run
+    if uvloop is None:
+        raise RuntimeError("--loop uvloop: uvloop is not installed (pip install uvloop), or use --loop asyncio")
+    return uvloop.run
 
 
 def launch_problems(cfg: Config) -> list[str]:

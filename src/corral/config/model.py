@@ -110,7 +110,8 @@ class AppConfig:
     )
     worker_scheduling: str = knob(
         "batch",
-        "Linux scheduling policy of the workers corral starts. batch (SCHED_BATCH, same nice level): a worker "
+        "Linux scheduling policy of the workers corral starts (elsewhere, and under CORRAL_PORTABLE=1, "
+        "the system's default either way). batch (SCHED_BATCH, same nice level): a worker "
         "woken by its next request waits for its turn instead of preempting corral mid-dispatch, so corral "
         "hands every free worker its request sooner (+19 % throughput with 2 plumber workers on 2 CPUs, "
         "bench/RESULTS.md; ~0.7 ms more at p99 under light load). normal: the system's default (SCHED_OTHER), "
@@ -503,6 +504,13 @@ class ServerConfig:
         "OpenTelemetry sampler records them; 1 keeps what the app would do with no corral in front",
         minimum=0,
         maximum=1,
+        breach="n/a",
+    )
+    loop: str = knob(
+        "auto",
+        "event loop: uvloop (libuv), or asyncio's own, which runs wherever Python does (T1 measured on both in "
+        "bench/RESULTS.md). auto: uvloop when it is installed, asyncio's loop when it is not",
+        choices=("auto", "uvloop", "asyncio"),
         breach="n/a",
     )
     access_log: str | None = knob(None, "access log path, or - for stdout")

@@ -19,13 +19,14 @@ from typing import TYPE_CHECKING
 
 from .. import edge
 from ..net import bind_tcp
+from ..portable import paths
 from .exchange import Exchange
 from .fairness import origin
 from .interfaces import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_REFUSED, PAUSE_UPSTREAM
 from .outcomes import CUT_CLIENT, CUT_SEND_TIMEOUT, Refusal
 
 # struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
-_TCP_INFO = getattr(socket, "TCP_INFO", None)
+_TCP_INFO = getattr(socket, "TCP_INFO", None) if paths().tcp_info else None  # Linux only (corral.portable)
 _TCP_ESTABLISHED = 1
 TLS_SHUTDOWN = 1.0  # s: how long a TLS connection being closed waits for the client's close_notify
 

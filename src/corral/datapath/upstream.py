@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .. import edge
 from ..logs import say
+from ..portable import paths
 from .exchange import PAUSE_UPSTREAM
 from .worker import State
 
@@ -26,7 +27,8 @@ if TYPE_CHECKING:
     from .tunnel import Tunnel
     from .worker import Worker
 
-_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
+# Linux only; absent elsewhere (macOS) and off under CORRAL_PORTABLE=1 (corral.portable): no ACK is hurried then.
+_QUICKACK = getattr(socket, "TCP_QUICKACK", None) if paths().quickack else None
 # setsockopt through libc on the raw fd: uvloop's socket proxy builds a socket object per call
 # (~4 us), and QUICKACK is re-armed twice per request.
 _setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt

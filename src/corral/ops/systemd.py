@@ -62,7 +62,8 @@ class Notifier:
             return False
         try:
             if self._sock is None:
-                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+                # Not inherited by workers: Python's sockets are close-on-exec already (SOCK_CLOEXEC is Linux's).
+                self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
                 self._sock.setblocking(False)  # a full receive queue drops a status line, never stalls the loop
             self._sock.sendto("\n".join(fields).encode(), self.address)
         except OSError as exc:

@@ -13,25 +13,31 @@ import psutil
 
 from ..datapath.worker import DIED, KILLED, STOPPED
 from ..net import PORT_MAX
+from ..portable import paths
+from .deathpipe import register_self
 
 _PR_SET_PDEATHSIG = 1
 
 
-def die_with_parent(parent: int) -> None:
-    """Runs in the child between fork and exec: no worker may outlive corral, even a SIGKILLed one."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except OSError:
-        pass
-    if os.getppid() != parent:  # corral died before prctl took effect
+def die_with_parent(parent: int, guardian: int = -1) -> None:
+    """Runs in the child between fork and exec: no worker may outlive corral, even a SIGKILLed one. Linux's
+    PDEATHSIG, or (`guardian`: the death pipe's write end) the death-pipe guardian told of this PID."""
+    if guardian >= 0:
+        register_self(guardian)
+    else:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        except (OSError, AttributeError):  # AttributeError: a libc without prctl (macOS)
+            pass
+    if os.getppid() != parent:  # corral died before prctl took effect (the guardian kills it at exec)
         os._exit(1)
 
 
-def prepare_child(parent: int, scheduling: str) -> None:
+def prepare_child(parent: int, scheduling: str, guardian: int = -1) -> None:
     """Runs in the child between fork and exec (subprocess's preexec_fn)."""
-    die_with_parent(parent)
-    if scheduling == "batch" and hasattr(os, "SCHED_BATCH"):
+    die_with_parent(parent, guardian)
+    if scheduling == "batch" and paths().sched_batch:
         # Inherited by exec and by every thread the worker starts (httpuv's I/O thread included). A worker
         # woken by corral's write then no longer preempts corral before it has handed the other workers
         # theirs; only Linux has the policy, and it needs no privilege.

@@ -15,11 +15,13 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 
 from ..net import socket_dirs
 
-SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
+# sockaddr_un.sun_path holds 108 bytes on Linux, 104 on macOS and the BSDs; the last one is a NUL
+SUN_PATH_MAX = 107 if sys.platform.startswith("linux") else 103
 _OURS = re.compile(r"workers-(\d+)-\w+")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 

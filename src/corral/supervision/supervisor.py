@@ -39,7 +39,8 @@ from ..config import (
 from ..datapath.worker import State, Worker
 from ..logs import event, say, warn
 from ..net import PORT_MAX
-from . import health, launch, sockdir
+from ..portable import paths
+from . import deathpipe, exits, health, launch, sockdir
 from .changes import Changes
 from .output import WorkerOutput, error_lines
 from .processes import describe_error, describe_exit, exit_cause, port_free, prepare_child, tree_rss
@@ -233,6 +234,8 @@ class Supervisor:
                 self.successors[index] = self._spawn(index, self._fresh_port())
             return
         if succ.state is State.STOPPED:
+            if self.crash_worker is succ and self._last_lines_pending(now):
+                return  # the abort names its last lines: its exit may be seen before its pipes are read
             del self.successors[index]
             if succ.generation > worker.generation and worker.retire_reason is None:
                 self._abort_reload(succ)
@@ -421,6 +424,7 @@ class Supervisor:
         argv, cwd = launch.worker_argv(self.app, worker.port, worker.index, worker.socket)
         env = launch.worker_env(self.app, worker.port, worker.index, worker.socket)
         parent, scheduling = os.getpid(), self.app.worker_scheduling
+        guardian = deathpipe.instance().ensure() if paths().death_pipe else -1  # no worker outlives corral
         proc = worker.proc = subprocess.Popen(
             argv,
             cwd=cwd,
@@ -429,15 +433,19 @@ class Supervisor:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,  # its own process group: stop and kill reach the whole tree
-            preexec_fn=lambda: prepare_child(parent, scheduling),
+            preexec_fn=lambda: prepare_child(parent, scheduling, guardian),
         )
+        if guardian >= 0:
+            deathpipe.instance().started(proc.pid)
         WorkerOutput.attach(self.loop, worker, self.log_dir)
         try:
             self._watch_exit(worker)
-        except OSError:  # no descriptor left for its pidfd: a process nobody watches must not live on
+        except Exception:  # no descriptor left for its pidfd (OSError): a process nobody watches must not live on
             with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+            if guardian >= 0:
+                deathpipe.instance().reaped(proc.pid)
             raise
         self.loop.create_task(self._await_ready(worker))
 
@@ -473,17 +481,15 @@ class Supervisor:
 
     def _watch_exit(self, worker: Worker) -> None:
         assert worker.proc is not None
-        fd = os.pidfd_open(worker.proc.pid)
+        pid = worker.proc.pid
 
-        def exited() -> None:
-            self.loop.remove_reader(fd)
-            os.close(fd)
-            assert worker.proc is not None
-            code = worker.proc.wait()
+        def exited(code: int) -> None:
+            if paths().death_pipe:
+                deathpipe.instance().reaped(pid)
             worker.exit_cause = exit_cause(code, worker.sent_signal)  # before the pool hears of the exit
             self._after_exit(worker, describe_exit(code))
 
-        self.loop.add_reader(fd, exited)
+        exits.watcher(self.loop).watch(worker.proc, exited)  # pidfd, or SIGCHLD (corral.portable)
 
     def _after_exit(self, worker: Worker, how: str) -> None:
         if worker.socket is not None:

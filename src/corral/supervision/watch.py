@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from ..config import AppConfig, ServerConfig, resolve_plumber, resolve_shiny
 from ..logs import say, warn
+from ..portable import paths as platform_paths
 
 DEBOUNCE_MS = 1600  # a batch of changes is cut after this long at most...
 STEP_MS = 100  # ...or once no new change has come for this long
@@ -100,7 +101,7 @@ class Watcher:
         self.reload = reload
 
     async def run(self) -> None:
-        """Never raises: a watcher that cannot watch (a path gone, the inotify limit) says so and ends;
+        """Never raises: a watcher that cannot watch (a path gone, polling that fails too) says so and ends;
         the app goes on being served."""
         try:
             await self._watch()
@@ -110,14 +111,26 @@ class Watcher:
             warn(f"corral: watch: app {self.app.name}: stopped watching: {type(exc).__name__}: {exc}")
 
     async def _watch(self) -> None:
-        from watchfiles import awatch
-
         paths = [p for p in self.plan.paths if os.path.exists(p)]
         for gone in sorted(set(self.plan.paths) - set(paths)):
             warn(f"corral: watch: app {self.app.name}: {gone} does not exist; not watched")
         if not paths:
             return
-        say(f"corral: watch: app {self.app.name}: watching {', '.join(paths)} for changes")
+        how = platform_paths().file_watch
+        try:
+            await self._batches(paths, how)
+        except (OSError, RuntimeError) as exc:
+            if how == "polling":
+                raise
+            # The OS's notifier can run out (inotify's per-user watch and instance limits) or be missing in a
+            # container or a network file system: polling reads the tree's modification times instead.
+            warn(f"corral: watch: app {self.app.name}: {how} failed ({exc}); polling instead")
+            await self._batches(paths, "polling")
+
+    async def _batches(self, paths: list[str], how: str) -> None:
+        from watchfiles import awatch
+
+        say(f"corral: watch: app {self.app.name}: watching {', '.join(paths)} for changes ({how})")
         counts = self.plan.counts
         async for changes in awatch(
             *paths,
@@ -126,6 +139,7 @@ class Watcher:
             step=STEP_MS,
             rust_timeout=RUST_TIMEOUT_MS,
             ignore_permission_denied=True,
+            force_polling=how == "polling",
         ):
             changed = sorted({self._show(path) for _change, path in changes})
             shown = ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
