@@ -179,7 +179,6 @@ class ClientConnection(asyncio.Protocol):
         self.send_progress = 0.0  # when `flushed` last grew, or the backlog was empty (send_timeout)
         self.flush_wait = False  # an exchange waits for the client to take every byte before it ends
         self.refusal: bytes | None = None  # an edge error owed after the responses before it
-        self.sock: socket.socket | None = None  # a TCP client's socket: TCP_INFO says whether it is still open
         self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
 
     # --- asyncio.Protocol ------------------------------------------------------------------
@@ -199,10 +198,8 @@ class ClientConnection(asyncio.Protocol):
         proxy.connections.add(self)
         if peer:
             self.trusted = self.edge.is_trusted(str(peer[0]))
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.sock = sock if _TCP_INFO is not None else None
+        # No TCP_NODELAY here: uvloop's and asyncio's TCP transports set it on every connection themselves, and
+        # the socket is fetched only when TCP_INFO is read (_peer_gone): each costs system calls per connection.
 
     def data_received(self, data: bytes) -> None:
         if self.tunnel is not None:
@@ -484,11 +481,16 @@ class ClientConnection(asyncio.Protocol):
             self.close()
 
     def _peer_gone(self) -> bool:
-        """The client closed or reset its end (TCP state no longer ESTABLISHED), as far as TCP_INFO says."""
-        if self.sock is None:
+        """The client closed or reset its end (TCP state no longer ESTABLISHED), as far as TCP_INFO says. Asked
+        only of a paused connection, in the timeout sweep: the socket is fetched here, not per connection."""
+        transport = self.transport
+        if _TCP_INFO is None or transport is None:
+            return False
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
             return False
         try:
-            state = self.sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)  # type: ignore[arg-type]
+            state = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, 1)  # type: ignore[arg-type]
         except OSError:
             return False
         return bool(state) and state[0] != _TCP_ESTABLISHED

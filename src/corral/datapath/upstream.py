@@ -71,11 +71,11 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        sock = transport.get_extra_info("socket")
-        # A Unix socket has no Nagle and no delayed ACK: neither option exists there, nor is needed.
+        # TCP_NODELAY is uvloop's and asyncio's own on every TCP transport. The socket gives the fd for QUICKACK;
+        # a Unix socket has no Nagle and no delayed ACK: neither option exists there, nor is needed.
+        sock = transport.get_extra_info("socket") if _QUICKACK is not None else None
         if sock is not None and sock.family != socket.AF_UNIX:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            self.fd = sock.fileno() if _QUICKACK is not None else -1
+            self.fd = sock.fileno()
         self._quickack()
 
     def _quickack(self) -> None:
