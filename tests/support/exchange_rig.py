@@ -17,6 +17,7 @@ tests/datapath/test_exchange.py, test_delivery.py, test_pool.py and bench/hotpat
 
 from __future__ import annotations
 
+import socket
 import time
 from collections import Counter
 
@@ -55,6 +56,10 @@ class FakeTransport:
         self.high: int | None = None
         self.buffered = 0
         self.writing_paused = False
+        # With Rig(sockets=True): a real socket pair, ours and the worker's end, so that the worker's closing
+        # of its end is what the kernel says it is (UpstreamConnection peeks at ours before a request goes out).
+        self.sock: socket.socket | None = None
+        self.worker_end: socket.socket | None = None
 
     # the asyncio.Transport surface
     def write(self, data: bytes) -> None:
@@ -80,15 +85,19 @@ class FakeTransport:
 
     def close(self) -> None:
         self.closed = True
+        if self.sock is not None:
+            self.sock.close()
 
     def abort(self) -> None:
-        self.closed = True
+        self.close()
 
     def is_closing(self) -> bool:
         return self.closed
 
     def get_extra_info(self, name: str, default: object = None) -> object:
-        return self.peer if name == "peername" else default  # no "socket": no setsockopt on a fake
+        if name == "socket":
+            return self.sock if self.sock is not None else default  # no socket: no setsockopt, no peek on a fake
+        return self.peer if name == "peername" else default
 
     def get_write_buffer_size(self) -> int:
         return self.buffered
@@ -134,7 +143,10 @@ class FakeLoop:
     """What Pool uses of an event loop. Tasks run when the test calls run(); timers when it calls fire().
 
     create_connection succeeds at once with a FakeTransport, or raises the next error planned for that
-    port in `errors`.
+    port in `errors`. With `sockets`, each transport carries a real socket pair (FakeTransport.sock and
+    worker_end); `closed_first` counts, per port, the next connections whose worker closes its end as soon as
+    it accepts them, before our request could arrive (a worker whose idle timer runs from accept, while
+    corral's loop is busy elsewhere).
     """
 
     def __init__(self) -> None:
@@ -142,6 +154,8 @@ class FakeLoop:
         self.tasks: list = []
         self.errors: dict[int, list[OSError]] = {}
         self.upstreams: list[UpstreamConnection] = []
+        self.sockets = False
+        self.closed_first: Counter[int] = Counter()
 
     def call_later(self, delay: float, callback, *args) -> Timer:
         timer = Timer(delay, callback, args)
@@ -158,6 +172,11 @@ class FakeLoop:
             raise planned.pop(0)
         protocol = factory()
         transport = FakeTransport(protocol, peer=(host, port))
+        if self.sockets:
+            transport.sock, transport.worker_end = socket.socketpair()
+            if self.closed_first[port] > 0:
+                self.closed_first[port] -= 1
+                transport.worker_end.close()
         protocol.connection_made(transport)
         self.upstreams.append(protocol)
         return transport, protocol
@@ -276,10 +295,11 @@ class FakeClient:
 class Rig:
     """One app's Pool with `workers` READY fake workers, a FakeLoop and recording hooks."""
 
-    def __init__(self, workers: int = 1, max_inflight: int = 1, **app: object) -> None:
+    def __init__(self, workers: int = 1, max_inflight: int = 1, sockets: bool = False, **app: object) -> None:
         app.setdefault("dispatch", "fifo")
         self.app = AppConfig(workers=workers, max_inflight=max_inflight, **app)
         self.loop = FakeLoop()
+        self.loop.sockets = sockets
         self.pool = pool = Pool(self.app, self.loop)
         self.exchanges: list[Exchange] = []
         self.observed: list[Exchange] = []

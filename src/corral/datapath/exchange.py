@@ -103,6 +103,7 @@ class Exchange:
         "submitted",
         "switched",
         "traceparent",
+        "unsent",
         "upstream",
         "upstream_paused",
         "wire_start",
@@ -169,6 +170,7 @@ class Exchange:
         self.client_gone = False
         self.discarding = False  # the client left; the worker's answer is read and dropped
         self.retried = False  # sent once more, on a fresh connection (pool.resend)
+        self.unsent = 0  # connections its worker had closed before the request went out on them (pool.resend)
         self.redispatched = False  # sent once more, to another worker: its first was killed from outside
         self.ended = False  # the client half
         self.worker_done = False  # the worker half: never dispatched, or its slot given back

@@ -39,6 +39,8 @@ PROBE_GRACE = 0.02  # seconds a request may wait for a probe to finish before ta
 # How long a request whose worker connection broke waits to learn how the worker ended (the supervisor reaps it):
 # the socket closes a moment before the process is reaped, or the worker closed it and lives on (then: 502).
 EXIT_WAIT = 0.5
+# Fresh connections a request may find closed by its worker before it goes out on them (Pool.resend, unsent).
+UNSENT_TRIES = 3
 LOST_KEPT = 16  # requests lost per worker remembered until its exit is known (a live worker that drops many)
 
 
@@ -387,10 +389,18 @@ class Pool:
                 return
         self.loop.create_task(self._open(ex, worker))
 
-    def resend(self, ex: Exchange, worker: Worker) -> None:
+    def resend(self, ex: Exchange, worker: Worker, unsent: bool = False) -> None:
         """Once, on a fresh connection to the same worker: a request that did crash its worker then fails
-        to connect (a dead worker's socket refuses), and never reaches a second worker."""
-        ex.retried = True
+        to connect (a dead worker's socket refuses), and never reaches a second worker. `unsent`: the worker
+        had closed the connection before any byte of the request went out (UpstreamConnection.send): it is
+        not the one retry, but a worker that closes every connection at once gets UNSENT_TRIES, then a 502."""
+        if unsent:
+            ex.unsent += 1
+            if ex.unsent > UNSENT_TRIES:
+                ex.upstream_failed("worker closed every connection before the request went out")
+                return
+        else:
+            ex.retried = True
         ex.upstream = None
         self.retried += 1
         self.loop.create_task(self._open(ex, worker))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
+import errno
 import socket
 import time
 from typing import TYPE_CHECKING
@@ -31,8 +32,14 @@ if TYPE_CHECKING:
 _QUICKACK = getattr(socket, "TCP_QUICKACK", None) if paths().quickack else None
 # setsockopt through libc on the raw fd: uvloop's socket proxy builds a socket object per call
 # (~4 us), and QUICKACK is re-armed twice per request.
-_setsockopt = ctypes.CDLL(None, use_errno=True).setsockopt
+_libc = ctypes.CDLL(None, use_errno=True)
+_setsockopt = _libc.setsockopt
 _ONE = ctypes.byref(ctypes.c_int(1))
+# A non-blocking peek at the socket before a request goes out on it: has the worker closed its end already?
+_recv = _libc.recv
+_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+_PEEK_BYTE = ctypes.create_string_buffer(1)
+_NOTHING_YET = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR)
 
 
 class UpstreamConnection(asyncio.Protocol):
@@ -48,6 +55,7 @@ class UpstreamConnection(asyncio.Protocol):
         "pool",
         "reader",
         "reused",
+        "sockfd",
         "transport",
         "tunnel",
         "worker",
@@ -62,7 +70,8 @@ class UpstreamConnection(asyncio.Protocol):
         # Its handler is the exchange this connection carries (send), and nothing between two of them.
         self.reader = edge.ResponseReader(None)  # type: ignore[arg-type]
         self.closed = False
-        self.fd = -1
+        self.fd = -1  # for QUICKACK: a TCP socket's
+        self.sockfd = -1  # any socket's (TCP or Unix), for the peek before a request goes out
         self.tunnel: Tunnel | None = None
         self.reused = False  # the current request went out on a connection kept from an earlier one
         self.answered = False  # a byte of the current request's response has come back
@@ -71,11 +80,13 @@ class UpstreamConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
-        # TCP_NODELAY is uvloop's and asyncio's own on every TCP transport. The socket gives the fd for QUICKACK;
-        # a Unix socket has no Nagle and no delayed ACK: neither option exists there, nor is needed.
-        sock = transport.get_extra_info("socket") if _QUICKACK is not None else None
-        if sock is not None and sock.family != socket.AF_UNIX:
-            self.fd = sock.fileno()
+        # TCP_NODELAY is uvloop's and asyncio's own on every TCP transport. The socket's fd serves the peek before
+        # each request (send) and, on TCP, QUICKACK; a Unix socket has no Nagle and no delayed ACK to undo.
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            self.sockfd = sock.fileno()
+        if sock is not None and _QUICKACK is not None and sock.family != socket.AF_UNIX:
+            self.fd = self.sockfd
         self._quickack()
 
     def _quickack(self) -> None:
@@ -86,7 +97,15 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- the request ---------------------------------------------------------------------------
     def send(self, ex: Exchange, reused: bool = False) -> None:
-        """Carry `ex`: its request goes out, and its response's parser calls it directly."""
+        """Carry `ex`: its request goes out, and its response's parser calls it directly. Not on a connection
+        the worker has closed already: then no byte of it goes out, and it is sent on a fresh connection."""
+        if _peer_closed(self.sockfd):
+            # The worker closed this connection before our request (idle, kept-alive or new, while corral's loop
+            # was busy): nothing of the request reached the worker, so sending it elsewhere is safe for any method.
+            # Written here, it would be lost in the closed socket, and its fate unknown: a 502, or a guessed retry.
+            self.close()
+            self.pool.resend(ex, self.worker, unsent=True)
+            return
         self.exchange = ex
         self.reused = reused
         self.answered = False
@@ -222,6 +241,17 @@ class UpstreamConnection(asyncio.Protocol):
             if self in self.worker.idle:
                 self.worker.idle.remove(self)
             self.transport.close()
+
+
+def _peer_closed(fd: int) -> bool:
+    """Whether the worker has closed (or reset) its end of the socket: its FIN or RST is waiting to be read.
+    Bytes waiting (a surplus on an idle connection) are not a close: data_received deals with them."""
+    if fd < 0:
+        return False
+    n = _recv(fd, _PEEK_BYTE, 1, _PEEK)
+    if n == 0:
+        return True
+    return n < 0 and ctypes.get_errno() not in _NOTHING_YET
 
 
 def _closed_while_idle(worker: Worker) -> bool:
