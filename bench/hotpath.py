@@ -8,14 +8,11 @@ with a small 200 (`--split`: head and body in two reads, as httpuv sends them). 
 slots means a queue, as in bench/compare's T1; `--max-inflight 64` with 4 workers is T3's shape.
 
     bench/hotpath.py --requests 20000 --split               # wall-clock µs per request
-    CORRAL_PURE_PYTHON=1 bench/hotpath.py --requests 20000  # the pure-Python build of the same code
     valgrind --tool=callgrind --callgrind-out-file=cg.out bench/hotpath.py --requests 2000
                                                             # where the instructions go (callgrind_annotate)
 
-Run the builds in turn, several times: wall time on a busy machine is a hint, not a figure. callgrind counts
-instructions exactly but not their cost: both builds execute about the same number per request (Cython's
-generic attribute lookups against the interpreter's specialised ones), while the compiled one runs them
-in a third less time (bench/RESULTS.md, issue 13).
+Run it several times: wall time on a busy machine is a hint, not a figure. callgrind counts instructions
+exactly but not their cost (bench/instructions.py counts them per request, start-up excluded).
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from support.exchange_rig import Conn, Rig, ok  # the fakes the exchange tests run on
 
-import corral
 from corral.config import AppConfig
 
 REQUEST = b"GET /fast HTTP/1.1\r\nHost: bench\r\nUser-Agent: hotpath\r\n\r\n"
@@ -78,7 +74,7 @@ def main() -> None:
     took = time.perf_counter() - start
     if got < args.requests:
         raise SystemExit(f"only {got} of {args.requests} responses reached the clients")
-    print(f"{corral.build()}: {args.requests} requests, {took / args.requests * 1e6:.1f} µs/request (wall)")
+    print(f"{args.requests} requests, {took / args.requests * 1e6:.1f} µs/request (wall)")
 
 
 if __name__ == "__main__":

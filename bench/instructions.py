@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Instructions per request on bench/hotpath.py, counted by callgrind, per build and by module (issue 22).
+"""Instructions per request on bench/hotpath.py, counted by callgrind, in total and by module (issue 22).
 
 A count of instructions does not follow the load of a shared machine as a time does. Each run is one process
 under `valgrind --tool=callgrind` that imports bench/hotpath.py and serves 200 requests (imports, first calls),
@@ -8,32 +8,23 @@ makes callgrind write one part per phase, so start-up never enters the figure:
 
     instructions per request = (I(2N run) - I(N run)) / N      (the rig's set-up and teardown cancel out too)
 
-Builds: `compiled` (the Cython .so files beside the .py files) and `pure` (CORRAL_PURE_PYTHON=1), each run
---repeats times, each run in its own memory layout (see _shift_layout: the compiled build's count moves by a few
-% with the layout, which any change to the code moves too), PYTHONHASHSEED=0. The figure is the median, with
-min..max. By module:
+--repeats runs, each in its own memory layout (see the comment above CHILD: the count moves a little with the layout,
+which any change to the code moves too), PYTHONHASHSEED=0. The figure is the median, with min..max. By module:
 
-  * by object file, both builds: callgrind's self cost per request, grouped by the ELF object the instructions
-    ran in. In the compiled build each corral module is its own .so; libpython holds what the C API does for
-    them (attribute lookups, calls, allocation) and all remaining Python code (the rig's fakes, hotpath's loop).
-    In the pure build nearly everything is libpython: the top libpython functions are listed for both.
-  * the pure build by module: callgrind cannot see Python modules. Per module, Python calls per request
-    (cProfile's exact counts) and bytecode instructions executed per request (sys.settrace opcode events),
-    both exact and run without valgrind. Bytecodes are work done, not instructions: one costs from a few
-    instructions (LOAD_FAST) to thousands (a call).
-  * --modules auto|pool,request: per module M, a compiled build with only M imported from its .py
-    (CORRAL_PURE_PYTHON=M, see corral/__init__.py), minus the all-compiled figure (medians over the same
-    layouts): what M interpreted adds to an otherwise compiled build, the crossings between compiled and
-    interpreted code included, so the figures do not add up to pure - compiled. --repeats runs per module.
+  * by object file: callgrind's self cost per request, grouped by the ELF object the instructions ran in:
+    nearly everything is libpython (the interpreter runs corral, the rig's fakes and hotpath's loop alike);
+    its top functions are listed.
+  * by Python module: callgrind cannot see Python modules. Per module, Python calls per request (cProfile's
+    exact counts) and bytecode instructions executed per request (sys.settrace opcode events), both exact and
+    run without valgrind. Bytecodes are work done, not instructions: one costs from a few instructions
+    (LOAD_FAST) to thousands (a call).
 
-    .venv/bin/python bench/instructions.py                  # the working tree: both builds x 5 (~2-4 min)
-    .venv/bin/python bench/instructions.py --rev HEAD       # a commit: git archive + pip wheel, compiled once
-    .venv/bin/python bench/instructions.py --modules auto --repeats 3
+    .venv/bin/python bench/instructions.py                  # the working tree, 5 runs (~2 min)
+    .venv/bin/python bench/instructions.py --rev HEAD       # a commit (git archive, nothing checked out)
+    .venv/bin/python bench/instructions.py --requests 100 --repeats 1   # a quick check that it works
 
-The working tree is measured as installed: its .so files must be newer than their .py files (else rebuild,
-`CORRAL_COMPILE=1 .venv/bin/python -m pip install -q -e .`, or use --rev). --rev REV extracts REV with
-`git archive` (nothing is checked out) into bench/out/instructions-rev-<sha>/, builds a wheel of it with
-CORRAL_COMPILE=1 (pip, build isolation; ~1-2 min, kept for the next run) and runs its own hotpath.py and rig.
+--rev REV extracts REV with `git archive` into bench/out/instructions-rev-<sha>/ (kept for the next run) and
+runs its own hotpath.py and rig on its src/.
 The data path reads the real clock and a few of its branches follow the times it measures (route costs, idle
 connections): a run slowed down a lot by the load could take another branch; the median absorbs one.
 Garbage collection: gc.collect() runs before each measured run, outside it; the runs hold the generation 0 and 1
@@ -60,7 +51,6 @@ import sys
 import tempfile
 import threading
 import time
-import zipfile
 from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -83,15 +73,10 @@ def _shape(args: argparse.Namespace) -> tuple[int, int, int, bool]:
     return args.clients, args.workers, args.max_inflight, args.split
 
 
-def _loaded() -> dict[str, list[str]]:
+def _loaded() -> dict[str, str]:
     import corral
 
-    pure, native = [], []
-    for name in corral.COMPILED:
-        mod = sys.modules.get(f"corral.{name}")
-        if mod is not None:
-            (pure if str(getattr(mod, "__file__", "")).endswith(".py") else native).append(name)
-    return {"build": corral.build(), "pure": pure, "native": native, "corral": corral.__file__}
+    return {"corral": corral.__file__}
 
 
 # The process callgrind counts. It is handed to `python -c` rather than imported from this file, so that editing
@@ -99,10 +84,9 @@ def _loaded() -> dict[str, list[str]]:
 #
 # Layout i: i classes given a type version tag and i * 97 small strings, made before anything is imported. The
 # interpreter's type attribute cache is indexed by a type's version tag and the address of the attribute's name:
-# these shift both, so each layout has its own collisions in that cache. The compiled build looks most attributes
-# up through it and its count moves by a few % from one layout to another (the pure build's by ~0.2 %); any
-# change to the code moves the layout as much, so the repeats run in different layouts and the median is the
-# figure.
+# these shift both, so each layout has its own collisions in that cache, and the count moves by ~0.2 % from one
+# layout to another; any change to the code moves the layout as much, so the repeats run in different layouts
+# and the median is the figure.
 CHILD = """
 import gc, json, os, sys
 layout, requests, hotpath_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -124,13 +108,8 @@ for count in (requests, 2 * requests):
     os.getppid()
     collections.append([g["collections"] - b for g, b in zip(gc.get_stats(), before)])
     gc.collect()
-pure, native = [], []
-for name in corral.COMPILED:
-    mod = sys.modules.get("corral." + name)
-    if mod is not None:
-        (pure if str(getattr(mod, "__file__", "")).endswith(".py") else native).append(name)
-print(json.dumps({"build": corral.build(), "pure": pure, "native": native, "corral": corral.__file__,
-                  "received": got, "collections": collections, "layout": layout, "kept": len(keep)}))
+print(json.dumps({"corral": corral.__file__, "received": got, "collections": collections, "layout": layout,
+                  "kept": len(keep)}))
 """
 
 
@@ -248,13 +227,8 @@ def parse_callgrind(path: Path) -> tuple[int, dict[tuple[str, str], int]]:
 
 
 def object_label(ob: str) -> str:
-    """A readable name for an object file: corral's modules by dotted name, libraries by file name."""
+    """A readable name for an object file: libraries by file name, extension modules by dotted name."""
     path = Path(ob)
-    try:
-        rel = path.relative_to(PKG)
-        return "corral." + ".".join((*rel.parts[:-1], rel.name.split(".")[0])) + " (.so)"
-    except ValueError:
-        pass
     if path.name.startswith("libpython"):
         return "libpython3 (interpreter)"
     if "site-packages" in path.parts:
@@ -266,11 +240,8 @@ def object_label(ob: str) -> str:
 
 
 # --- one measurement ---------------------------------------------------------------------------------------
-def env_for(pure: str | None) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "CORRAL_PURE_PYTHON"}
-    env["PYTHONHASHSEED"] = "0"  # str hashes, and so dict and set layouts, the same in every run
-    if pure:
-        env["CORRAL_PURE_PYTHON"] = pure
+def env_for() -> dict[str, str]:
+    env = {**os.environ, "PYTHONHASHSEED": "0"}  # str hashes, and so dict and set layouts, the same in every run
     if PYTHONPATH:
         env["PYTHONPATH"] = PYTHONPATH
     return env
@@ -304,25 +275,20 @@ def _child_argv(args: argparse.Namespace, mode: str) -> list[str]:
     return [*argv, "--split" if args.split else "--no-split"]
 
 
-def _check_build(report: dict, pure: str | None, expect_pure: set[str]) -> str | None:
+def _check_source(report: dict) -> str | None:
     if not Path(report["corral"]).resolve().is_relative_to(PKG.resolve()):
         return f"corral imported from {report['corral']}, not {PKG}"
-    got = set(report["pure"])
-    if pure == "1":
-        return None if not report["native"] else f"compiled modules loaded: {report['native']}"
-    return None if got == expect_pure else f"expected pure {sorted(expect_pure)}, got pure {sorted(got)}"
+    return None
 
 
-def measure(
-    args: argparse.Namespace, tmp: Path, tag: str, pure: str | None, expect_pure: set[str], layout: int
-) -> dict:
+def measure(args: argparse.Namespace, tmp: Path, tag: str, layout: int) -> dict:
     """One process under callgrind, in the given memory layout; per-request self Ir by (object, function)."""
     out = tmp / f"{tag}.cg"
     argv = ["valgrind", "--tool=callgrind", f"--dump-before={MARKER}", f"--callgrind-out-file={out}"]
     argv += [sys.executable, "-c", CHILD, str(layout), str(args.requests), str(HOTPATH_DIR)]
     argv += [str(args.clients), str(args.workers), str(args.max_inflight), "split" if args.split else "whole"]
     start = time.monotonic()
-    proc = run_child(argv, env_for(pure), args.timeout)
+    proc = run_child(argv, env_for(), args.timeout)
     took = time.monotonic() - start
     if proc.returncode != 0:
         raise RuntimeError(f"{tag}: exit {proc.returncode}: {proc.stderr.strip()[-800:]}")
@@ -330,9 +296,9 @@ def measure(
     want = [args.requests, 2 * args.requests]
     if report["received"] != want:
         raise RuntimeError(f"{tag}: the clients received {report['received']} responses, expected {want}")
-    problem = _check_build(report, pure, expect_pure)
+    problem = _check_source(report)
     if problem:
-        raise RuntimeError(f"{tag}: wrong build ({report['build']}): {problem}")
+        raise RuntimeError(f"{tag}: {problem}")
     parts = dict(parse_callgrind(p) for p in sorted(tmp.glob(f"{tag}.cg*")))
     if sorted(parts) != [1, 2, 3, 4, 5]:
         raise RuntimeError(f"{tag}: expected 5 callgrind parts, got {sorted(parts)} (marker {MARKER} not hit?)")
@@ -356,8 +322,6 @@ def measure(
     return {
         "tag": tag,
         "layout": layout,
-        "pure": pure,
-        "build": report["build"],
         "total": total,
         "per_fn": per_fn,
         "seconds": took,
@@ -418,36 +382,24 @@ def function_table(functions: dict[str, float], total: float, top: int) -> str:
     return table(header, [[f"`{fn}`", f"{v:,.0f}", f"{v / total * 100:.1f} %"] for fn, v in rows])
 
 
-def module_table(profile: dict, deltas: dict[str, list[float]], compiled_self: dict[str, float]) -> str:
-    """The pure build by module: Python calls and bytecodes per request (exact counts, no valgrind), and with
-    --modules, what each module adds when it alone is pure (median, and min..max over its runs, each minus the
-    compiled build's median); the compiled build's .so self cost alongside."""
+def module_table(profile: dict) -> str:
+    """By module: Python calls and bytecodes per request (exact counts, no valgrind)."""
     calls, bytecodes = profile.get("calls", {}), profile.get("bytecodes", {})
     all_bytecodes = sum(bytecodes.values()) or 1.0
-    names = {m for m, v in [*calls.items(), *bytecodes.items()] if abs(v) >= 0.05} | set(deltas)
+    names = {m for m, v in [*calls.items(), *bytecodes.items()] if abs(v) >= 0.05}
     corral_names = sorted((m for m in names if m.startswith("corral.")), key=lambda m: -bytecodes.get(m, 0))
     other_names = sorted((m for m in names if not m.startswith("corral.")), key=lambda m: -bytecodes.get(m, 0))
 
     def row(m: str, label: str) -> list[str]:
         cells = [label, f"{calls.get(m, 0):,.1f}", f"{bytecodes.get(m, 0):,.1f}"]
-        cells.append(f"{bytecodes.get(m, 0) / all_bytecodes * 100:.1f} %")
-        if deltas:
-            d = deltas.get(m)
-            cells.append(f"{statistics.median(d):+,.0f} ({min(d):+,.0f}..{max(d):+,.0f})" if d else "")
-        return [*cells, f"{compiled_self[m]:,.0f}" if m in compiled_self else ""]
+        return [*cells, f"{bytecodes.get(m, 0) / all_bytecodes * 100:.1f} %"]
 
     rows = [row(m, f"`{m}`") for m in corral_names]
     corral_total = {k: sum(d.get(m, 0) for m in corral_names) for k, d in (("c", calls), ("b", bytecodes))}
     total = ["**corral's modules**", f"{corral_total['c']:,.1f}", f"{corral_total['b']:,.1f}"]
-    total.append(f"{corral_total['b'] / all_bytecodes * 100:.1f} %")
-    if deltas:
-        total.append(f"{sum(statistics.median(d) for d in deltas.values()):+,.0f} (sum of medians)")
-    rows.append([*total, f"{sum(compiled_self.get(m, 0) for m in corral_names):,.0f}"])
+    rows.append([*total, f"{corral_total['b'] / all_bytecodes * 100:.1f} %"])
     rows += [row(m, m) for m in other_names]
-    header = ["module", "Python calls/request", "bytecodes/request", "share of bytecodes"]
-    if deltas:
-        header.append("instr/request added when it alone is pure")
-    return table([*header, "its .so, self instr/request (compiled)"], rows)
+    return table(["module", "Python calls/request", "bytecodes/request", "share of bytecodes"], rows)
 
 
 # --- main --------------------------------------------------------------------------------------------------
@@ -464,29 +416,15 @@ def ensure_valgrind(install: bool) -> None:
     )
 
 
-def compiled_names() -> list[str]:
-    """corral.COMPILED of the package measured (the modules a compiled install compiles), asked of it."""
-    probe = "import corral, json; print(json.dumps([corral.__file__, list(getattr(corral, 'COMPILED', ()))]))"
-    out = subprocess.run([sys.executable, "-c", probe], env=env_for(None), capture_output=True, text=True, timeout=60)
+def check_import() -> None:
+    """corral imports, from the package measured (PKG), in the children's environment."""
+    probe = "import corral; print(corral.__file__)"
+    out = subprocess.run([sys.executable, "-c", probe], env=env_for(), capture_output=True, text=True, timeout=60)
     if out.returncode != 0:
         raise SystemExit(f"corral does not import: {out.stderr.strip()[-500:]}")
-    where, names = json.loads(out.stdout.strip().splitlines()[-1])
+    where = out.stdout.strip().splitlines()[-1]
     if not Path(where).resolve().is_relative_to(PKG.resolve()):
         raise SystemExit(f"corral imports from {where}, not from {PKG}")
-    return names
-
-
-def compiled_state(names: list[str]) -> tuple[list[str], list[str]]:
-    """(modules with no .so, modules whose .py is newer than its .so) in the package measured (PKG)."""
-    missing, stale = [], []
-    for name in names:
-        py = PKG / f"{name.replace('.', '/')}.py"
-        so = next(py.parent.glob(f"{py.stem}.cpython-*.so"), None)
-        if so is None:
-            missing.append(name)
-        elif py.stat().st_mtime > so.stat().st_mtime + 2.0:  # corral's _SLACK_S: a wheel stores times to 2 s
-            stale.append(name)
-    return missing, stale
 
 
 def _git(*argv: str) -> str:
@@ -497,14 +435,13 @@ def _git(*argv: str) -> str:
 
 
 def prepare_rev(rev: str) -> tuple[Path, str]:
-    """REV's tree (`git archive`, nothing checked out) built as a wheel with CORRAL_COMPILE=1 by pip, unpacked:
-    the compiled modules and their .py side by side, as an install has them. Kept in bench/out/ per commit
-    and reused. Returns (the directory holding its corral package, a description)."""
+    """REV's tree (`git archive`, nothing checked out), kept in bench/out/ per commit and reused.
+    Returns (the directory holding its corral package, a description)."""
     commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     short = _git("rev-parse", "--short", commit)
     home = OUT / f"instructions-rev-{commit[:12]}"
-    tree, site = home / "tree", home / "site"
-    if not (site / "corral" / "__init__.py").exists():
+    tree = home / "tree"
+    if not (tree / "src" / "corral" / "__init__.py").exists():
         shutil.rmtree(home, ignore_errors=True)
         tree.mkdir(parents=True)
         archive = subprocess.Popen(["git", "-C", str(REPO), "archive", commit], stdout=subprocess.PIPE)
@@ -512,27 +449,9 @@ def prepare_rev(rev: str) -> tuple[Path, str]:
         archive.stdout.close()
         if archive.wait(60) != 0:
             raise SystemExit(f"git archive {commit} failed")
-        print(f"building {short} with CORRAL_COMPILE=1 (pip wheel, ~1-2 min) ...", flush=True)
-        wheels = home / "wheel"
-        env = {**os.environ, "CORRAL_COMPILE": "1"}
-        argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(wheels), str(tree)]
-        built = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900, check=False)
-        if built.returncode != 0:
-            raise SystemExit(f"pip wheel {tree} failed: {(built.stderr or built.stdout).strip()[-800:]}")
-        with zipfile.ZipFile(next(wheels.glob("*.whl"))) as whl:
-            whl.extractall(site)
     if not (tree / "bench" / "hotpath.py").exists():
         raise SystemExit(f"{short} has no bench/hotpath.py")
-    return site, f"git revision {short} (git archive, wheel built with CORRAL_COMPILE=1, in {home.relative_to(REPO)})"
-
-
-def cython_version() -> str:
-    """The Cython that built the .so files measured: its ABI name is in every module it generates."""
-    so = next(PKG.rglob("*.so"), None)
-    if so is None:
-        return "n/a"
-    m = re.search(rb"_cython_(\d+)_(\d+)_(\d+)", so.read_bytes())
-    return ".".join(x.decode() for x in m.groups()) if m else "n/a"
+    return tree / "src", f"git revision {short} (git archive, in {home.relative_to(REPO)})"
 
 
 def machine(tree: str) -> dict[str, str]:
@@ -550,7 +469,6 @@ def machine(tree: str) -> dict[str, str]:
         "cpu": cpu,
         "kernel": platform.release(),
         "python": platform.python_version(),
-        "cython": cython_version(),
         "valgrind": valgrind,
         "tree": tree,
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
@@ -563,30 +481,10 @@ def working_tree() -> str:
     return f"the working tree at {head}" + (", with uncommitted changes in src/" if dirty else "")
 
 
-def _module_names(spec: str, compiled: dict[str, float], all_names: list[str], min_ir: float) -> list[str]:
-    if spec == "none":
-        return []
-    if spec == "auto":  # the modules whose .so runs at least min_ir instructions per request
-        return sorted(
-            m.removeprefix("corral.").removesuffix(" (.so)")
-            for m, v in compiled.items()
-            if m.startswith("corral.") and v >= min_ir
-        )
-    short = {n.rpartition(".")[2]: n for n in all_names}
-    return [short.get(s.strip(), s.strip()) for s in spec.split(",")]
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=1000, help="N: runs of N and 2N requests are differenced")
-    ap.add_argument("--repeats", type=int, default=5, help="processes per build, each in its own memory layout")
-    ap.add_argument(
-        "--modules",
-        default="none",
-        help="also measure a compiled build with one module pure, per module: auto (each module whose .so runs "
-        "--min-ir instructions per request or more), a list (pool,request), or none (default; ~1 min per module)",
-    )
-    ap.add_argument("--builds", default="compiled,pure")
+    ap.add_argument("--repeats", type=int, default=5, help="callgrind processes, each in its own memory layout")
     ap.add_argument("--jobs", type=int, default=2, help="callgrind processes at once")
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--workers", type=int, default=2)
@@ -597,7 +495,7 @@ def main() -> None:
         default=True,
         help="the worker's head and body arrive in two reads (hotpath --split; the default here)",
     )
-    ap.add_argument("--top", type=int, default=10, help="libpython functions listed per build")
+    ap.add_argument("--top", type=int, default=10, help="libpython functions listed")
     ap.add_argument("--min-ir", type=float, default=500, help="object files under this many instr/request: 'others'")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per callgrind process")
     ap.add_argument("--json", type=Path, default=None, help="default bench/out/instructions-<timestamp>.json")
@@ -616,27 +514,14 @@ def main() -> None:
 
     ensure_valgrind(not args.no_install)
     if args.rev:
-        site, tree = prepare_rev(args.rev)
-        PKG, HOTPATH_DIR, PYTHONPATH = site / "corral", site.parent / "tree" / "bench", str(site)
+        src, tree = prepare_rev(args.rev)
+        PKG, HOTPATH_DIR, PYTHONPATH = src / "corral", src.parent / "bench", str(src)
     else:
         tree = working_tree()
-    all_names = compiled_names()
-    missing, stale = compiled_state(all_names)
-    builds = [b.strip() for b in args.builds.split(",")]
-    if (missing or stale) and "compiled" in builds:
-        print(
-            f"the compiled build is incomplete (no .so: {missing}; .py newer than .so: {stale}): rebuild\n"
-            f"  (cd {REPO} && CORRAL_COMPILE=1 {sys.executable} -m pip install -q -e .)\n"
-            "or measure a commit (--rev HEAD); measuring the pure-Python build only",
-            file=sys.stderr,
-        )
-        builds = [b for b in builds if b != "compiled"]
-        if not builds:
-            raise SystemExit("nothing to measure")
+    check_import()
     info = machine(tree)
     print(
-        f"{info['cpu']}, {info['nproc']} CPUs, Python {info['python']}, Cython {info['cython']}, "
-        f"{info['valgrind']}; {tree}; load {info['load']}"
+        f"{info['cpu']}, {info['nproc']} CPUs, Python {info['python']}, {info['valgrind']}; {tree}; load {info['load']}"
     )
     print(
         f"hotpath: {args.clients} clients, {args.workers} workers, max-inflight {args.max_inflight}, "
@@ -646,40 +531,18 @@ def main() -> None:
 
     tmp = Path(tempfile.mkdtemp(prefix="corral-instructions-"))
     started = time.monotonic()
-    pure_env = {"compiled": None, "pure": "1"}
-    expect = {"compiled": set(), "pure": set(all_names)}
-    results: dict[str, list[dict]] = defaultdict(list)
-    deltas_runs: dict[str, list[dict]] = {}
+    runs: list[dict] = []
     profile: dict = {}
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so that the finally below stops the children
     pool = ThreadPoolExecutor(max_workers=max(1, args.jobs))
     try:
-        calls_job = None
-        if "pure" in builds:
-            calls_argv = _child_argv(args, "--calls-child")
-            calls_job = pool.submit(run_child, calls_argv, env_for("1"), args.timeout)
-        jobs = {
-            (b, r): pool.submit(measure, args, tmp, f"{b}-{r + 1}", pure_env[b], expect[b], r)
-            for r in range(args.repeats)
-            for b in builds
-        }
-        for (b, _r), job in sorted(jobs.items(), key=lambda kv: kv[0][1]):
-            results[b].append(job.result())
-        if calls_job is not None:
-            done = calls_job.result()
-            if done.returncode != 0:
-                raise RuntimeError(f"cProfile run failed: {done.stderr.strip()[-800:]}")
-            profile = json.loads(done.stdout.strip().splitlines()[-1])
-        modules = []
-        if "compiled" in builds and "pure" in builds:
-            modules = _module_names(args.modules, by_object(results["compiled"][0]["per_fn"]), all_names, args.min_ir)
-        mod_jobs = {
-            (m, r): pool.submit(measure, args, tmp, f"pure-only-{m}-{r + 1}", m, {m}, r)
-            for m in modules
-            for r in range(args.repeats)
-        }
-        for (m, _r), job in mod_jobs.items():
-            deltas_runs.setdefault(m, []).append(job.result())
+        calls_job = pool.submit(run_child, _child_argv(args, "--calls-child"), env_for(), args.timeout)
+        jobs = [pool.submit(measure, args, tmp, f"run-{r + 1}", r) for r in range(args.repeats)]
+        runs = [job.result() for job in jobs]
+        done = calls_job.result()
+        if done.returncode != 0:
+            raise RuntimeError(f"cProfile run failed: {done.stderr.strip()[-800:]}")
+        profile = json.loads(done.stdout.strip().splitlines()[-1])
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
         with RUNNING_LOCK:
@@ -691,59 +554,43 @@ def main() -> None:
         else:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    report = {"machine": info, "args": {k: str(v) for k, v in vars(args).items()}, "builds": {}}
     print(f"\n{time.monotonic() - started:.0f} s\n")
-    for b in builds:
-        runs = results[b]
-        totals = spread([r["total"] for r in runs])
-        med = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
-        objects = by_object(med["per_fn"])
+    totals = spread([r["total"] for r in runs])
+    med = sorted(runs, key=lambda r: r["total"])[len(runs) // 2]
+    objects = by_object(med["per_fn"])
+    print(
+        f"### {totals['median']:,.0f} instructions/request, {totals['min']:,.0f}..{totals['max']:,.0f} over "
+        f"{len(runs)} runs, one memory layout each (spread {totals['spread_pct']:.2f} %); the tables are "
+        f"{med['tag']}'s\n"
+    )
+    print(object_table(objects, med["total"], args.min_ir) + "\n")
+    functions = interpreter_functions(med["per_fn"])
+    print(function_table(functions, med["total"], args.top) + "\n")
+    print("### by module\n")
+    print(module_table(profile) + "\n")
+    interp = objects.get("libpython3 (interpreter)", 0.0)
+    all_bytecodes = sum(profile.get("bytecodes", {}).values())
+    if all_bytecodes:
         print(
-            f"### {b} ({med['build']}): {totals['median']:,.0f} instructions/request, "
-            f"{totals['min']:,.0f}..{totals['max']:,.0f} over {len(runs)} runs, one memory layout each "
-            f"(spread {totals['spread_pct']:.2f} %); the tables are {med['tag']}'s\n"
+            f"{all_bytecodes:,.0f} bytecodes/request, {interp / all_bytecodes:,.1f} libpython instructions per "
+            "bytecode on average (over all modules, rig and hotpath included)"
         )
-        print(object_table(objects, med["total"], args.min_ir) + "\n")
-        functions = interpreter_functions(med["per_fn"])
-        print(function_table(functions, med["total"], args.top) + "\n")
-        report["builds"][b] = {
-            "build": med["build"],
-            "total": totals,
-            "objects": objects,
-            "libpython": {fn: v for fn, v in functions.items() if abs(v) >= 1},
-            "runs": [
-                {k: r[k] for k in ("tag", "layout", "total", "collections", "full_collection")}
-                | {"objects": by_object(r["per_fn"])}
-                for r in runs
-            ],
-        }
-    if "pure" in builds:
-        pure_med = report["builds"]["pure"]["total"]["median"]
-        compiled_med = report["builds"]["compiled"]["total"]["median"] if "compiled" in builds else None
-        comp_objects = report["builds"]["compiled"]["objects"] if "compiled" in builds else {}
-        compiled_self = {k.removesuffix(" (.so)"): v for k, v in comp_objects.items() if k.startswith("corral.")}
-        deltas = {f"corral.{m}": [r["total"] - compiled_med for r in rs] for m, rs in deltas_runs.items()}
-        print("### pure Python, by module\n")
-        print(module_table(profile, deltas, compiled_self) + "\n")
-        interp = report["builds"]["pure"]["objects"].get("libpython3 (interpreter)", 0.0)
-        all_bytecodes = sum(profile.get("bytecodes", {}).values())
-        if all_bytecodes:
-            print(
-                f"pure build: {all_bytecodes:,.0f} bytecodes/request, {interp / all_bytecodes:,.1f} libpython "
-                "instructions per bytecode on average (over all modules, rig and hotpath included)"
-            )
-        if deltas:
-            print(
-                f"sum of the single-module medians {sum(statistics.median(d) for d in deltas.values()):+,.0f}; "
-                f"pure - compiled measured {pure_med - compiled_med:+,.0f} instr/request"
-            )
-        report["modules"] = {
+    report = {
+        "machine": info,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "total": totals,
+        "objects": objects,
+        "libpython": {fn: v for fn, v in functions.items() if abs(v) >= 1},
+        "runs": [
+            {k: r[k] for k in ("tag", "layout", "total", "collections", "full_collection")}
+            | {"objects": by_object(r["per_fn"])}
+            for r in runs
+        ],
+        "modules": {
             "python_calls_per_request": profile.get("calls", {}),
             "bytecodes_per_request": profile.get("bytecodes", {}),
-            "added_when_only_pure": deltas,
-            "compiled_self": compiled_self,
-            "pure_minus_compiled": None if compiled_med is None else pure_med - compiled_med,
-        }
+        },
+    }
     path = args.json or OUT / f"instructions-{time.strftime('%Y%m%d-%H%M%S')}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1, default=str))

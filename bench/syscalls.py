@@ -3,7 +3,7 @@
 
     bench/syscalls.py                                 # both parts, 3 runs each (~15 min on 2 cores)
     bench/syscalls.py --only wakeups --setups T1 --strace   # plus a strace -f -c pass per proxy and run
-    bench/syscalls.py --only growth --workers 2,8,32 --compiled
+    bench/syscalls.py --only growth --workers 2,8,32
 
 wakeups (step 4), in three set-ups (`--setups`): T1 is bench/compare's T1, 2 plumber workers (bench/app, TCP
 ports) and wrk -t1 -c32 on /fast with keep-alive; T1-close the same with `Connection: close` (a client
@@ -30,11 +30,9 @@ rate at which it would fill one core (1e6 / CPU us per request), context switche
 CPU per request. `--pin`: the proxy alone on CPU 0 (every thread), wrk and the backend on CPU 1, so that
 "cores used" near 1.0 means the proxy filled its core (other processes on the machine still share both).
 
-corral runs as pure Python (`CORRAL_PURE_PYTHON=1`, the default build) from `--rev` (HEAD), extracted with
-`git archive` as `bench/compare --baseline` does, so edits others make to src/ meanwhile are not measured;
-`--rev tree` runs a copy of the working tree taken at start. `--compiled` adds `corral-cy` to growth: the
-working tree's copy with its compiled modules (those compiled after their source was last changed; the meta
-of the JSON has corral's start line, which names them). `--baseline REV` adds `corral@<sha>` to growth, REV
+corral runs from `--rev` (HEAD), extracted with `git archive` as `bench/compare --baseline` does, so edits
+others make to src/ meanwhile are not measured; `--rev tree` runs a copy of the working tree taken at start.
+`--baseline REV` adds `corral@<sha>` to growth, REV
 extracted the same way, in the same rotation. The proxies' order rotates from run to run. Ports:
 proxies 19400-19405, plumber 19410-19411, backend 19420-19451. Every process by its PID or process group.
 Raw figures: bench/out/syscalls-<timestamp>.json.
@@ -81,18 +79,9 @@ PARTS = ("wakeups", "growth")
 PROXY_CPU, LOAD_CPU = 0, 1  # --pin: the proxy alone on CPU 0; wrk and the backend (started by us) on CPU 1
 
 
-@dataclass(frozen=True)
-class Build(CorralBuild):
-    """A corral launch with extra environment (CORRAL_PURE_PYTHON) and an optional command in front (perf)."""
-
-    extra_env: tuple[tuple[str, str], ...] = ()
-
-    def env(self) -> dict[str, str] | None:
-        return {**(super().env() or os.environ), **dict(self.extra_env)}
-
-
-def corral_spec(name: str, port: int, src: Path, pure: bool, wrapper: Sequence[str] = ()) -> ProxySpec:
-    build = Build((*wrapper, sys.executable, "-m", "corral"), str(src), (("CORRAL_PURE_PYTHON", "1" if pure else ""),))
+def corral_spec(name: str, port: int, src: Path, wrapper: Sequence[str] = ()) -> ProxySpec:
+    """corral from `src`, with an optional command in front (perf)."""
+    build = CorralBuild((*wrapper, sys.executable, "-m", "corral"), str(src))
     return replace(CORRAL, name=name, port=port, corral_args=MAX_INFLIGHT_1, build=build)
 
 
@@ -315,12 +304,9 @@ class Bench:
     def __init__(self, args: argparse.Namespace, tmp: Path) -> None:
         self.args = args
         self.tmp = tmp
-        # The working tree, frozen for the whole run (copytree keeps mtimes: fresh compiled modules stay in use).
-        self.tree = tmp / "tree" / "src"
-        if args.rev == "tree" or args.compiled:
-            shutil.copytree(ROOT / "src", self.tree)
-        if args.rev == "tree":
-            self.src, self.corral_tree = self.tree, baseline.current_tree()
+        if args.rev == "tree":  # the working tree, frozen for the whole run
+            self.src, self.corral_tree = tmp / "tree" / "src", baseline.current_tree()
+            shutil.copytree(ROOT / "src", self.src)
         else:  # a commit, extracted as `--baseline` does: what others are editing in src/ meanwhile is not measured
             rev = baseline.prepare(args.rev, tmp)
             assert rev.build.pythonpath is not None
@@ -329,22 +315,14 @@ class Bench:
         if args.baseline:  # growth: a second corral from another revision, in the same rotation
             self.base = baseline.prepare(args.baseline, tmp)
         self.results: dict[str, Any] = {"wakeups": {}, "growth": {}}
-        self.builds: dict[str, str] = {}
 
     def record(self, part: str, key: str, target: str, values: dict[str, Any]) -> None:
         self.results[part].setdefault(key, {}).setdefault(target, []).append(values)
 
-    def note_build(self, name: str, proxy: RunningProxy) -> None:
-        text = proxy.child.log_path.read_text(errors="replace") if proxy.spec.kind == "corral" else ""
-        for line in text.splitlines():
-            if "data path" in line:
-                self.builds[name] = line.split("data path", 1)[1].strip()
-                return
-
     # --- step 4 ------------------------------------------------------------------------------------
     def wakeup_spec(self, name: str, perf: Perf) -> ProxySpec:
         if name == "corral":
-            return corral_spec("corral", 19400, self.src, True, perf.argv())
+            return corral_spec("corral", 19400, self.src, perf.argv())
         peers = {"nginx": replace(NGINX, port=19401), "nginx-ka": replace(NGINX_KA, port=19402)}
         return peers.get(name) or replace(HAPROXY, port=19403)
 
@@ -380,7 +358,7 @@ class Bench:
         require_free([port, *PLUMBER_PORTS])
         argv = [sys.executable, "-m", "corral", "run", "--host", HOST, "--port", str(port), "-w", "2",
                 "--worker-transport", transport, "--max-inflight", "1", str(APP)]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(self.src), "CORRAL_PURE_PYTHON": "1"}
+        env = {**os.environ, "PYTHONPATH": str(self.src)}
         load = os.getloadavg()[0]
         log(f"wakeups T1-own run {run + 1}/{self.args.runs}: {name} (load {load:.2f})")
         url = f"http://{HOST}:{port}{READY_PATH}"
@@ -429,7 +407,6 @@ class Bench:
         with contextlib.ExitStack() as stack:
             with environ(PATH=f"{shimdir}:{os.environ['PATH']}"):
                 proxy = stack.enter_context(running_proxy(spec, ports, workdir, path))
-            self.note_build(name, proxy)
             run_wrk(url, 32, self.args.warm, headers=headers)
             pids = descendants(proxy.pid)  # after the warm-up: nginx has forked all its workers by then
             # First with perf's counters off: CPU and context switches undisturbed by the tracepoints.
@@ -469,12 +446,10 @@ class Bench:
 
     # --- step 5 ------------------------------------------------------------------------------------
     def growth_specs(self) -> list[ProxySpec]:
-        specs = [corral_spec("corral", 19400, self.src, True)]
-        if self.args.compiled:
-            specs.append(corral_spec("corral-cy", 19404, self.tree, False))
+        specs = [corral_spec("corral", 19400, self.src)]
         if self.base is not None:
             assert self.base.build.pythonpath is not None
-            specs.append(corral_spec(self.base.name, 19405, Path(self.base.build.pythonpath), True))
+            specs.append(corral_spec(self.base.name, 19405, Path(self.base.build.pythonpath)))
         specs += [replace(NGINX, port=19401), replace(NGINX_KA, port=19402)]
         if not self.args.no_haproxy:
             specs.append(replace(HAPROXY, port=19403))
@@ -502,7 +477,6 @@ class Bench:
         conns = self.args.growth_conns
         backend_pids = [backend_pid, *descendants(backend_pid)]
         with running_proxy(spec, ports, workdir, "/") as proxy:
-            self.note_build(spec.name, proxy)
             run_wrk(url, conns, 1.0)
             pids = [proxy.pid, *descendants(proxy.pid)]  # nginx has forked all its workers by now
             if self.args.pin:
@@ -646,8 +620,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--strace", action="store_true", help="wakeups: also a strace -f -c pass per proxy")
     ap.add_argument("--strace-duration", type=float, default=4.0)
     ap.add_argument("--rev", default="HEAD", help="corral from this git revision (git archive), or `tree`")
-    ap.add_argument("--compiled", action="store_true", help="growth: also the working tree's compiled build")
-    ap.add_argument("--baseline", metavar="REV", help="growth: also corral from REV (corral@<sha>, pure Python)")
+    ap.add_argument("--baseline", metavar="REV", help="growth: also corral from REV (corral@<sha>)")
     ap.add_argument("--pin", action="store_true", help="growth: the proxy on CPU 0, wrk and the backend on CPU 1")
     ap.add_argument("--no-haproxy", action="store_true")
     ap.add_argument("--keep-tmp", action="store_true")
@@ -689,7 +662,6 @@ def main(argv: list[str] | None = None) -> int:
             "versions": environment.versions(),
             "corral": bench.corral_tree,
             "baseline": None if bench.base is None else bench.base.describe(),
-            "builds": bench.builds,
             "loadavg_at_end": os.getloadavg(),
             "args": {k: v for k, v in vars(args).items()},
         }
@@ -698,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         out.write_text(json.dumps({"meta": meta, **bench.results}, indent=1))
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    print(f"{meta['command']}: {meta['date']} to {meta['ended']}, {meta['machine']}, builds {bench.builds}")
+    print(f"{meta['command']}: {meta['date']} to {meta['ended']}, {meta['machine']}")
     if bench.results["wakeups"]:
         print("\n" + wakeup_tables(bench.results["wakeups"]))
     if bench.results["growth"]:

@@ -14,7 +14,6 @@ start (others may edit src/ while this runs). Per run, in alternating order:
   ports and 4 Unix sockets. `tcp` is corral `--upstream` to the ports, as bench/compare's T3; `unix`
   supervises 4 placeholder workers whose socket is a symlink to one of nginx's sockets. nginx-ka
   (upstream keep-alive) as the reference.
-- `--builds`: the tree's compiled build (`tcp`, `unix`) next to its pure-Python one (`tcp-py`, `unix-py`).
 - `--bound` (with --interleave, T1): is T1's gap corral's cost or the one-request-per-worker rule? Adds
   `mi16` (the unix corral with `--max-inflight 16`: what nginx least_conn gives each worker),
   `direct-1` (one wrk -c1 per worker port, Connection: close: one request per worker at a time with
@@ -65,7 +64,7 @@ APP = ROOT / "bench" / "app" / "plumber.R"
 OUT = ROOT / "bench" / "out"
 CORRAL_PORT = 19070  # its tcp workers: 19071, 19072
 NGINX_PORT = 19080
-# tcp workers on 19071-19072, base's on 19078-19079, tcp-py's on 19082-19083
+# tcp workers on 19071-19072, base's on 19078-19079
 INTERLEAVE_PORTS = {"tcp": 19070, "unix": 19074, "base": 19077, "tcp-py": 19081, "unix-py": 19085, "mi16": 19088,
                     "peers": 19092, "unix-normal": 19095}  # fmt: skip
 NGINX_BATCH_PORT = 19091
@@ -89,10 +88,6 @@ class Bench:
             "tcp": (self.src, ["--worker-transport", "tcp"], {}),
             "unix": (self.src, ["--worker-transport", "unix"], {}),
         }
-        if args.builds:  # the same tree, its compiled modules set aside: the pure-Python build, both transports
-            pure = {"CORRAL_PURE_PYTHON": "1"}
-            self.variants["tcp-py"] = (self.src, ["--worker-transport", "tcp"], pure)
-            self.variants["unix-py"] = (self.src, ["--worker-transport", "unix"], pure)
         if args.sched:
             normal = ["--worker-scheduling", "normal", "--worker-transport", "unix"]
             self.variants["unix-normal"] = (self.src, normal, {})
@@ -448,9 +443,6 @@ def main() -> int:
         help="with --interleave: unix-normal (--worker-scheduling normal), peers over SCHED_OTHER workers",
     )
     ap.add_argument("--baseline-src", help="a directory holding an older corral package, run as `base` (unix)")
-    ap.add_argument("--builds", action="store_true",
-                    help="also run the tree as pure Python (`tcp-py`, `unix-py`; CORRAL_PURE_PYTHON=1) next to its "
-                         "compiled build (CORRAL_COMPILE=1 scripts/setup first)")  # fmt: skip
     args = ap.parse_args()
     args.only = {s.strip() for s in args.only.split(",")}
     for tool in ("wrk", "nginx", "Rscript"):

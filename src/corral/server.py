@@ -14,7 +14,7 @@ import time
 import traceback
 from typing import Any
 
-from . import build, config, logs, portable
+from . import config, logs, portable
 from .config import Config, autoscaled, scales_to_zero, worker_ports
 from .datapath import tracing
 from .datapath.client import Proxy, make_listener
@@ -228,7 +228,7 @@ class Corral:
             certs = self.certificates
             await self.proxy.start(sock, certs.context if certs is not None else None)
             origin = " (socket from systemd)" if self.activated else ""
-            say(f"corral: listening on {self._public_url()}{origin}; data path {build()}")
+            say(f"corral: listening on {self._public_url()}{origin}")
             if certs is not None:
                 say(f"corral: TLS 1.2/1.3, certificate {certs.loaded}")
             if self.redirect_sock is not None:
