@@ -175,7 +175,9 @@ def _replace(src: Path, dst: Path) -> None:
 
 
 def test_rotation_under_load_drops_nothing_and_a_bad_pair_is_refused(corral, pairs):
-    c = corral(tls_args(pairs), workers=2)
+    # The kept connection below waits for its first request through the whole rotation: on a loaded machine that
+    # can outlast the default header_timeout (10 s), which would rightly close it.
+    c = corral(tls_args(pairs, "--header-timeout", "120"), workers=2)
     ctx = client_context(pairs["ca"])
     one, two = serial_of(pairs["one"]), serial_of(pairs["two"])
     assert tls_get(c.port, ctx)[2] == one
