@@ -243,7 +243,7 @@ def test_http_redirect_answers_308_to_https_and_400_to_a_bad_host(corral, pairs,
     assert r.header("connection") == "close"
     r = request(redirect, b"POST /form HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 3\r\n\r\nabc")
     assert r.status == 308 and r.header("location") == f"https://[::1]:{c.port}/form"
-    for host in (b"ex_ample.org", b"a..b", b"-a.org", b"a.org:99999", b"x" * 300, b"a.org:"):
+    for host in (b"ex_ample.org", b"a..b", b"-a.org", b"a.org:99999", b"x" * 300, b"a.org:", b"[fe80::1%eth0]"):
         r = request(redirect, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
         assert r.status == 400 and r.header("location") is None, host
     r = request(redirect, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all: nothing to redirect to
