@@ -171,3 +171,17 @@ def test_a_kill_from_outside_does_not_quarantine(corral, tmp_path):
     assert "quarantined" not in c.log()
     app = status_doc(c)
     assert app["redispatched"] == 3 and app["quarantine"]["requests"] == []
+
+
+def test_a_streamed_body_that_kills_workers_does_not_quarantine_other_bodies(corral, tmp_path):
+    # request_buffering off: the body goes out as it comes, so corral never holds it to fingerprint. Counting
+    # its deaths would quarantine the route's every upload, whatever its body: one client's two crashing
+    # uploads would refuse everyone else's for quarantine_period (the red team's finding).
+    c, log, _ = start(corral, tmp_path, "--no-request-buffering", "--quarantine-period", "120")
+    for n, body in enumerate((b"evil", b"evil", b"someone else's upload"), 1):
+        assert request(c.port, raw("POST", "/crash", body)).status == 502
+        c.wait_for(r"stopped: exited with code 3", count=n)
+        c.wait_for(r" ready: pid ", count=2 + n)
+    assert len(seen(log, "/crash")) == 3  # each reached a worker: none was refused without reaching one
+    assert "quarantined" not in c.log()
+    assert status_doc(c)["quarantine"]["requests"] == []

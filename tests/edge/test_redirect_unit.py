@@ -45,6 +45,12 @@ def test_a_dns_name_or_an_address_is_redirected_to_the_tls_port(host, port, loca
         b"[not-v6]",
         b"evil.org@good.org",
         b"%65vil.org",
+        # An IPv6 zone id: ipaddress takes any text after the %, and a browser reads `[::%@evil.org?]` as
+        # userinfo `[::%` and host evil.org (the edge's Host rule refuses @ and ?; this is the second line).
+        b"[::%@evil.org?]",
+        b"[::1%@evil.org#]:80",
+        b"[fe80::1%eth0]",
+        b"[fe80::1%25eth0]",
     ],
 )
 def test_a_host_that_is_no_dns_name_or_address_gets_no_redirect(host):

@@ -9,6 +9,7 @@ request headers).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -245,7 +246,7 @@ def test_http_redirect_answers_308_to_https_and_400_to_a_bad_host(corral, pairs,
     assert r.header("connection") == "close"
     r = request(redirect, b"POST /form HTTP/1.1\r\nHost: [::1]\r\nContent-Length: 3\r\n\r\nabc")
     assert r.status == 308 and r.header("location") == f"https://[::1]:{c.port}/form"
-    for host in (b"ex_ample.org", b"a..b", b"-a.org", b"a.org:99999", b"x" * 300, b"a.org:"):
+    for host in (b"ex_ample.org", b"a..b", b"-a.org", b"a.org:99999", b"x" * 300, b"a.org:", b"[fe80::1%eth0]"):
         r = request(redirect, b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
         assert r.status == 400 and r.header("location") is None, host
     r = request(redirect, b"GET / HTTP/1.0\r\n\r\n")  # no Host at all: nothing to redirect to
@@ -327,3 +328,50 @@ def test_reload_reads_the_certificate_when_corral_runs_no_workers(corral, pairs,
     finally:
         worker.terminate()
         worker.wait(10)
+
+
+# --- handshakes count against max_connections -----------------------------------------------------------------
+HALF_HELLO = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"  # a TLS record header and the start of a ClientHello
+
+
+def closed_by_corral(s: socket.socket) -> bool:
+    """The connection ended from corral's side (EOF or reset) before header_timeout (60 s here) would have cut it."""
+    s.settimeout(20)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_half_handshakes_beyond_max_connections_are_closed_at_once(corral, pairs):
+    # A client that sends half a ClientHello and holds is not a connection corral's max_connections counted: the
+    # protocol is made only once the handshake completes. 100 of them held 100 descriptors with a cap of 5 (the red
+    # team's finding); plain HTTP past the cap gets 503 and a close at once.
+    c = corral(tls_args(pairs, "--max-connections", "5", "--header-timeout", "60"), workers=1)
+    ctx = client_context(pairs["ca"])
+    # Accepted in the order they connect: the first five take every place, the next five find none.
+    held = [socket.create_connection(("127.0.0.1", c.port), timeout=30) for _ in range(5)]
+    extra = [socket.create_connection(("127.0.0.1", c.port), timeout=30) for _ in range(5)]
+    try:
+        for s in held + extra:
+            with contextlib.suppress(ConnectionError):  # an extra one may be closed before it is written to
+                s.sendall(HALF_HELLO)
+        got = [closed_by_corral(s) for s in extra]
+        assert all(got), got
+        for s in held:  # still waiting for the rest of their ClientHello (header_timeout is 60 s)
+            s.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                s.recv(1)
+    finally:
+        for s in held + extra:
+            s.close()
+    poll("a TLS request served once the half handshakes are gone", lambda: _served(c.port, ctx))
+
+
+def _served(port: int, ctx: ssl.SSLContext) -> bool:
+    try:
+        return tls_get(port, ctx)[0] == 200
+    except OSError:
+        return False

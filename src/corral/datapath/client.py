@@ -31,6 +31,8 @@ _TCP_ESTABLISHED = 1
 TLS_SHUTDOWN = 1.0  # s: how long a TLS connection being closed waits for the client's close_notify
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from ..config import ServerConfig
     from .pool import Pool
     from .tunnel import Tunnel
@@ -95,6 +97,7 @@ class Proxy:
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._tick_n = 0
+        self.handshakes = 0  # TLS handshakes under way (TLSAccept): they hold descriptors as connections do
 
     async def start(self, sock: socket.socket, tls: ssl.SSLContext | None = None) -> None:
         """Serve on `sock`; with `tls` (tls.Certificates.context), HTTPS only.
@@ -104,12 +107,16 @@ class Proxy:
         usual clocks run: keepalive_timeout for the first byte, header_timeout for the head. A TLS connection
         that corral closes waits at most TLS_SHUTDOWN for the client's close_notify, not asyncio's 30 s, so
         closed connections do not hold descriptors."""
-        extra = {}
-        if tls is not None:
-            extra = {"ssl": tls, "ssl_handshake_timeout": self.edge.header_timeout}
-            extra["ssl_shutdown_timeout"] = TLS_SHUTDOWN
-        self.server = await self.loop.create_server(lambda: ClientConnection(self), sock=sock, backlog=1024, **extra)
+        if tls is None:
+            factory: Callable[[], asyncio.Protocol] = lambda: ClientConnection(self)  # noqa: E731
+        else:
+            factory = lambda: TLSAccept(self, tls)  # noqa: E731
+        self.server = await self.loop.create_server(factory, sock=sock, backlog=1024)
         self._ticker = self.loop.call_later(0.1, self._tick)
+
+    def over_capacity(self) -> bool:
+        """max_connections is reached: client connections and TLS handshakes under way count alike."""
+        return len(self.connections) + self.handshakes >= self.edge.max_connections
 
     def stop_accepting(self) -> None:
         if self.server is not None:
@@ -153,6 +160,60 @@ class Proxy:
                 conn.check_timeouts(now)
 
 
+class TLSAccept(asyncio.Protocol):
+    """A TLS client before its handshake is done. asyncio's create_server(ssl=...) makes the protocol only once
+    the handshake completes, so a client that sends half a ClientHello and holds was no connection to
+    max_connections: any number of them held a descriptor each for header_timeout. Here the TCP connection is
+    accepted plain and counted from its accept (Proxy.handshakes): one past the cap is closed at once (there is
+    no TLS yet to say 503 in); the others get the loop's own TLS protocol, as create_server(ssl=...) gives it,
+    with a ClientConnection behind it that is made when the handshake completes."""
+
+    def __init__(self, proxy: Proxy, tls: ssl.SSLContext) -> None:
+        self.proxy = proxy
+        self.tls = tls
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        proxy = self.proxy
+        if proxy.over_capacity():
+            transport.abort()  # type: ignore[attr-defined]
+            return
+        conn = ClientConnection(proxy)
+        conn.handshaking = True
+        proxy.handshakes += 1
+        waiter = proxy.loop.create_future()
+        waiter.add_done_callback(lambda w: self._handshake_over(w, conn))
+        tls_protocol = _tls_protocol(proxy.loop)(
+            proxy.loop,
+            conn,
+            self.tls,
+            waiter,
+            server_side=True,
+            ssl_handshake_timeout=proxy.edge.header_timeout,
+            ssl_shutdown_timeout=TLS_SHUTDOWN,
+        )
+        # Synchronously, before this callback returns: no byte of the ClientHello is read by anyone but it.
+        transport.set_protocol(tls_protocol)
+        tls_protocol.connection_made(transport)
+
+    def _handshake_over(self, waiter: asyncio.Future[None], conn: ClientConnection) -> None:
+        if not waiter.cancelled():
+            waiter.exception()  # a failed handshake is the client's affair: retrieved, so never logged
+        if conn.handshaking:  # it failed or timed out (on success, conn.connection_made counted it out)
+            conn.handshaking = False
+            self.proxy.handshakes -= 1
+
+
+def _tls_protocol(loop: asyncio.AbstractEventLoop) -> type:
+    """The TLS protocol class the loop's own create_server(ssl=...) would use: uvloop's (compiled) on uvloop."""
+    if type(loop).__module__.startswith("uvloop"):
+        import uvloop.loop
+
+        return uvloop.loop.SSLProtocol  # type: ignore[attr-defined,no-any-return]
+    import asyncio.sslproto
+
+    return asyncio.sslproto.SSLProtocol
+
+
 class ClientConnection(asyncio.Protocol):
     """One client socket: parses requests, runs them one at a time, writes responses in order."""
 
@@ -180,16 +241,20 @@ class ClientConnection(asyncio.Protocol):
         self.flush_wait = False  # an exchange waits for the client to take every byte before it ends
         self.refusal: bytes | None = None  # an edge error owed after the responses before it
         self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
+        self.handshaking = False  # made by TLSAccept, its handshake under way: counted in Proxy.handshakes
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.send_progress = time.monotonic()
         proxy = self.proxy
+        if self.handshaking:  # its TLS handshake is done: a connection from now on, no longer a handshake
+            self.handshaking = False
+            proxy.handshakes -= 1
         peer = transport.get_extra_info("peername")
         if peer:
             self.peer = str(peer[0]).encode()
-        if len(proxy.connections) >= self.edge.max_connections:
+        if proxy.over_capacity():
             self.closing = True
             transport.write(edge.error_response(503, "too many connections", retry_after=1))  # type: ignore[attr-defined]
             transport.close()

@@ -467,7 +467,9 @@ class Pool:
         if worker.proc is None:  # not started by corral (or a test's): how it ended is unknown, so no retry
             ex.upstream_failed(why)
             return
-        if ex.body is None or not ex.body.closed:  # else its response had begun: nothing left to fingerprint
+        # A closed body: its response had begun, nothing left to fingerprint. A streamed body was never ours
+        # to hash: its fingerprint would be every upload to the route, one client's crashes refusing everyone's.
+        if not ex.streamed() and (ex.body is None or not ex.body.closed):
             worker.lost.append((fingerprint(ex.head.method, ex.head.target, ex.body, ex.streamed()), ex.redispatched))
             if len(worker.lost) > LOST_KEPT:
                 del worker.lost[0]

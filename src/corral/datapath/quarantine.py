@@ -7,7 +7,9 @@ holding it. Once one has killed two workers within DEATH_WINDOW, it is quarantin
 fingerprint are answered 502 at once, without reaching a worker, for `period` seconds. A request that was sent
 again after its worker was killed from outside (pool.redispatch), and whose second worker died too, counts as
 both deaths at once: whatever killed the first worker may have been the request (the OOM killer's SIGKILL).
-A kill from outside alone counts for nothing: an operator's `kill -9` must not quarantine a route.
+A kill from outside alone counts for nothing: an operator's `kill -9` must not quarantine a route. Nor does a
+request with a streamed body (request_buffering off): corral never held the body, so its fingerprint could not
+tell one upload from another, and one client's crashing upload would refuse everyone's (pool.upstream_lost).
 
 The hot path pays one test of `entries` per request while nothing is quarantined. While something is, a
 request is hashed only when its method and path match a quarantined one (`paths`).

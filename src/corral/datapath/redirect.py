@@ -43,6 +43,11 @@ def _host_name(host: bytes) -> bytes | None:
         literal, sep, rest = host[1:].partition(b"]")
         if not sep or (rest and not (rest.startswith(b":") and _port(rest[1:]))):
             return None
+        if b"%" in literal:
+            # A zone id: ipaddress takes any text after the %. The edge's Host rule keeps out the @ and ? that
+            # would make `[::%@evil.org?]` userinfo and host evil.org to a browser, but a zone names an interface
+            # of the client's machine, never ours: no redirect to it.
+            return None
         try:
             ipaddress.IPv6Address(literal.decode("ascii"))
         except ValueError:
