@@ -443,9 +443,7 @@ class Pool:
         if ex.ended:
             return
         self.retried += 1
-        worker2 = self.scheduler.requeue_front(ex, time.monotonic())
-        if worker2 is not None:
-            self.connect(ex, worker2)
+        self._requeue_front(ex)
 
     def out_of_descriptors(self, what: str) -> str:
         """Say it once per FD_WARN_EVERY: at the limit, every request would otherwise log a line."""
@@ -534,9 +532,16 @@ class Pool:
         ex.extra_headers = []  # the first worker's Set-Cookie, if any
         ex.status = 0
         ex.out_head = b""  # a head that came without a body byte never reached the client
+        self._requeue_front(ex)
+
+    def _requeue_front(self, ex: Exchange) -> None:
+        """Back in line, first: to a free worker now, or it waits; with no worker left (an app that scales to
+        zero lost its last one), the autoscaler hears of it at once, as for a new request."""
         worker = self.scheduler.requeue_front(ex, time.monotonic())
         if worker is not None:
             self.connect(ex, worker)
+        elif self.on_demand is not None and not self.scheduler.workers:
+            self.on_demand()
 
     def _count_deaths(self, worker: Worker) -> None:
         """A worker that held requests has ended: each of them may have killed it (DIED); one sent again after
