@@ -180,6 +180,7 @@ class ClientConnection(asyncio.Protocol):
         self.flush_wait = False  # an exchange waits for the client to take every byte before it ends
         self.refusal: bytes | None = None  # an edge error owed after the responses before it
         self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
+        self.resuming = False  # inside resume_writing: the transport's own write callback is running (close)
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -249,6 +250,13 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.client_full()
 
     def resume_writing(self) -> None:
+        self.resuming = True
+        try:
+            self._resume_writing()
+        finally:
+            self.resuming = False
+
+    def _resume_writing(self) -> None:
         self.write_blocked = False
         self.send_progress = time.monotonic()
         self._unsent_now()
@@ -433,8 +441,17 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.resuming:
+            # asyncio's selector transport calls resume_writing from its write callback as its buffer empties, and
+            # then, seeing itself closing, calls connection_lost at once; a close() in between has scheduled a
+            # second call, which the loop reports as an AttributeError (CPython gh-156512, in 3.11-3.13). An
+            # answer that ends the connection once the client has it all (wait_flushed) closes there: just after.
+            self.proxy.loop.call_soon(transport.close)
+            return
+        transport.close()
 
     def _abandon(self, why: str) -> None:
         """The client is gone: every exchange it still had ends here (each is logged once)."""
