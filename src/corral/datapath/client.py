@@ -24,6 +24,8 @@ from .exchange import Exchange
 from .fairness import origin
 from .interfaces import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_REFUSED, PAUSE_UPSTREAM
 from .outcomes import CUT_CLIENT, CUT_SEND_TIMEOUT, Refusal
+from .scheduler import QUEUED
+from .upstream import peer_closed
 
 # struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if paths().tcp_info else None  # Linux only (corral.portable)
@@ -496,6 +498,22 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(408, "request body stalled")
         elif ex is None and now - self.last_active > self.edge.keepalive_timeout:
             self.close()
+
+    def drop_departed(self) -> None:
+        """The queue is full: a queued request whose client has left (its close or reset waits unread in the
+        socket) ends now, as its close would have ended it, and gives its place to the request at hand."""
+        for conn in list(self.proxy.connections):
+            ex = conn.current
+            if ex is not None and ex.sched_state == QUEUED and conn._departed():
+                conn._abandon(CUT_CLIENT)
+                conn.close()
+
+    def _departed(self) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # closing already: its exchanges have ended or are about to
+        sock = transport.get_extra_info("socket")
+        return sock is not None and peer_closed(sock.fileno())
 
     def _peer_gone(self) -> bool:
         """The client closed or reset its end (TCP state no longer ESTABLISHED), as far as TCP_INFO says. Asked
