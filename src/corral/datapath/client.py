@@ -31,6 +31,7 @@ from .upstream import peer_closed
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if paths().tcp_info else None  # Linux only (corral.portable)
 _TCP_ESTABLISHED = 1
 TLS_SHUTDOWN = 1.0  # s: how long a TLS connection being closed waits for the client's close_notify
+RECENTLY_QUEUED = 16  # connections drop_departed looks at before a 503 (those queued in the last loop turns)
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
@@ -94,6 +95,8 @@ class Proxy:
         # first app when none serves "/".
         self.default_pool = next((p for p in pools if p.route == "/"), pools[0] if pools else None)
         self.connections: set[ClientConnection] = set()
+        # The connections whose requests were queued last: the ones whose close may still be unread (drop_departed)
+        self.recently_queued: deque[ClientConnection] = deque(maxlen=RECENTLY_QUEUED)
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._tick_n = 0
@@ -499,10 +502,15 @@ class ClientConnection(asyncio.Protocol):
         elif ex is None and now - self.last_active > self.edge.keepalive_timeout:
             self.close()
 
+    def queued(self) -> None:
+        self.proxy.recently_queued.append(self)
+
     def drop_departed(self) -> None:
         """The queue is full: a queued request whose client has left (its close or reset waits unread in the
-        socket) ends now, as its close would have ended it, and gives its place to the request at hand."""
-        for conn in list(self.proxy.connections):
+        socket) ends now, as its close would have ended it, and gives its place to the request at hand. Only the
+        last few queued are looked at (a bounded cost per 503 under overload): a close that came earlier has been
+        read by now."""
+        for conn in list(self.proxy.recently_queued):
             ex = conn.current
             if ex is not None and ex.sched_state == QUEUED and conn._departed():
                 conn._abandon(CUT_CLIENT)

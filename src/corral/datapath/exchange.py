@@ -212,6 +212,9 @@ class Exchange:
             self.respond_error(full.status, full.reason, retry_after=full.retry_after)
         except Quarantined as q:
             self.respond_error(502, str(q), retry_after=q.retry_after)
+        else:
+            if self.sched_state == QUEUED:
+                self.client.queued()
 
     def request_body(self, data: bytes) -> None:
         self.body_last = time.monotonic()
