@@ -274,6 +274,12 @@ class FakeClient:
     def exchange_done(self, ex: Exchange, keep_alive: bool) -> None:
         self.done.append((ex, keep_alive))
 
+    def queued(self) -> None:
+        pass
+
+    def drop_departed(self) -> None:
+        pass  # the rig's clients leave only when a test says so, and are seen to at once
+
     # the test's side
     def drain(self) -> None:
         """The client read what it was sent: the exchange is told, as ClientConnection.resume_writing does."""

@@ -24,11 +24,14 @@ from .exchange import Exchange
 from .fairness import origin
 from .interfaces import PAUSE_BUFFER, PAUSE_PIPELINE, PAUSE_REFUSED, PAUSE_UPSTREAM
 from .outcomes import CUT_CLIENT, CUT_SEND_TIMEOUT, Refusal
+from .scheduler import QUEUED
+from .upstream import peer_closed
 
 # struct tcp_info's first byte, tcpi_state: a paused connection's client may have closed or reset it
 _TCP_INFO = getattr(socket, "TCP_INFO", None) if paths().tcp_info else None  # Linux only (corral.portable)
 _TCP_ESTABLISHED = 1
 TLS_SHUTDOWN = 1.0  # s: how long a TLS connection being closed waits for the client's close_notify
+RECENTLY_QUEUED = 16  # connections drop_departed looks at before a 503 (those queued in the last loop turns)
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -94,6 +97,8 @@ class Proxy:
         # first app when none serves "/".
         self.default_pool = next((p for p in pools if p.route == "/"), pools[0] if pools else None)
         self.connections: set[ClientConnection] = set()
+        # The connections whose requests were queued last: the ones whose close may still be unread (drop_departed)
+        self.recently_queued: deque[ClientConnection] = deque(maxlen=RECENTLY_QUEUED)
         self.server: asyncio.AbstractServer | None = None
         self._ticker: asyncio.TimerHandle | None = None
         self._tick_n = 0
@@ -242,6 +247,7 @@ class ClientConnection(asyncio.Protocol):
         self.refusal: bytes | None = None  # an edge error owed after the responses before it
         self.tunnel: Tunnel | None = None  # set once a WebSocket upgrade switched this connection
         self.handshaking = False  # made by TLSAccept, its handshake under way: counted in Proxy.handshakes
+        self.resuming = False  # inside resume_writing: the transport's own write callback is running (close)
 
     # --- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -314,6 +320,13 @@ class ClientConnection(asyncio.Protocol):
             self.tunnel.client_full()
 
     def resume_writing(self) -> None:
+        self.resuming = True
+        try:
+            self._resume_writing()
+        finally:
+            self.resuming = False
+
+    def _resume_writing(self) -> None:
         self.write_blocked = False
         self.send_progress = time.monotonic()
         self._unsent_now()
@@ -498,8 +511,17 @@ class ClientConnection(asyncio.Protocol):
 
     def close(self) -> None:
         self.closing = True
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is None:
+            return
+        if self.resuming:
+            # asyncio's selector transport calls resume_writing from its write callback as its buffer empties, and
+            # then, seeing itself closing, calls connection_lost at once; a close() in between has scheduled a
+            # second call, which the loop reports as an AttributeError (CPython gh-156512, in 3.11-3.13). An
+            # answer that ends the connection once the client has it all (wait_flushed) closes there: just after.
+            self.proxy.loop.call_soon(transport.close)
+            return
+        transport.close()
 
     def _abandon(self, why: str) -> None:
         """The client is gone: every exchange it still had ends here (each is logged once)."""
@@ -544,6 +566,27 @@ class ClientConnection(asyncio.Protocol):
                 self.reject(408, "request body stalled")
         elif ex is None and now - self.last_active > self.edge.keepalive_timeout:
             self.close()
+
+    def queued(self) -> None:
+        self.proxy.recently_queued.append(self)
+
+    def drop_departed(self) -> None:
+        """The queue is full: a queued request whose client has left (its close or reset waits unread in the
+        socket) ends now, as its close would have ended it, and gives its place to the request at hand. Only the
+        last few queued are looked at (a bounded cost per 503 under overload): a close that came earlier has been
+        read by now."""
+        for conn in list(self.proxy.recently_queued):
+            ex = conn.current
+            if ex is not None and ex.sched_state == QUEUED and conn._departed():
+                conn._abandon(CUT_CLIENT)
+                conn.close()
+
+    def _departed(self) -> bool:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False  # closing already: its exchanges have ended or are about to
+        sock = transport.get_extra_info("socket")
+        return sock is not None and peer_closed(sock.fileno())
 
     def _peer_gone(self) -> bool:
         """The client closed or reset its end (TCP state no longer ESTABLISHED), as far as TCP_INFO says. Asked

@@ -201,6 +201,10 @@ class Exchange:
         if self.ended or self.pool is None:
             return
         self.submitted = True
+        if self.pool.queue_full():
+            # Before a 503: a client that sent its request and left at once may still hold a place, its close
+            # unread (asyncio's loop reads a request and the close behind it in two turns; uvloop in one).
+            self.client.drop_departed()
         try:
             self.pool.submit(self)
         except QueueFull as full:
@@ -208,6 +212,9 @@ class Exchange:
             self.respond_error(full.status, full.reason, retry_after=full.retry_after)
         except Quarantined as q:
             self.respond_error(502, str(q), retry_after=q.retry_after)
+        else:
+            if self.sched_state == QUEUED:
+                self.client.queued()
 
     def request_body(self, data: bytes) -> None:
         self.body_last = time.monotonic()

@@ -372,6 +372,10 @@ class Pool:
 
     def cancel(self, ex: Exchange) -> None:
         self.scheduler.cancel(ex)
+
+    def queue_full(self) -> bool:
+        """A request that finds no free worker now would be answered 503 (queue full)."""
+        return self.scheduler.depth >= self.scheduler.max_queue
         if self.on_settle is not None:
             self.on_settle()
 

@@ -99,7 +99,7 @@ class UpstreamConnection(asyncio.Protocol):
     def send(self, ex: Exchange, reused: bool = False) -> None:
         """Carry `ex`: its request goes out, and its response's parser calls it directly. Not on a connection
         the worker has closed already: then no byte of it goes out, and it is sent on a fresh connection."""
-        if _peer_closed(self.sockfd):
+        if peer_closed(self.sockfd):
             # The worker closed this connection before our request (idle, kept-alive or new, while corral's loop
             # was busy): nothing of the request reached the worker, so sending it elsewhere is safe for any method.
             # Written here, it would be lost in the closed socket, and its fate unknown: a 502, or a guessed retry.
@@ -243,7 +243,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def _peer_closed(fd: int) -> bool:
+def peer_closed(fd: int) -> bool:
     """Whether the worker has closed (or reset) its end of the socket: its FIN or RST is waiting to be read.
     Bytes waiting (a surplus on an idle connection) are not a close: data_received deals with them."""
     if fd < 0:
