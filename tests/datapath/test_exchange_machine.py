@@ -1255,7 +1255,9 @@ class ExchangeMachine(RuleBasedStateMachine):
         worker = self._pick([w for w in self.workers if w.state is State.READY], w)
         worker.proc = _Supervised()  # type: ignore[assignment]  # a worker corral started: its end can be known
         for r in self._wreqs(worker):
-            if not r.finished and not r.dead and not r.any_byte and r.method != b"POST":  # POST: never again
+            # Sent again only while no byte of its answer has reached the client: corral holds a response head
+            # until the first body byte (or the end), so a head alone does not count. POST: never again.
+            if not r.finished and not r.dead and not r.sent and r.method != b"POST":
                 self.outside.add(r.rid)
         self._kill(worker, "killed from outside")
         if not exit_seen_first:
@@ -1599,3 +1601,17 @@ def test_machine_rig_serves_a_request() -> None:
         assert err is None and resp.complete and resp.status == 200 and bytes(resp.body) == body_for("r1", 5)
     finally:
         m.teardown()
+
+
+def test_a_response_head_held_by_corral_does_not_stop_a_retry():
+    """Found by the machine: a worker killed from outside after its response head, before any body byte. corral
+    holds a head until the first body byte, so nothing reached the client and the GET goes to the other worker."""
+    state = ExchangeMachine()
+    state.setup(buffering=True, spill=1048576, max_inflight=1, max_queue=4, workers=2)
+    state.client_pipelines_two(c=0, second=b"GET")
+    state.holds()
+    state.worker_sends_head(close=False, first=0, framing="length", i=0, length=1, status=200)
+    state.holds()
+    state.worker_killed_from_outside(exit_seen_first=False, w=0)
+    state.holds()
+    state.teardown()
