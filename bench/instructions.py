@@ -57,6 +57,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import FrameType
 
+import baseline  # bench/: the one `git archive` of a revision
+
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 OUT = BENCH / "out"
@@ -427,28 +429,18 @@ def check_import() -> None:
         raise SystemExit(f"corral imports from {where}, not from {PKG}")
 
 
-def _git(*argv: str) -> str:
-    out = subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True, timeout=60, check=False)
-    if out.returncode != 0:
-        raise SystemExit(f"git {' '.join(argv)}: {(out.stderr or out.stdout).strip()}")
-    return out.stdout.strip()
-
-
 def prepare_rev(rev: str) -> tuple[Path, str]:
-    """REV's tree (`git archive`, nothing checked out), kept in bench/out/ per commit and reused.
+    """REV's tree (baseline.extract: `git archive`, nothing checked out), kept in bench/out/ per commit and reused.
     Returns (the directory holding its corral package, a description)."""
-    commit = _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    short = _git("rev-parse", "--short", commit)
-    home = OUT / f"instructions-rev-{commit[:12]}"
-    tree = home / "tree"
-    if not (tree / "src" / "corral" / "__init__.py").exists():
-        shutil.rmtree(home, ignore_errors=True)
-        tree.mkdir(parents=True)
-        archive = subprocess.Popen(["git", "-C", str(REPO), "archive", commit], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", str(tree)], stdin=archive.stdout, check=True, timeout=120)
-        archive.stdout.close()
-        if archive.wait(60) != 0:
-            raise SystemExit(f"git archive {commit} failed")
+    try:
+        commit, short = baseline.resolve(rev)
+        home = OUT / f"instructions-rev-{commit[:12]}"
+        tree = home / "tree"
+        if not (tree / "src" / "corral" / "__init__.py").exists():
+            shutil.rmtree(home, ignore_errors=True)
+            baseline.extract(commit, tree)
+    except baseline.BaselineError as exc:
+        raise SystemExit(str(exc)) from None
     if not (tree / "bench" / "hotpath.py").exists():
         raise SystemExit(f"{short} has no bench/hotpath.py")
     return tree / "src", f"git revision {short} (git archive, in {home.relative_to(REPO)})"
@@ -473,12 +465,6 @@ def machine(tree: str) -> dict[str, str]:
         "tree": tree,
         "load": " ".join(f"{x:.2f}" for x in os.getloadavg()),
     }
-
-
-def working_tree() -> str:
-    head = _git("rev-parse", "--short", "HEAD")
-    dirty = _git("status", "--porcelain", "--", "src")
-    return f"the working tree at {head}" + (", with uncommitted changes in src/" if dirty else "")
 
 
 def main() -> None:
@@ -517,7 +503,7 @@ def main() -> None:
         src, tree = prepare_rev(args.rev)
         PKG, HOTPATH_DIR, PYTHONPATH = src / "corral", src.parent / "bench", str(src)
     else:
-        tree = working_tree()
+        tree = baseline.current_tree()
     check_import()
     info = machine(tree)
     print(
