@@ -174,6 +174,8 @@ def fake_supervisor(app: AppConfig, slots: dict[int, Worker], successors=None, d
         restarts={"exited": 2},
         index_restarts={1: 2},
         stopping=False,
+        floor=1,  # not an app that scales to zero
+        unproven=False,
         scale=lambda n: None,
     )
 

@@ -307,14 +307,14 @@ def take_app(pool: Pool, sup: Supervisor | None, scaler: Scaler | None, now: flo
         sessions_rejected=pool.sessions_rejected,
         fair=_fair(pool, now) if routes else None,
         zero=_zero(pool, sup, now),
-        unproven=bool(getattr(sup, "unproven", False)),
+        unproven=sup is not None and sup.unproven,
         redispatched=pool.redispatched,
         quarantine=_quarantine(pool, now) if routes else None,
     )
 
 
 def _zero(pool: Pool, sup: Supervisor | None, now: float) -> ZeroSnap | None:
-    if sup is None or getattr(sup, "floor", 1) != 0:
+    if sup is None or sup.floor != 0:
         return None
     state = sup.zero_state
     since = {IDLE: sup.idle_since, SCALING_TO_ZERO: sup.zero_since, None: None}.get(
